@@ -1,0 +1,36 @@
+# The two commands: `make pipeline` and `make test`. Both create .venv if missing and
+# install the project into it; a second run re-installs nothing while pyproject.toml is unchanged.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.segpipe-installed
+
+.PHONY: pipeline test install lint bench clean-data
+
+pipeline: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision resolve to the pinned 2.14.1/0.29.1 wheels on local disk (see pyproject.toml).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -e ".[dev,export]"
+	@touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check segpipe pipelines tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/train.py
+
+clean-data:
+	rm -rf data reports models/checkpoints models/eval

@@ -1,0 +1,3 @@
+from segpipe.cli import main
+
+main()
