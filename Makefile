@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.segpipe-installed
 .PHONY: pipeline test install lint bench clean-data
 
 pipeline: install
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install
-	$(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 install: $(STAMP)
 

@@ -47,6 +47,10 @@ class Record:
     semantic: Callable[[], np.ndarray] | None = None
     instances: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # reader-level problems -> quarantine
+    semantic_source: str | None = None  # optional: the label-map file, named in error messages
+    # optional: (annotation id, reason) for annotations the reader already dropped (e.g. a
+    # duplicate id); they are quarantined and the image is kept.
+    annotation_problems: list[tuple[Any, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Source:
     records: Callable[[], Iterator[Record]]
     files: list[Path]  # every source file, hashed into the manifest's source hash
     problems: list[str] = field(default_factory=list)  # dataset-level problems (e.g. duplicate ids)
+    count: int | None = None  # optional: number of records, for the progress bar
 
 
 class Reader(Protocol):

@@ -1,0 +1,233 @@
+"""Training data: decoding and augmentation of shard rows, and the Ray Data pipeline around it.
+
+The pure functions (``augment``, ``resize_sample``, ``encode_targets``, ``collate_targets``) carry
+the logic and are unit-tested; ``build_datasets`` is the thin Ray Data edge used by the train stage:
+``read_parquet`` -> ``map_batches(prepare_batch)`` streams decoded, augmented, fixed-size batches
+to the training workers.
+
+A prepared batch is a dict of numpy arrays, all pixel-aligned so that every geometric
+augmentation applies to image and labels alike:
+
+    image           B x S x S x 3 uint8
+    semantic        B x S x S uint8 (ignore_index where unlabelled or padded)
+    instance_map    B x S x S int16 (0 = no instance, i + 1 = instance i of that image)
+    instance_label  B x MAX_INSTANCES int32 (class id, -1 = padding)
+    instance_crowd  B x MAX_INSTANCES uint8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MAX_INSTANCES = 64  # per image after cropping; more are dropped, largest kept
+MIN_INSTANCE_PIXELS = 4  # instances cropped below this are dropped from targets
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    size: int
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    hflip: bool = True
+    photometric: float = 0.2
+    ignore_index: int = 255
+
+
+def _resize(arr: np.ndarray, h: int, w: int, nearest: bool) -> np.ndarray:
+    if arr.shape[0] == h and arr.shape[1] == w:
+        return arr
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    return np.asarray(Image.fromarray(arr).resize((w, h), resample=resample))
+
+
+def instance_map_from_masks(masks: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """H x W int16 map: pixel = index + 1 of the last instance covering it (later ones occlude)."""
+    out = np.zeros(shape, dtype=np.int16)
+    for i, m in enumerate(masks[: np.iinfo(np.int16).max - 1]):
+        out[m.astype(bool)] = i + 1
+    return out
+
+
+def encode_targets(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(semantic uint8, instance_map int16, labels int32, crowd uint8) from a decoded shard sample."""
+    from pycocotools import mask as mask_utils  # RLEs in shards were validated by the converter
+
+    h, w = sample["semantic"].shape
+    sem = sample["semantic"]
+    if sem.dtype != np.uint8:
+        if sem.max(initial=0) > 255:
+            raise ValueError(f"image {sample['image_id']}: label ids above 255 are not supported for training")
+        sem = sem.astype(np.uint8)
+    insts = sample.get("instances") or []
+    masks = [mask_utils.decode(inst["segmentation"]) for inst in insts]
+    labels = np.array([int(i["category_id"]) for i in insts], dtype=np.int32)
+    crowd = np.array([int(bool(i.get("iscrowd", 0))) for i in insts], dtype=np.uint8)
+    return sem, instance_map_from_masks(masks, (h, w)), labels, crowd
+
+
+def resize_sample(image: np.ndarray, sem: np.ndarray, inst: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """Deterministic resize to size x size (validation)."""
+    return _resize(image, size, size, False), _resize(sem, size, size, True), _resize(inst, size, size, True)
+
+
+def augment(
+    image: np.ndarray, sem: np.ndarray, inst: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random scale, random crop (padding with ignore), horizontal flip and photometric jitter."""
+    h, w = sem.shape
+    base = cfg.size / min(h, w)
+    s = base * rng.uniform(*cfg.scale_range)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    image, sem, inst = _resize(image, nh, nw, False), _resize(sem, nh, nw, True), _resize(inst, nh, nw, True)
+    size = cfg.size
+    ph, pw = max(size, nh), max(size, nw)
+    if (ph, pw) != (nh, nw):  # pad bottom/right: image black, labels ignore / no instance
+        image = np.pad(image, ((0, ph - nh), (0, pw - nw), (0, 0)))
+        sem = np.pad(sem, ((0, ph - nh), (0, pw - nw)), constant_values=cfg.ignore_index)
+        inst = np.pad(inst, ((0, ph - nh), (0, pw - nw)))
+    y = int(rng.integers(0, ph - size + 1))
+    x = int(rng.integers(0, pw - size + 1))
+    image, sem, inst = image[y : y + size, x : x + size], sem[y : y + size, x : x + size], inst[y : y + size, x : x + size]
+    if cfg.hflip and rng.random() < 0.5:
+        image, sem, inst = image[:, ::-1], sem[:, ::-1], inst[:, ::-1]
+    if cfg.photometric > 0:
+        image = photometric(image, cfg.photometric, rng)
+    return np.ascontiguousarray(image), np.ascontiguousarray(sem), np.ascontiguousarray(inst)
+
+
+def photometric(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation jitter of up to +/- ``strength``."""
+    img = image.astype(np.float32)
+    b, c, s = (1.0 + rng.uniform(-strength, strength, size=3)).tolist()
+    img *= b
+    mean = img.mean()
+    img = (img - mean) * c + mean
+    gray = img.mean(axis=2, keepdims=True)
+    img = (img - gray) * s + gray
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def pack_instances(labels: np.ndarray, crowd: np.ndarray, inst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad per-image instance arrays to MAX_INSTANCES, renumbering the map if some are dropped."""
+    out_labels = np.full(MAX_INSTANCES, -1, dtype=np.int32)
+    out_crowd = np.zeros(MAX_INSTANCES, dtype=np.uint8)
+    n = len(labels)
+    if n > MAX_INSTANCES:  # keep the largest visible instances
+        areas = np.bincount(inst.ravel().astype(np.int64), minlength=n + 1)[1:]
+        keep = np.sort(np.argsort(-areas, kind="stable")[:MAX_INSTANCES])
+        lut = np.zeros(n + 1, dtype=np.int16)
+        lut[keep + 1] = np.arange(1, len(keep) + 1, dtype=np.int16)
+        inst = lut[inst]
+        labels, crowd, n = labels[keep], crowd[keep], len(keep)
+    out_labels[:n] = labels
+    out_crowd[:n] = crowd
+    return out_labels, out_crowd, inst
+
+
+def prepare_rows(rows: list[dict[str, Any]], cfg: AugmentConfig, train: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Decode raw shard rows and turn them into one fixed-size batch (see the module docstring)."""
+    from segpipe.shards import decode_row
+
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "semantic", "instance_map", "instance_label", "instance_crowd")}
+    for row in rows:
+        sample = decode_row(row)
+        sem, inst, labels, crowd = encode_targets(sample)
+        image = sample["image"]
+        if train:
+            image, sem, inst = augment(image, sem, inst, cfg, rng)
+        else:
+            image, sem, inst = resize_sample(image, sem, inst, cfg.size)
+        labels, crowd, inst = pack_instances(labels, crowd, inst)
+        for k, v in zip(out, (image, sem, inst, labels, crowd)):
+            out[k].append(v)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def prepare_arrow_batch(table: Any, cfg: AugmentConfig, train: bool) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: a pyarrow batch of shard rows in, a prepared batch out.
+
+    Augmentation draws fresh randomness per batch, so every epoch sees new crops.
+    """
+    return prepare_rows(table.to_pylist(), cfg, train, np.random.default_rng())
+
+
+def collate_targets(batch: dict[str, Any], device: Any = "cpu", non_blocking: bool = False) -> tuple[Any, list[dict[str, Any]]]:
+    """Model inputs from a prepared batch: normalised images and per-image target dicts.
+
+    Targets follow docs/architecture.md: ``semantic``, ``masks``, ``labels``, ``boxes``,
+    ``iscrowd``; instances cropped away (fewer than MIN_INSTANCE_PIXELS pixels) are dropped.
+    """
+    import torch
+
+    from segpipe.models import normalize
+
+    def t(x: Any) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+        return x.to(device, non_blocking=non_blocking)
+
+    images = normalize(t(batch["image"]))
+    sem = t(batch["semantic"]).long()
+    inst_map = t(batch["instance_map"]).long()
+    labels = t(batch["instance_label"]).long()
+    crowd = t(batch["instance_crowd"])
+    targets = []
+    for b in range(images.shape[0]):
+        valid = torch.nonzero(labels[b] >= 0).flatten()
+        ids = valid + 1
+        masks = inst_map[b][None] == ids[:, None, None]  # N x H x W
+        area = masks.flatten(1).sum(1)
+        keep = area >= MIN_INSTANCE_PIXELS
+        masks, lab, cr = masks[keep], labels[b][valid][keep], crowd[b][valid][keep]
+        targets.append({"semantic": sem[b], "masks": masks.to(torch.uint8), "labels": lab,
+                        "boxes": masks_to_boxes(masks), "iscrowd": cr.to(torch.uint8)})
+    return images, targets
+
+
+def masks_to_boxes(masks: Any) -> Any:
+    """N x H x W bool -> N x 4 float (x1, y1, x2, y2), pixel-edge convention (x2 = last column + 1)."""
+    import torch
+
+    n = masks.shape[0]
+    if n == 0:
+        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
+    rows = masks.any(2)
+    cols = masks.any(1)
+    h, w = masks.shape[1:]
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    y1 = torch.where(rows, ar_h, h).min(1).values
+    y2 = torch.where(rows, ar_h, -1).max(1).values + 1
+    x1 = torch.where(cols, ar_w, w).min(1).values
+    x2 = torch.where(cols, ar_w, -1).max(1).values + 1
+    return torch.stack([x1, y1, x2, y2], 1).float()
+
+
+def build_datasets(shards: str | Path, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5) -> dict[str, Any]:
+    """Ray Data datasets ``train`` and (when the split exists) ``val`` over the shard files."""
+    import ray.data
+
+    from segpipe.shards import read_manifest, shard_files
+
+    manifest = read_manifest(shards)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one progress line per epoch comes from the train loop
+    out = {}
+    for split, train in (("train", True), ("val", False)):
+        files = [str(p) for p in shard_files(shards, split)]
+        if not files:
+            continue
+        ds = ray.data.read_parquet(files, num_cpus=read_cpus)
+        out[split] = ds.map_batches(
+            prepare_arrow_batch,
+            fn_kwargs={"cfg": cfg, "train": train},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            num_cpus=read_cpus,
+        )
+    if "train" not in out:
+        raise ValueError(f"{shards}: no train shards (splits in manifest: {manifest.get('splits')})")
+    return out

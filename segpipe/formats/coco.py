@@ -1,0 +1,257 @@
+"""COCO instances JSON (+ optional semantic label PNGs) -> ``Source``.
+
+Reads one or more ``instances_*.json`` files: polygons, compressed-string and uncompressed-list
+RLE, ``iscrowd``. The split comes from the file name (``instances_train.json`` -> train,
+``instances_val2017.json`` -> val); without a split word it is left to the converter's hash.
+``segpipe synth`` output is this format: its ``classes.json`` beside ``annotations/`` (or
+categories carrying ``isthing``) gives the full class table, stuff classes included, and
+``--masks`` holds ``<image stem>.png`` label maps. Annotations are only parsed here; every
+check happens in ``segpipe.validation`` so all formats get the same ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segpipe.formats.base import ClassInfo, Record, Source
+
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
+
+
+class CocoError(ValueError):
+    """The COCO files cannot be read at all (not JSON, wrong structure, conflicting classes)."""
+
+
+def split_from_name(path: Path | str) -> str | None:
+    """``instances_val2017.json`` -> ``"val"``; None when no token of the stem is a split word."""
+    for token in re.split(r"[_\-.]", Path(path).stem.lower()):
+        word = token.rstrip("0123456789")
+        if word in SPLIT_WORDS and (word == token or token[len(word):].isdigit()):
+            return SPLIT_WORDS[word]
+    return None
+
+
+def split_folder(path: Path | str) -> str | None:
+    """``instances_train2017.json`` -> ``"train2017"``: the images sub-folder COCO uses."""
+    stem = Path(path).stem
+    return stem.split("_", 1)[1] if "_" in stem else None
+
+
+def default_color(class_id: int) -> tuple[int, int, int]:
+    """A stable colour for a class that has none (from a hash of its id)."""
+    d = hashlib.sha256(f"segpipe-class-{class_id}".encode()).digest()
+    return (d[0], d[1], d[2])
+
+
+def load_label_png(path: Path) -> np.ndarray:
+    """A single-channel label PNG (grey, palette indices or 16-bit) -> H x W integer array."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label map file missing")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in LABEL_MODES:
+                raise ValueError(f"{path}: label map has mode {im.mode}; expected one channel ({', '.join(LABEL_MODES)})")
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: label map is not a readable PNG: {e}") from None
+    if arr.dtype == np.int32:  # mode "I": 16-bit PNGs may open as 32-bit signed
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"{path}: label values outside 0..65535")
+        arr = arr.astype(np.uint16)
+    return arr
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CocoError(f"{path}: annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CocoError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CocoError(f"{path}: top level must be an object with images, annotations, categories")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoError(f"{path}: key {key!r} must be a list")
+    if not isinstance(data.get("annotations", []), list):
+        raise CocoError(f"{path}: key 'annotations' must be a list")
+    return data
+
+
+def _read_classes_json(path: Path) -> list[ClassInfo]:
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CocoError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+        raise CocoError(f"{path}: expected a list of {{id, name, isthing, color}}")
+    classes = []
+    for k, r in enumerate(rows):
+        try:
+            color = tuple(int(c) for c in r.get("color") or default_color(int(r["id"])))
+            if len(color) != 3 or not isinstance(r["id"], int) or isinstance(r["id"], bool):
+                raise ValueError
+            classes.append(ClassInfo(int(r["id"]), str(r["name"]), bool(r.get("isthing", True)), color))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CocoError(f"{path}: entry {k} must have an integer id, a name, isthing and an [r, g, b] color") from None
+    return classes
+
+
+def _classes_from_categories(files: list[Path], datas: list[dict[str, Any]]) -> list[ClassInfo]:
+    seen: dict[int, tuple[ClassInfo, Path]] = {}
+    for path, data in zip(files, datas):
+        for k, c in enumerate(data["categories"]):
+            if not isinstance(c, dict) or not isinstance(c.get("id"), int) or isinstance(c.get("id"), bool):
+                raise CocoError(f"{path}: categories[{k}] needs an integer 'id'")
+            color = c.get("color")
+            info = ClassInfo(
+                c["id"], str(c.get("name", c["id"])), bool(c.get("isthing", True)),
+                tuple(int(v) for v in color) if isinstance(color, list) and len(color) == 3 else default_color(c["id"]),
+            )
+            if c["id"] in seen and seen[c["id"]][0].name != info.name:
+                raise CocoError(f"{path}: category {c['id']} is {info.name!r} but {seen[c['id']][1]} calls it "
+                                f"{seen[c['id']][0].name!r}")
+            seen.setdefault(c["id"], (info, path))
+    return [seen[k][0] for k in sorted(seen)]
+
+
+def read(annotations: list[Path], images: Path, masks: Path | None = None) -> Source:
+    """COCO instances files + image folder (+ label-map folder) -> Source."""
+    files = [Path(a) for a in annotations]
+    if not files:
+        raise CocoError("no annotation file given (--annotations FILE)")
+    images = Path(images)
+    if not images.is_dir():
+        raise CocoError(f"{images}: image folder not found")
+    if masks is not None and not Path(masks).is_dir():
+        raise CocoError(f"{masks}: mask folder not found")
+    datas = [_load_json(f) for f in files]
+
+    categories = _classes_from_categories(files, datas)
+    classes_json = files[0].resolve().parent.parent / "classes.json"
+    if classes_json.is_file():
+        classes = _read_classes_json(classes_json)
+        known = {c.id for c in classes}
+        missing = [c.id for c in categories if c.id not in known]
+        if missing:
+            raise CocoError(f"{classes_json}: category id(s) {missing} of the annotations are not in the class table")
+    else:
+        classes = categories
+    ignore_index = 255 if all(c.id < 255 for c in classes) else 65535
+    if any(c.id == ignore_index for c in classes):
+        raise CocoError(f"class id {ignore_index} collides with the ignore index")
+
+    source_files = list(files) + ([classes_json] if classes_json.is_file() else [])
+    problems: list[str] = []
+    # Pass 1 (cheap, metadata only): which images exist, annotations grouped per image.
+    entries: list[tuple[Path, dict[str, Any], str | None]] = []
+    by_image: dict[tuple[int, Any], list[dict[str, Any]]] = {}
+    dup_ann: dict[tuple[int, Any], list[tuple[Any, str]]] = {}
+    for fi, (path, data) in enumerate(zip(files, datas)):
+        split = split_from_name(path)
+        ids = set()
+        # Annotation ids are unique per file (train and val files may both start at 1).
+        ann_seen: dict[Any, Any] = {}
+        for img in data["images"]:
+            entries.append((path, img, split))
+            if isinstance(img, dict):
+                ids.add(_key(img.get("id")))
+        for k, ann in enumerate(data.get("annotations", [])):
+            if not isinstance(ann, dict):
+                problems.append(f"{path}: annotations[{k}] is not an object")
+                continue
+            img_key = _key(ann.get("image_id"))
+            if img_key not in ids:
+                problems.append(f"{path}: annotation {ann.get('id')!r} refers to image {ann.get('image_id')!r}, "
+                                "which this file does not declare")
+                continue
+            aid = ann.get("id")
+            if aid in ann_seen:
+                dup_ann.setdefault((fi, img_key), []).append(
+                    (aid, f"duplicate annotation id {aid!r} (already used by image {ann_seen[aid]!r})"))
+                continue
+            ann_seen[aid] = ann.get("image_id")
+            by_image.setdefault((fi, img_key), []).append(ann)
+
+    def records() -> Iterator[Record]:
+        for path, img, split in entries:
+            fi = files.index(path)
+            yield _record(path, fi, img, split, images, masks, by_image, dup_ann)
+
+    for path, img, _ in entries:
+        if isinstance(img, dict) and isinstance(img.get("file_name"), str):
+            for p in _candidates(images, path, img["file_name"]):
+                if p.is_file():
+                    source_files.append(p)
+                    break
+            if masks is not None:
+                mp = _mask_path(Path(masks), path, img["file_name"])
+                if mp.is_file():
+                    source_files.append(mp)
+    return Source(name="coco", classes=classes, ignore_index=ignore_index, records=records,
+                  files=source_files, problems=problems, count=len(entries))
+
+
+def _key(v: Any) -> Any:
+    return str(v) if v is not None else None
+
+
+def _candidates(images: Path, ann_file: Path, file_name: str) -> list[Path]:
+    out = [images / file_name]
+    folder = split_folder(ann_file)
+    if folder:
+        out.append(images / folder / file_name)
+    return out
+
+
+def _mask_path(masks: Path, ann_file: Path, file_name: str) -> Path:
+    stem = Path(file_name).with_suffix(".png")
+    direct = masks / stem
+    folder = split_folder(ann_file)
+    if not direct.is_file() and folder and (masks / folder / stem).is_file():
+        return masks / folder / stem
+    return direct
+
+
+def _record(path: Path, fi: int, img: Any, split: str | None, images: Path, masks: Path | None,
+            by_image: dict, dup_ann: dict) -> Record:
+    if not isinstance(img, dict) or img.get("id") is None:
+        return Record(image_id=f"{path.name}:{img!r:.40}", source=str(path),
+                      problems=[f"image entry {img!r:.80} has no 'id'"])
+    image_id = str(img["id"])
+    dropped = list(dup_ann.get((fi, image_id), []))
+    file_name = img.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        return Record(image_id=image_id, source=str(path), split=split,
+                      problems=[f"image {image_id} has no file_name"])
+    cands = _candidates(images, path, file_name)
+    image_path = next((p for p in cands if p.is_file()), cands[0])
+    h, w = img.get("height"), img.get("width")
+    semantic = semantic_source = None
+    if masks is not None:
+        mp = _mask_path(Path(masks), path, file_name)
+        semantic, semantic_source = partial(load_label_png, mp), str(mp)
+    instances = []
+    for ann in by_image.get((fi, image_id), []):
+        inst = {"id": ann.get("id"), "category_id": ann.get("category_id"), "iscrowd": ann.get("iscrowd", 0),
+                "segmentation": ann.get("segmentation")}
+        if "bbox" in ann:
+            inst["bbox"] = ann["bbox"]
+        instances.append(inst)
+    return Record(
+        image_id=image_id, source=str(path), image_path=image_path, split=split,
+        height=h if isinstance(h, int) else None, width=w if isinstance(w, int) else None,
+        semantic=semantic, semantic_source=semantic_source, instances=instances, annotation_problems=dropped,
+    )

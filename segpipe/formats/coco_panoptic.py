@@ -1,0 +1,198 @@
+"""COCO panoptic: ``annotations/panoptic_<split>.json`` + ``annotations/panoptic_<split>/*.png``.
+
+Each PNG pixel holds a segment id as ``R + 256 G + 256^2 B`` (0 = unlabelled); the JSON's
+``segments_info`` gives each segment's ``category_id`` and ``iscrowd``, its ``categories`` give
+``isthing``. The semantic map is every segment's category (``ignore_index`` where unlabelled);
+thing segments also become instances with their pixel mask. Stuff lives in the semantic map only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.formats import coco_files
+from segpipe.formats.base import ClassInfo, Record, Source
+from segpipe.formats.pngs import LabelPngError, label_dtype, loaded, mask_bbox, read_png, rgb_to_id
+
+IGNORE_INDEX = 255
+PREFIX = "panoptic_"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def decode_segments(
+    ids: np.ndarray, segments: list[dict[str, Any]], classes: dict[int, ClassInfo], png: Path, ignore_index: int
+) -> tuple[np.ndarray, list[dict[str, Any]], list[str]]:
+    """Panoptic id map (H x W int) + its ``segments_info`` -> (semantic, thing instances, problems).
+
+    A pixel id without a segment, a segment without pixels, a duplicate segment id or an
+    undeclared category is a problem naming ``png`` and the segment id.
+    """
+    problems: list[str] = []
+    by_id: dict[int, dict[str, Any]] = {}
+    listed: set[int] = set()  # well-formed segment ids, declared category or not
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, dict) or not _is_int(seg.get("id")) or not _is_int(seg.get("category_id")):
+            problems.append(f"{png}: segments_info[{i}] needs integer 'id' and 'category_id', got {seg!r:.200}")
+            continue
+        if seg["id"] in listed:
+            problems.append(f"{png}: duplicate segment id {seg['id']} in segments_info")
+            continue
+        listed.add(seg["id"])
+        if seg["category_id"] not in classes:
+            problems.append(f"{png}: segment id {seg['id']} has undeclared category_id {seg['category_id']}")
+            continue
+        by_id[seg["id"]] = seg
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(ids.shape)
+    present = set(uniq.tolist())
+    unknown = sorted(present - listed - {0})
+    if unknown:
+        problems.append(f"{png}: segment id(s) {unknown[:10]} in the PNG have no segments_info entry")
+    missing = sorted(listed - present)
+    if missing:
+        problems.append(f"{png}: segments_info id(s) {missing[:10]} have no pixels in the PNG")
+    max_id = max([ignore_index, *classes])
+    lut = np.full(len(uniq), ignore_index, dtype=label_dtype(max_id))
+    instances = []
+    for k, seg_id in enumerate(uniq.tolist()):
+        seg = by_id.get(seg_id)
+        if seg is None:
+            continue
+        lut[k] = seg["category_id"]
+        if classes[seg["category_id"]].isthing:
+            mask = inverse == k
+            instances.append({
+                "id": seg_id,
+                "category_id": seg["category_id"],
+                "iscrowd": int(bool(seg.get("iscrowd", 0))),
+                "mask": mask,
+                "bbox": mask_bbox(mask),
+            })
+    return lut[inverse], instances, problems
+
+
+def _record(
+    input_dir: Path, json_path: Path, split: str, folder: str, img: dict[str, Any] | None, iid: Any,
+    ann: dict[str, Any] | None, classes: dict[int, ClassInfo], problems: list[str],
+) -> Record:
+    if img is None:
+        # An annotation for an image id the JSON does not list: keep it visible in the quarantine.
+        name = ann.get("file_name") if ann and isinstance(ann.get("file_name"), str) else f"image_{iid}"
+        return Record(
+            image_id=coco_files.image_key(name), source=str(json_path), split=split,
+            problems=[*problems, f"{json_path}: annotation for image id {iid!r}, which is not in 'images'"],
+        )
+    problems = list(problems)
+    file_name = img["file_name"]
+    image_path = coco_files.find_image(input_dir, folder, split, file_name)
+    if image_path is None:
+        problems.append(
+            f"{json_path}: image id {iid!r}: {file_name} not found in images/{folder}/, images/{split}/, {folder}/ or images/"
+        )
+    record = Record(
+        image_id=coco_files.image_key(file_name), source=str(json_path), image_path=image_path, split=split,
+        height=img.get("height"), width=img.get("width"), problems=problems,
+    )
+    if ann is None:
+        problems.append(f"{json_path}: image id {iid!r} has no entry in 'annotations'")
+        return record
+    png_name = ann.get("file_name")
+    if not isinstance(png_name, str) or not png_name:
+        png_name = str(Path(file_name).with_suffix(".png"))
+    png = json_path.with_suffix("") / png_name
+    record.source = f"{json_path} + {png}"
+    record.semantic_source = str(png)
+    segments = ann.get("segments_info")
+    if not isinstance(segments, list):
+        problems.append(f"{json_path}: image id {iid!r}: 'segments_info' missing or not a list")
+        return record
+    try:
+        rgb, mode = read_png(png)
+        if mode != "RGB":
+            raise LabelPngError(f"{png}: mode {mode!r}, a panoptic PNG is RGB (id = R + 256 G + 256^2 B)")
+    except LabelPngError as exc:
+        problems.append(str(exc))
+        return record
+    if (record.height, record.width) != rgb.shape[:2]:
+        problems.append(
+            f"{png}: PNG is {rgb.shape[1]} x {rgb.shape[0]} but image id {iid!r} is declared "
+            f"{record.width} x {record.height} in {json_path}"
+        )
+    semantic, instances, seg_problems = decode_segments(rgb_to_id(rgb), segments, classes, png, IGNORE_INDEX)
+    problems.extend(seg_problems)
+    record.semantic = loaded(semantic)
+    record.instances = instances
+    return record
+
+
+def read(input_dir: Path) -> Source:
+    """Parse a COCO panoptic dataset rooted at ``input_dir`` (holding ``annotations/``)."""
+    input_dir = Path(input_dir)
+    json_paths = sorted((input_dir / "annotations").glob(f"{PREFIX}*.json"))
+    problems: list[str] = []
+    if not json_paths:
+        problems.append(f"{input_dir / 'annotations'}: no {PREFIX}*.json file")
+    docs: list[tuple[Path, dict[str, Any]]] = []
+    tables = []
+    for path in json_paths:
+        doc, problem = coco_files.load_json(path)
+        if doc is None:
+            problems.append(problem)
+            continue
+        table, cat_problems = coco_files.parse_categories(doc, path, default_isthing=False)
+        problems.extend(cat_problems)
+        tables.append((path, table))
+        docs.append((path, doc))
+    classes, merge_problems = coco_files.merge_classes(tables, IGNORE_INDEX)
+    problems.extend(merge_problems)
+    by_id = {c.id: c for c in classes}
+
+    # Index every file up front (cheap: JSON and stat only), so file-level problems are known
+    # before the first record and the source hash covers exactly the files the records use.
+    jobs: list[tuple[Path, str, str, dict[str, Any] | None, Any, dict[str, Any] | None, list[str]]] = []
+    for path, doc in docs:
+        split, folder = coco_files.split_from_name(path.stem, PREFIX)
+        images = coco_files.parse_images(doc, path)
+        problems.extend(images.file_problems)
+        anns: dict[Any, dict[str, Any]] = {}
+        ann_problems: dict[Any, list[str]] = {}
+        raw = doc.get("annotations")
+        if not isinstance(raw, list):
+            problems.append(f"{path}: 'annotations' missing or not a list")
+            raw = []
+        for i, ann in enumerate(raw):
+            iid = ann.get("image_id") if isinstance(ann, dict) else None
+            if not (_is_int(iid) or isinstance(iid, str)):
+                problems.append(f"{path}: annotations[{i}] has no integer or string 'image_id'")
+            elif iid in anns:
+                ann_problems.setdefault(iid, []).append(f"{path}: image id {iid!r} has two entries in 'annotations'")
+            else:
+                anns[iid] = ann
+        for iid in [*images.by_id, *(a for a in anns if a not in images.by_id)]:
+            jobs.append((path, split, folder, images.by_id.get(iid), iid, anns.get(iid),
+                         images.problems.get(iid, []) + ann_problems.get(iid, [])))
+
+    def records() -> Iterator[Record]:
+        seen: dict[str, Path] = {}
+        for path, split, folder, img, iid, ann, job_problems in jobs:
+            record = _record(input_dir, path, split, folder, img, iid, ann, by_id, job_problems)
+            if record.image_id in seen:
+                record.problems.append(f"{path}: image id {record.image_id!r} also in {seen[record.image_id]}")
+            seen.setdefault(record.image_id, path)
+            yield record
+
+    files = set(json_paths)
+    for path, split, folder, img, _, ann, _ in jobs:
+        if img is not None and (found := coco_files.find_image(input_dir, folder, split, img["file_name"])):
+            files.add(found)
+        if ann is not None and isinstance(ann.get("file_name"), str) and (path.with_suffix("") / ann["file_name"]).is_file():
+            files.add(path.with_suffix("") / ann["file_name"])
+    return Source(name="coco-panoptic", classes=classes, ignore_index=IGNORE_INDEX, records=records,
+                  files=sorted(files), problems=problems, count=len(jobs))

@@ -1,0 +1,129 @@
+"""Segmentation architectures, found by name in a plain dict.
+
+    model = build_model("fcn8s", num_classes=6, backbone="resnet34")
+    model.train(); losses = model(normalize(images_uint8), targets)   # dict of scalar losses
+    model.eval();  logits = model(normalize(images_uint8))            # B x K x H x W
+
+Every builder takes explicit keyword arguments; ``default_kwargs(name)`` lists them with their
+defaults (checkpoints store them). Nothing is downloaded: torchvision parts are built with
+``weights=None`` and ``backbone_weights`` names a local file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from segpipe.models.deeplabv3 import deeplabv3
+from segpipe.models.fcn import fcn8s, fcn16s, fcn32s
+from segpipe.models.mask_rcnn import mask_rcnn
+from segpipe.models.maskformer import maskformer
+from segpipe.models.unet import unet
+
+TASKS = ("semantic", "instance")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A builder ``(num_classes, **kwargs) -> nn.Module`` and the task of what it outputs in eval mode."""
+
+    builder: Callable[..., nn.Module]
+    task: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "fcn32s": ModelSpec(fcn32s, "semantic"),
+    "fcn16s": ModelSpec(fcn16s, "semantic"),
+    "fcn8s": ModelSpec(fcn8s, "semantic"),
+    "unet": ModelSpec(unet, "semantic"),
+    "deeplabv3": ModelSpec(deeplabv3, "semantic"),
+    "maskformer": ModelSpec(maskformer, "semantic"),  # also has predict_instances()
+    "mask_rcnn": ModelSpec(mask_rcnn, "instance"),
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def task_of(name: str) -> str:
+    """``"semantic"`` or ``"instance"``: what the model ``name`` returns in eval mode."""
+    return _spec(name).task
+
+
+def _keyword_parameters(name: str) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(_spec(name).builder).parameters
+    return {k: p for k, p in params.items() if k != "num_classes"}
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def default_kwargs(name: str) -> dict[str, Any]:
+    """The keyword arguments of ``name``'s builder with their defaults (tuples as lists, JSON-ready)."""
+    return {k: _jsonable(p.default) for k, p in _keyword_parameters(name).items()}
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the architecture ``name`` for ``num_classes`` classes.
+
+    An unknown name raises listing the valid names; an unknown keyword raises naming it and the
+    builder's valid keywords.
+    """
+    valid = _keyword_parameters(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"model {name!r} has no argument(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return _spec(name).builder(num_classes, **kwargs)
+
+
+def normalize(images: Tensor | np.ndarray, layout: str = "bhwc") -> Tensor:
+    """Images -> ``B x 3 x H x W`` float32, ImageNet mean/std normalised, on the input's device.
+
+    ``images``: uint8 (0..255) or float (0..1), numpy or torch, ``B x H x W x 3`` (``layout="bhwc"``,
+    as shards decode) or ``B x 3 x H x W`` (``layout="bchw"``); a single image without the batch
+    dimension is accepted too. Train, evaluate and predict all call this, so they cannot drift.
+    """
+    if layout not in ("bhwc", "bchw"):
+        raise ValueError(f"layout must be 'bhwc' or 'bchw', got {layout!r}")
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if not isinstance(x, Tensor):
+        raise TypeError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
+    if x.ndim == 3:
+        x = x[None]
+    channel_dim = 3 if layout == "bhwc" else 1
+    if x.ndim != 4 or x.shape[channel_dim] != 3:
+        raise ValueError(f"images must be {layout.upper()} with 3 channels, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif x.is_floating_point():
+        x = x.float()
+        # 0..255 floats are a common slip that would silently produce garbage
+        if x.numel() and float(x.max()) > 2.0:
+            raise ValueError(f"float images must lie in [0, 1], got max {float(x.max()):.1f}; pass uint8 or divide by 255")
+    else:
+        raise TypeError(f"images must be uint8 or floating point, got {x.dtype}")
+    if layout == "bhwc":
+        x = x.permute(0, 3, 1, 2)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+__all__ = ["MODELS", "ModelSpec", "TASKS", "build_model", "default_kwargs", "normalize", "task_of"]

@@ -1,0 +1,169 @@
+"""Mask R-CNN (He et al., 2017): torchvision's ``MaskRCNN`` on a ResNet-FPN backbone, sized for
+small images and small objects, behind segpipe's forward contract.
+
+torchvision reserves label 0 for background while segpipe's class ids start at 0 (and a thing
+class may have id 0), so labels are shifted by +1 inside and back on output: the detector has
+``num_classes + 1`` classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from segpipe.models.backbones import RESNETS, load_backbone_weights
+from segpipe.models.semantic import check_images
+
+FPN_CHANNELS = 256  # fixed by torchvision's resnet_fpn_backbone
+
+
+def detection_targets(targets: Sequence[dict[str, Tensor]], num_classes: int, device: torch.device) -> list[dict[str, Tensor]]:
+    """segpipe targets -> torchvision's: non-crowd instances with a non-empty mask and a box of
+    positive size (a crop can leave slivers), labels shifted by +1."""
+    out = []
+    for i, t in enumerate(targets):
+        for key in ("masks", "labels", "boxes"):
+            if key not in t:
+                raise KeyError(f"targets[{i}] has no {key!r} (keys: {sorted(t)})")
+        masks = torch.as_tensor(t["masks"]).to(device=device, dtype=torch.uint8)
+        labels = torch.as_tensor(t["labels"]).to(device=device, dtype=torch.int64)
+        boxes = torch.as_tensor(t["boxes"]).to(device=device, dtype=torch.float32).reshape(-1, 4)
+        n = labels.shape[0]
+        if masks.shape[0] != n or boxes.shape[0] != n or masks.ndim != 3:
+            raise ValueError(
+                f"targets[{i}]: masks {tuple(masks.shape)}, labels {tuple(labels.shape)} and boxes "
+                f"{tuple(boxes.shape)} must describe the same N instances (masks N x H x W)"
+            )
+        bad = (labels < 0) | (labels >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(f"targets[{i}]['labels'] has ids {labels[bad].tolist()[:5]} outside [0, {num_classes})")
+        crowd = torch.as_tensor(t.get("iscrowd", torch.zeros(n))).to(device=device).reshape(-1).bool()
+        keep = ~crowd & (masks.flatten(1).sum(1) > 0 if n else torch.zeros(0, dtype=torch.bool, device=device))
+        keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        out.append({"boxes": boxes[keep], "labels": labels[keep] + 1, "masks": masks[keep]})
+    return out
+
+
+class MaskRCNN(nn.Module):
+    """torchvision's Mask R-CNN; ``self.detector`` holds it, ``self.backbone`` is its ResNet body."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        trainable_layers: int = 5,
+        frozen_bn: bool = False,
+        min_size: int = 128,
+        max_size: int = 512,
+        anchor_sizes: Sequence[int] = (16, 32, 64, 128, 256),
+        box_head_dim: int = 256,
+        mask_head_channels: int = 64,
+        rpn_post_nms_top_n_train: int = 500,
+        rpn_post_nms_top_n_test: int = 300,
+        box_batch_size_per_image: int = 64,
+        box_detections_per_img: int = 100,
+        box_score_thresh: float = 0.05,
+        backbone_weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        if backbone not in RESNETS:
+            raise ValueError(f"mask_rcnn backbone must be one of {', '.join(RESNETS)}, got {backbone!r}")
+        if len(anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {list(anchor_sizes)}")
+        self.num_classes = num_classes
+        # From scratch, FrozenBatchNorm2d would be the identity (no normalisation at all), so
+        # plain BatchNorm is the default; freeze it when fine-tuning pretrained weights.
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        fpn = resnet_fpn_backbone(backbone_name=backbone, weights=None, norm_layer=norm, trainable_layers=trainable_layers)
+        if backbone_weights:
+            load_backbone_weights(fpn.body, backbone_weights, ignore_prefixes=("fc.",))
+        anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        resolution = 7  # MultiScaleRoIAlign output size of the box branch
+        self.detector = TorchvisionMaskRCNN(
+            fpn,
+            min_size=min_size,
+            max_size=max_size,
+            # images arrive normalised by segpipe.models.normalize; do not normalise twice
+            image_mean=[0.0, 0.0, 0.0],
+            image_std=[1.0, 1.0, 1.0],
+            rpn_anchor_generator=anchors,
+            rpn_pre_nms_top_n_train=1000,
+            rpn_pre_nms_top_n_test=500,
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+            box_head=TwoMLPHead(FPN_CHANNELS * resolution**2, box_head_dim),
+            box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
+            box_batch_size_per_image=box_batch_size_per_image,
+            box_detections_per_img=box_detections_per_img,
+            box_score_thresh=box_score_thresh,
+            mask_head=MaskRCNNHeads(FPN_CHANNELS, [mask_head_channels] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1),
+        )
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The ResNet body (torchvision's key names, no ``fc``); what ``backbone_weights`` loads."""
+        return self.detector.backbone.body
+
+    def forward(
+        self, images: Tensor, targets: Sequence[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Train mode: torchvision's loss dict. Eval mode: one dict per image with ``boxes``
+        (x1 y1 x2 y2), ``labels`` (segpipe class ids), ``scores``, ``masks`` (N x 1 x H x W probabilities)."""
+        check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("MaskRCNN in train mode needs targets; call .eval() to predict")
+            if len(targets) != images.shape[0]:
+                raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
+            return self.detector(list(images), detection_targets(targets, self.num_classes, images.device))
+        detections = self.detector(list(images))
+        for d in detections:
+            d["labels"] = d["labels"] - 1
+        return detections
+
+    @torch.no_grad()
+    def predict_instances(self, images: Tensor, score_threshold: float = 0.05) -> list[dict[str, Tensor]]:
+        """Detections (as in eval mode) with ``scores >= score_threshold``, whatever the mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            detections = self(images)
+        finally:
+            self.train(was_training)
+        return [{k: v[d["scores"] >= score_threshold] for k, v in d.items()} for d in detections]
+
+
+def mask_rcnn(
+    num_classes: int,
+    backbone: str = "resnet18",
+    trainable_layers: int = 5,
+    frozen_bn: bool = False,
+    min_size: int = 128,
+    max_size: int = 512,
+    anchor_sizes: Sequence[int] = (16, 32, 64, 128, 256),
+    box_head_dim: int = 256,
+    mask_head_channels: int = 64,
+    rpn_post_nms_top_n_train: int = 500,
+    rpn_post_nms_top_n_test: int = 300,
+    box_batch_size_per_image: int = 64,
+    box_detections_per_img: int = 100,
+    box_score_thresh: float = 0.05,
+    backbone_weights: str | None = None,
+) -> MaskRCNN:
+    """Mask R-CNN with a ResNet-FPN backbone. The paper-size heads are ``box_head_dim=1024``,
+    ``mask_head_channels=256``; torchvision's are anchors 32..512 and ``min_size=800``.
+    Fine-tuning pretrained weights: ``frozen_bn=True, trainable_layers=3``."""
+    return MaskRCNN(
+        num_classes, backbone, trainable_layers, frozen_bn, min_size, max_size, anchor_sizes, box_head_dim,
+        mask_head_channels, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, box_batch_size_per_image,
+        box_detections_per_img, box_score_thresh, backbone_weights,
+    )

@@ -1,0 +1,365 @@
+"""The model registry: a directory of verified checkpoint copies plus one JSON index.
+
+Layout (``docs/registry.md`` documents every field)::
+
+    models/registry/
+        index.json        versions, aliases (champion, challenger) and the alias history
+        .lock             file lock held during every update
+        v1/ v2/ ...       copies of the registered checkpoints (model.safetensors + meta.json)
+
+Every update takes the lock, re-reads the index, changes it and writes it back by temp file +
+rename, so concurrent promotions never lose or corrupt an entry. Loading verifies the sha256
+of both checkpoint files against the index before any weight is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from segpipe.checkpoint import META, WEIGHTS, is_checkpoint, load_meta
+from segpipe.files import atomic_dir, atomic_write_json, sha256_bytes, sha256_file
+
+FORMAT = "segpipe-registry/1"
+INDEX = "index.json"
+LOCK = ".lock"
+ALIASES = ("champion", "challenger")
+CHECKPOINT_FILES = (WEIGHTS, META)  # train_state is not needed to serve a model and is not copied
+DEFAULT_REGISTRY = Path("models/registry")
+_VERSION = re.compile(r"^v([1-9][0-9]*)$")
+
+
+class RegistryError(ValueError):
+    """The registry, an entry of it, or a registered file is missing, malformed or tampered with."""
+
+
+# --------------------------------------------------------------------------------------
+# The index
+# --------------------------------------------------------------------------------------
+
+
+def empty_index(name: str) -> dict[str, Any]:
+    return {"format": FORMAT, "name": name, "versions": [], "aliases": {}, "history": []}
+
+
+def read_index(registry: Path | str, name: str = "segmenter") -> dict[str, Any]:
+    """The parsed index, or an empty one when the registry does not exist yet."""
+    path = Path(registry) / INDEX
+    if not path.exists():
+        return empty_index(name)
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{path}: not valid JSON: {e}") from None
+    validate_index(index, path)
+    return index
+
+
+def validate_index(index: Any, where: Path | str) -> None:
+    """Raise RegistryError naming the key at fault when ``index`` is not a well-formed index."""
+    if not isinstance(index, dict):
+        raise RegistryError(f"{where}: expected a JSON object")
+    if index.get("format") != FORMAT:
+        raise RegistryError(f"{where}: format {index.get('format')!r}, expected {FORMAT!r}")
+    for key, kind in (("name", str), ("versions", list), ("aliases", dict), ("history", list)):
+        if not isinstance(index.get(key), kind):
+            raise RegistryError(f"{where}: key {key!r} missing or not a {kind.__name__}")
+    seen: set[str] = set()
+    for i, v in enumerate(index["versions"]):
+        for key in ("version", "path", "arch", "task", "files", "checkpoint_sha256"):
+            if key not in v:
+                raise RegistryError(f"{where}: versions[{i}] lacks key {key!r}")
+        if not _VERSION.match(v["version"]) or v["version"] in seen:
+            raise RegistryError(f"{where}: versions[{i}]: bad or duplicate version {v['version']!r}")
+        seen.add(v["version"])
+    for alias, version in index["aliases"].items():
+        if version not in seen:
+            raise RegistryError(f"{where}: alias {alias!r} points to unknown version {version!r}")
+
+
+def write_index(registry: Path | str, index: dict[str, Any]) -> None:
+    validate_index(index, Path(registry) / INDEX)
+    atomic_write_json(Path(registry) / INDEX, index)
+
+
+@contextlib.contextmanager
+def locked(registry: Path | str, timeout: float = 120.0) -> Iterator[Path]:
+    """Hold the registry's file lock (across processes) for a read-modify-write."""
+    registry = Path(registry)
+    registry.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(registry / LOCK), timeout=timeout):
+        yield registry
+
+
+def find_version(index: dict[str, Any], version: str) -> dict[str, Any]:
+    for v in index["versions"]:
+        if v["version"] == version:
+            return v
+    known = ", ".join(v["version"] for v in index["versions"]) or "none"
+    raise RegistryError(f"unknown version {version!r}; registered: {known}")
+
+
+def find_by_sha(index: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any] | None:
+    for v in index["versions"]:
+        if v["checkpoint_sha256"] == checkpoint_sha256:
+            return v
+    return None
+
+
+def alias_entry(index: dict[str, Any], alias: str) -> dict[str, Any] | None:
+    version = index["aliases"].get(alias)
+    return find_version(index, version) if version else None
+
+
+def next_version(index: dict[str, Any]) -> str:
+    numbers = [int(_VERSION.match(v["version"]).group(1)) for v in index["versions"]]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+# --------------------------------------------------------------------------------------
+# Registering and aliasing
+# --------------------------------------------------------------------------------------
+
+
+def params_sha256(params: Any) -> str:
+    """sha256 of the canonical JSON of the training params stored in a checkpoint's meta."""
+    return sha256_bytes(json.dumps(params, sort_keys=True, separators=(",", ":")).encode())
+
+
+def git_commit(cwd: Path | str = ".") -> str | None:
+    """The HEAD commit of the git repository around ``cwd``; None outside a repo or before a commit."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def finite_or_null(obj: Any) -> Any:
+    """A copy with NaN/inf replaced by None: the index is strict JSON (a NaN metric means "undefined")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def checkpoint_hashes(checkpoint: Path | str) -> dict[str, str]:
+    """sha256 of each file the registry copies from a checkpoint directory."""
+    checkpoint = Path(checkpoint)
+    if not is_checkpoint(checkpoint):
+        raise RegistryError(f"{checkpoint}: not a segpipe checkpoint (needs {WEIGHTS} and {META})")
+    return {f: sha256_file(checkpoint / f) for f in CHECKPOINT_FILES}
+
+
+@contextlib.contextmanager
+def transaction(registry: Path | str, name: str = "segmenter") -> Iterator[dict[str, Any]]:
+    """Lock the registry and yield its index for changes; written back (atomically) only if changed.
+
+    Everything that reads the index to decide something and then changes it must happen inside
+    one transaction, so two processes never decide on the same stale index.
+    """
+    registry = Path(registry)
+    with locked(registry):
+        index = read_index(registry, name)
+        before = json.dumps(index, sort_keys=True)
+        yield index
+        if json.dumps(index, sort_keys=True) != before:
+            write_index(registry, index)
+
+
+def register(
+    registry: Path | str,
+    checkpoint: Path | str,
+    metrics: dict[str, Any],
+    *,
+    name: str = "segmenter",
+    source: dict[str, Any] | None = None,
+    expected_sha256: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Copy a checkpoint into the registry as the next version; returns (entry, created).
+
+    A checkpoint whose weights are already registered is not copied again: the existing entry
+    comes back with ``created=False`` (this is what makes promotion idempotent).
+    ``expected_sha256`` (what an evaluation recorded) must match the weights being copied.
+    """
+    with transaction(registry, name) as index:
+        return add_version(Path(registry), index, Path(checkpoint), metrics, source, expected_sha256)
+
+
+def add_version(
+    registry: Path,
+    index: dict[str, Any],
+    checkpoint: Path,
+    metrics: dict[str, Any],
+    source: dict[str, Any] | None = None,
+    expected_sha256: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Inside a transaction: copy ``checkpoint`` to the next ``vN`` and add its entry to ``index``."""
+    hashes = checkpoint_hashes(checkpoint)
+    if expected_sha256 is not None and hashes[WEIGHTS] != expected_sha256:
+        raise RegistryError(
+            f"{checkpoint / WEIGHTS}: sha256 {hashes[WEIGHTS]} differs from the evaluated {expected_sha256}"
+        )
+    existing = find_by_sha(index, hashes[WEIGHTS])
+    if existing is not None:
+        return existing, False
+    meta = load_meta(checkpoint)
+    version = next_version(index)
+    with atomic_dir(registry / version) as tmp:
+        for f in CHECKPOINT_FILES:
+            shutil.copy2(checkpoint / f, tmp / f)
+        # The copy must be what was hashed: a checkpoint rewritten mid-copy is refused.
+        copied = {f: sha256_file(tmp / f) for f in CHECKPOINT_FILES}
+        if copied != hashes:
+            raise RegistryError(f"{checkpoint}: changed while being copied into the registry")
+    entry = {
+        "version": version,
+        "path": version,
+        "arch": meta["arch"],
+        "task": meta.get("task"),
+        "checkpoint_sha256": hashes[WEIGHTS],
+        "files": hashes,
+        "metrics": finite_or_null(metrics),
+        "shards_manifest_sha256": metrics.get("shards_manifest_sha256", meta.get("shards_manifest_sha256")),
+        "params_sha256": params_sha256(meta.get("params")),
+        "git_commit": git_commit(),
+        "created": _now(),
+        "source": source or {"checkpoint": str(checkpoint)},
+    }
+    index["versions"].append(entry)
+    return entry, True
+
+
+def point_alias(index: dict[str, Any], alias: str, version: str | None, reason: str) -> bool:
+    """Inside a transaction: point ``alias`` at ``version`` (None removes it), logging the move."""
+    if alias not in ALIASES:
+        raise RegistryError(f"unknown alias {alias!r}; valid: {', '.join(ALIASES)}")
+    before = index["aliases"].get(alias)
+    if before == version:
+        return False
+    if version is None:
+        index["aliases"].pop(alias, None)
+    else:
+        find_version(index, version)
+        index["aliases"][alias] = version
+    index["history"].append({"time": _now(), "alias": alias, "from": before, "to": version, "reason": reason})
+    return True
+
+
+def set_alias(registry: Path | str, alias: str, version: str | None, reason: str, name: str = "segmenter") -> bool:
+    """Point ``alias`` at ``version`` (None removes it); returns whether the index changed."""
+    with transaction(registry, name) as index:
+        return point_alias(index, alias, version, reason)
+
+
+# --------------------------------------------------------------------------------------
+# Resolving and loading
+# --------------------------------------------------------------------------------------
+
+
+def resolve(ref: str | Path, registry: Path | str = DEFAULT_REGISTRY) -> tuple[Path, dict[str, str] | None]:
+    """Map ``champion`` / ``challenger`` / ``vN`` / a checkpoint directory to (directory, expected hashes).
+
+    Registry entries carry the sha256 of each file; a plain directory has none (None).
+    """
+    ref_s = str(ref)
+    if ref_s in ALIASES or _VERSION.match(ref_s):
+        registry = Path(registry)
+        index = read_index(registry)
+        if ref_s in ALIASES:
+            entry = alias_entry(index, ref_s)
+            if entry is None:
+                raise RegistryError(f"{registry / INDEX}: no {ref_s!r} yet; run segpipe promote first")
+        else:
+            entry = find_version(index, ref_s)
+        return registry / entry["path"], dict(entry["files"])
+    path = Path(ref)
+    if is_checkpoint(path):
+        return path, None
+    raise RegistryError(
+        f"{ref_s!r} is neither an alias ({', '.join(ALIASES)}), a version (v1, v2, ...) "
+        f"nor a checkpoint directory (with {WEIGHTS} and {META})"
+    )
+
+
+def verify(directory: Path | str, expected: dict[str, str]) -> None:
+    """Raise RegistryError naming the first file whose sha256 differs from the index."""
+    directory = Path(directory)
+    for f, sha in expected.items():
+        path = directory / f
+        if not path.is_file():
+            raise RegistryError(f"{path}: registered file is missing")
+        actual = sha256_file(path)
+        if actual != sha:
+            raise RegistryError(f"{path}: sha256 {actual} does not match the registry's {sha}; refusing to load")
+
+
+def load(ref: str | Path, registry: Path | str = DEFAULT_REGISTRY, map_location: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Load ``champion`` | ``vN`` | CHECKPOINT_DIR as (model in eval mode, meta), verifying sha256 first.
+
+    Weights are read with safetensors, so nothing is unpickled.
+    """
+    from segpipe.checkpoint import load_model
+
+    directory, expected = resolve(ref, registry)
+    if expected is not None:
+        verify(directory, expected)
+    return load_model(directory, map_location=map_location)
+
+
+# --------------------------------------------------------------------------------------
+# GTO-style git tags (optional)
+# --------------------------------------------------------------------------------------
+
+
+def gto_version(version: str) -> str:
+    """GTO wants semantic versions: registry ``v3`` becomes ``v3.0.0``."""
+    return f"{version}.0.0"
+
+
+def write_gto_tags(name: str, version: str | None, promoted: bool, cwd: Path | str = ".") -> list[str]:
+    """Create annotated tags ``NAME@vN.0.0`` (registration) and ``NAME#prod#K`` (champion assignment).
+
+    Tags are the format GTO reads (``gto show`` lists them); they are created with plain git
+    so gto need not be importable. Returns the tags created; [] outside a git repo with commits.
+    """
+    if version is None or git_commit(cwd) is None:
+        return []
+    existing = _git(["tag", "--list", f"{name}*"], cwd).split()
+    created = []
+    reg = f"{name}@{gto_version(version)}"
+    if reg not in existing:
+        _git(["tag", "-a", reg, "-m", f"Registering artifact {name} version {gto_version(version)}"], cwd)
+        created.append(reg)
+    if promoted:
+        n = sum(1 for t in existing if t.startswith(f"{name}#prod#")) + 1
+        tag = f"{name}#prod#{n}"
+        _git(["tag", "-a", tag, f"{reg}^{{}}", "-m", f"Assigning stage prod to artifact {name} version {gto_version(version)}"], cwd)
+        created.append(tag)
+    return created
+
+
+def _git(args: list[str], cwd: Path | str) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RegistryError(f"git {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout

@@ -1,0 +1,352 @@
+"""The shard format: Parquet schema, row encoding, the shard writer and the public reader.
+
+A shard set is ``OUT/<split>/part-NNNNN.parquet`` plus ``OUT/manifest.json``; the schema is
+documented in ``docs/shards.md``. Every later stage reads shards through this module only::
+
+    for sample in iter_samples("data/shards", split="train"):
+        sample["image"]      # H x W x 3 uint8
+        sample["semantic"]   # H x W uint8/uint16, ignore_index where unlabelled
+        sample["instances"]  # [{"category_id", "iscrowd", "bbox", "segmentation": RLE}]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from segpipe.files import atomic_path, sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Measured by benchmarks/convert.py (512 x 512 label maps): raw bytes in a zstd column decode
+# in ~0.6 ms and take ~3.4 kB, PNG decodes in ~1.5 ms and takes ~4.4 kB (and costs ~4.5 ms
+# to encode). So label maps are stored as raw little-endian C-order bytes.
+SEMANTIC_ENCODINGS = ("raw-uint8", "raw-uint16", "png")
+
+INSTANCE_TYPE = pa.struct(
+    [
+        ("id", pa.int64()),
+        ("category_id", pa.int32()),
+        ("iscrowd", pa.uint8()),
+        ("bbox", pa.list_(pa.float64(), 4)),
+        ("area", pa.int64()),
+        ("counts", pa.string()),  # COCO compressed RLE (column-major, pycocotools' string form)
+        ("size", pa.list_(pa.int32(), 2)),  # [h, w]
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("split", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image", pa.binary()),  # the original encoded file (or a lossless PNG for a tile)
+        ("image_format", pa.string()),  # PIL format name: JPEG, PNG, ...
+        ("semantic", pa.binary()),
+        ("semantic_encoding", pa.string()),  # one of SEMANTIC_ENCODINGS
+        ("instances", pa.list_(INSTANCE_TYPE)),
+        ("source_image_id", pa.string()),  # == image_id unless the row is a tile
+        ("tile_x", pa.int32()),  # tile origin in the source image (0, 0 when not tiled)
+        ("tile_y", pa.int32()),
+    ]
+)
+
+# Encoded JPEG/PNG bytes do not compress further: spend no CPU on them.
+COMPRESSION = {name: ("none" if name == "image" else "zstd") for name in SCHEMA.names}
+
+
+class ShardError(ValueError):
+    """A shard set is missing, inconsistent with its manifest, or corrupt; names the file."""
+
+
+# --------------------------------------------------------------------------------------
+# Pure encoding / decoding
+# --------------------------------------------------------------------------------------
+
+
+def semantic_dtype(max_label: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every class id and the ignore index."""
+    if max_label < 256:
+        return np.dtype(np.uint8)
+    if max_label < 65536:
+        return np.dtype(np.uint16)
+    raise ValueError(f"label value {max_label} does not fit in uint16")
+
+
+def encode_semantic(semantic: np.ndarray, dtype: np.dtype) -> tuple[bytes, str]:
+    """H x W label map -> (bytes, encoding name). Raw little-endian C-order bytes."""
+    dtype = np.dtype(dtype)
+    arr = np.ascontiguousarray(semantic, dtype=dtype.newbyteorder("<"))
+    return arr.tobytes(), f"raw-{dtype.name}"
+
+
+def decode_semantic(data: bytes, height: int, width: int, encoding: str) -> np.ndarray:
+    """The inverse of :func:`encode_semantic`; also reads ``png`` label maps."""
+    if encoding in ("raw-uint8", "raw-uint16"):
+        dtype = np.dtype(encoding[4:]).newbyteorder("<")
+        arr = np.frombuffer(data, dtype=dtype)
+        if arr.size != height * width:
+            raise ShardError(f"semantic map has {arr.size} values, expected {height} x {width}")
+        return arr.reshape(height, width).astype(dtype.newbyteorder("="), copy=False)
+    if encoding == "png":
+        arr = np.asarray(Image.open(io.BytesIO(data)))
+        if arr.shape != (height, width):
+            raise ShardError(f"semantic PNG is {arr.shape}, expected {(height, width)}")
+        return arr
+    raise ShardError(f"unknown semantic encoding {encoding!r}; valid: {', '.join(SEMANTIC_ENCODINGS)}")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> H x W x 3 uint8 (grey, palette and alpha images become RGB)."""
+    with warnings.catch_warnings():
+        # Size was checked against max_image_pixels at conversion; do not re-warn on read.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        return list(value)
+    return list(value)
+
+
+def decode_instance(inst: dict[str, Any]) -> dict[str, Any]:
+    """One stored instance struct -> the public instance dict (COCO RLE ``segmentation``)."""
+    counts = inst["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {
+        "id": int(inst["id"]),
+        "category_id": int(inst["category_id"]),
+        "iscrowd": int(inst["iscrowd"]),
+        "bbox": [float(v) for v in _as_list(inst["bbox"])],
+        "area": int(inst["area"]),
+        "segmentation": {"size": [int(v) for v in _as_list(inst["size"])], "counts": counts},
+    }
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One raw Parquet row (a dict of column values, e.g. from Ray Data) -> a sample dict.
+
+    Works on plain Python values as well as the numpy values Ray Data hands out.
+    """
+    height, width = int(row["height"]), int(row["width"])
+    image = decode_image(bytes(row["image"]))
+    if image.shape[:2] != (height, width):
+        raise ShardError(f"image {row['image_id']}: decoded {image.shape[:2]}, row says {(height, width)}")
+    semantic = decode_semantic(bytes(row["semantic"]), height, width, str(row["semantic_encoding"]))
+    return {
+        "image_id": str(row["image_id"]),
+        "split": str(row["split"]),
+        "height": height,
+        "width": width,
+        "image": image,
+        "semantic": semantic,
+        "instances": [decode_instance(dict(i)) for i in _as_list(row["instances"])],
+        "source_image_id": str(row.get("source_image_id") or row["image_id"]),
+        "tile_x": int(row.get("tile_x") or 0),
+        "tile_y": int(row.get("tile_y") or 0),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes rows of one split to ``OUT/<split>/part-NNNNN.parquet``, ``rows_per_shard`` each.
+
+    Each shard is written under a temporary name and renamed when complete. Rows are buffered
+    into row groups of ``row_group_rows`` so memory stays bounded by one row group.
+    """
+
+    def __init__(self, out: Path, split: str, rows_per_shard: int, row_group_rows: int = 64):
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.out, self.split = Path(out), split
+        self.rows_per_shard = rows_per_shard
+        self.row_group_rows = max(1, min(row_group_rows, rows_per_shard))
+        self.shards: list[dict[str, Any]] = []
+        self._buffer: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._ctx: Any = None
+        self._tmp: Path | None = None
+        self._rows_in_shard = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        if len(self._buffer) >= self.row_group_rows or self._rows_in_shard + len(self._buffer) >= self.rows_per_shard:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        """Flush and finish the open shard; returns [{path, split, rows, bytes, sha256}]."""
+        self._flush()
+        self._finish_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._ctx is not None:
+            try:
+                self._writer.close()  # type: ignore[union-attr]
+            finally:
+                self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._ctx = self._writer = None
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._writer is None:
+            path = self._path(len(self.shards))
+            self._ctx = atomic_path(path)
+            self._tmp = self._ctx.__enter__()
+            self._writer = pq.ParquetWriter(
+                self._tmp, SCHEMA, compression=COMPRESSION, write_page_checksum=True,
+                use_dictionary=["split", "semantic_encoding", "image_format"], write_statistics=False,
+            )
+        table = pa.Table.from_pylist(self._buffer, schema=SCHEMA)
+        self._writer.write_table(table, row_group_size=len(self._buffer))
+        self._rows_in_shard += len(self._buffer)
+        self._buffer = []
+        if self._rows_in_shard >= self.rows_per_shard:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        path = self._path(len(self.shards))
+        self._ctx.__exit__(None, None, None)  # fsync + rename into place
+        self.shards.append(
+            {
+                "path": path.relative_to(self.out).as_posix(),
+                "split": self.split,
+                "rows": self._rows_in_shard,
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+        self._writer = self._ctx = self._tmp = None
+        self._rows_in_shard = 0
+
+    def _path(self, index: int) -> Path:
+        return self.out / self.split / f"part-{index:05d}.parquet"
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest of a shard directory (or of the directory holding a shard file's split)."""
+    mpath = _manifest_path(Path(path))
+    try:
+        return json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{mpath}: manifest not found (is {path} a segpipe shard set?)") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{mpath}: manifest is not valid JSON: {e}") from None
+
+
+def manifest_hash(path: Path | str) -> str:
+    """sha256 of ``manifest.json``: identifies the exact shard set a model was trained on."""
+    mpath = _manifest_path(Path(path))
+    if not mpath.is_file():
+        raise ShardError(f"{mpath}: manifest not found")
+    return sha256_file(mpath)
+
+
+def shard_files(path: Path | str, split: str | None = None) -> list[Path]:
+    """The shard files of a set (of one split, or all), in manifest order."""
+    root = _root(Path(path))
+    manifest = read_manifest(root)
+    if split is not None and split not in manifest["splits"]:
+        raise ShardError(f"{root}: no split {split!r}; splits: {', '.join(manifest['splits']) or '(none)'}")
+    return [root / s["path"] for s in manifest["shards"] if split is None or s["split"] == split]
+
+
+def verify_shard(path: Path, manifest: dict[str, Any], root: Path) -> None:
+    """Check a shard's sha256 (and size) against the manifest; raise ShardError naming it."""
+    rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
+    entry = next((s for s in manifest["shards"] if s["path"] == rel), None)
+    if entry is None:
+        raise ShardError(f"{path}: not listed in {root / MANIFEST}")
+    if not path.is_file():
+        raise ShardError(f"{path}: shard listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        raise ShardError(f"{path}: checksum does not match the manifest (corrupt or modified shard)")
+
+
+def iter_rows(path: Path | str, verify: bool = True, split: str | None = None,
+              columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw rows (column dicts) of a shard file or directory, one row group in memory at a time."""
+    path = Path(path)
+    root = _root(path)
+    files = [path] if path.is_file() else shard_files(root, split)
+    manifest = read_manifest(root) if verify else None
+    for f in files:
+        if manifest is not None:
+            verify_shard(f, manifest, root)
+        try:
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g, columns=columns)
+                for row in table.to_pylist():
+                    if split is None or row.get("split", split) == split:
+                        yield row
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{f}: cannot read shard: {e}") from None
+
+
+def iter_samples(path: Path | str, verify: bool = True, split: str | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded samples of a shard file or directory (see the module docstring).
+
+    ``verify`` checks each shard's sha256 against the manifest before reading it; Parquet
+    page checksums are verified regardless.
+    """
+    for row in iter_rows(path, verify=verify, split=split):
+        yield decode_row(row)
+
+
+def _root(path: Path) -> Path:
+    """The shard-set directory of a directory or shard file (``ROOT/<split>/part-N.parquet``)."""
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent.parent
+    raise ShardError(f"{path}: no such shard file or directory")
+
+
+def _manifest_path(path: Path) -> Path:
+    if path.name == MANIFEST:
+        return path
+    return _root(path) / MANIFEST if path.exists() else path / MANIFEST
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically, with stable key order and no timestamps."""
+    with atomic_path(Path(out) / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+
+def table_rows(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Rows -> a Table in the shard schema (for tests and tools that build rows by hand)."""
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)

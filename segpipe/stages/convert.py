@@ -1,0 +1,505 @@
+"""``segpipe convert``: annotations in any supported format -> validated, checksummed Parquet shards.
+
+Records stream from a format reader (``segpipe.formats``) through a process pool that
+validates and encodes one image at a time (ordered results, so the output is deterministic),
+into per-split shard writers. Bad items are quarantined with a reason naming the file and the
+image / annotation id, and listed in the manifest; ``--strict`` turns the first one into an error.
+
+Granularity: a bad image, label map or record quarantines the image; a bad annotation
+quarantines only that annotation and the image is kept with its other instances. The kept
+image's semantic map stays correct either way: it comes from the label-map file when there is
+one, and otherwise pixels no valid instance covers are ``ignore_index`` (never a wrong class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segpipe import shards, validation
+from segpipe.files import atomic_dir, sha256_file
+from segpipe.formats import FORMATS, get_reader
+from segpipe.formats.base import Record, Source
+from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
+
+
+class ConvertError(ValueError):
+    """A bad item under ``--strict``, or input that cannot be converted at all."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a worker needs to process one record (picklable, sent once per task)."""
+
+    class_ids: frozenset[int]
+    ignore_index: int
+    dtype: str  # numpy dtype name of stored label maps
+    max_image_pixels: int
+    val_fraction: float
+    test_fraction: float
+    tile_size: int = 0
+    tile_overlap: int = 0
+    tile_min_area: int = 0
+    encode: bool = True  # False for `segpipe validate`: check only
+
+
+@dataclass
+class Outcome:
+    """A processed record: zero or more rows (several when tiled) and quarantine entries."""
+
+    image_id: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+    image_quarantined: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# Pure logic
+# --------------------------------------------------------------------------------------
+
+
+def hash_split(image_id: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from a hash of the image id: adding images never moves old ones."""
+    u = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def tile_origins(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of overlapping tiles covering ``size`` pixels; the last one is flush."""
+    if size <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def to_rle(inst: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    """A validated instance's mask as one compressed COCO RLE (bytes counts, pycocotools form)."""
+    from pycocotools import mask as mask_utils
+
+    if inst.get("mask") is not None:
+        return mask_utils.encode(np.asfortranarray(inst["mask"].astype(np.uint8)))
+    seg = inst["segmentation"]
+    if isinstance(seg, dict):
+        counts = seg["counts"]
+        if isinstance(counts, (str, bytes)):
+            return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+        return mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
+    polys = [[float(v) for v in p] for p in seg]
+    return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+
+
+def instance_struct(inst_id: Any, category_id: int, iscrowd: int, rle: dict[str, Any]) -> dict[str, Any] | None:
+    """Stored instance struct from an RLE; None when the mask is empty."""
+    from pycocotools import mask as mask_utils
+
+    area = int(mask_utils.area(rle))
+    if area == 0:
+        return None
+    counts = rle["counts"]
+    return {
+        "id": int(inst_id) if isinstance(inst_id, (int, np.integer)) else _stable_int(inst_id),
+        "category_id": int(category_id),
+        "iscrowd": int(iscrowd),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "area": area,
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+        "size": [int(v) for v in rle["size"]],
+    }
+
+
+def _stable_int(value: Any) -> int:
+    return int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:7], "big")
+
+
+def rasterise(instances: list[dict[str, Any]], height: int, width: int, ignore_index: int,
+              dtype: np.dtype) -> np.ndarray:
+    """A semantic map from instances (later ones on top); uncovered pixels are ``ignore_index``."""
+    from pycocotools import mask as mask_utils
+
+    sem = np.full((height, width), ignore_index, dtype=dtype)
+    for inst in instances:
+        m = mask_utils.decode({"size": inst["size"], "counts": inst["counts"].encode()})
+        sem[m.astype(bool)] = inst["category_id"]
+    return sem
+
+
+def _entry(item: str, file: str, reason: str) -> dict[str, str]:
+    return {"item": item, "file": file, "reason": reason}
+
+
+def _open_image(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def process_record(record: Record, ctx: Context) -> Outcome:
+    """Validate one record and encode it into shard row(s). Runs in a worker process."""
+    out = Outcome(image_id=record.image_id)
+    item = f"image {record.image_id}"
+    img_file = str(record.image_path) if record.image_path is not None else record.source
+
+    def reject(file: str, reason: str) -> Outcome:
+        out.quarantine.append(_entry(item, file, reason))
+        out.image_quarantined = True
+        out.rows = []
+        return out
+
+    if record.problems:
+        for p in record.problems:
+            out.quarantine.append(_entry(item, record.source, p))
+        out.image_quarantined = True
+        return out
+
+    # Image: bytes, header (size check BEFORE decoding: a bomb is never decompressed), decode.
+    data = record.image_bytes
+    if data is None:
+        if record.image_path is None:
+            return reject(record.source, "record has neither an image file nor image bytes")
+        try:
+            data = Path(record.image_path).read_bytes()
+        except FileNotFoundError:
+            return reject(img_file, "image file missing")
+        except OSError as e:
+            return reject(img_file, f"image file unreadable: {e}")
+    if not data:
+        return reject(img_file, "image file is empty (0 bytes)")
+    try:
+        im = _open_image(data)
+    except Image.DecompressionBombError as e:
+        return reject(img_file, f"decompression bomb: {e}")
+    except (OSError, SyntaxError, ValueError) as e:
+        return reject(img_file, f"not a decodable image: {e}")
+    width, height = im.size
+    if reason := validation.check_image_size(width, height, ctx.max_image_pixels, (record.height, record.width)):
+        return reject(img_file, reason)
+    tiled = ctx.tile_size > 0 and max(width, height) > ctx.tile_size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if im.format == "JPEG" and not tiled:
+                # Reduced-scale DCT decode still reads every entropy-coded byte, so truncation
+                # and corruption are caught at a fraction of a full decode's cost.
+                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            im.load()
+            pixels = np.asarray(im.convert("RGB")) if tiled else None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return reject(img_file, f"image is truncated or corrupt: {e}")
+    image_format = im.format or "UNKNOWN"
+
+    # Label map from the source, checked against the image and the class table.
+    semantic = None
+    sem_file = record.semantic_source or record.source
+    if record.semantic is not None:
+        try:
+            semantic = np.asarray(record.semantic())
+        except (OSError, ValueError, SyntaxError) as e:
+            return reject(sem_file, f"label map unreadable: {e}")
+        if reason := validation.check_label_map(semantic, height, width, ctx.class_ids, ctx.ignore_index):
+            return reject(sem_file, reason)
+
+    # Instances: checked in pure Python first; only valid ones reach pycocotools.
+    for aid, reason in record.annotation_problems:
+        out.quarantine.append(_entry(f"image {record.image_id} annotation {aid}", record.source, reason))
+    structs = []
+    seen_ids: set[Any] = set()
+    for k, inst in enumerate(record.instances):
+        aid = inst.get("id", k)
+        a_item = f"image {record.image_id} annotation {aid}"
+        if aid in seen_ids:
+            out.quarantine.append(_entry(a_item, record.source, f"duplicate annotation id {aid} within the image"))
+            continue
+        seen_ids.add(aid)
+        if reason := validation.check_annotation(inst, height, width, ctx.class_ids):
+            out.quarantine.append(_entry(a_item, record.source, reason))
+            continue
+        s = instance_struct(aid, inst["category_id"], int(inst.get("iscrowd", 0)), to_rle(inst, height, width))
+        if s is None:
+            out.quarantine.append(_entry(a_item, record.source, "mask is empty (covers no pixel of the image)"))
+            continue
+        structs.append(s)
+
+    if not ctx.encode:
+        return out
+    dtype = np.dtype(ctx.dtype)
+    if semantic is None:
+        semantic = rasterise(structs, height, width, ctx.ignore_index, dtype)
+    split = record.split or hash_split(record.image_id, ctx.val_fraction, ctx.test_fraction)
+    base = {"split": split, "source_image_id": record.image_id}
+    if not tiled:
+        sem_bytes, sem_enc = shards.encode_semantic(semantic, dtype)
+        out.rows.append({**base, "image_id": record.image_id, "height": height, "width": width, "image": data,
+                         "image_format": image_format, "semantic": sem_bytes, "semantic_encoding": sem_enc,
+                         "instances": structs, "tile_x": 0, "tile_y": 0})
+        return out
+    out.rows.extend(tile_rows(record.image_id, base, pixels, semantic, structs, ctx))
+    return out
+
+
+def tile_rows(image_id: str, base: dict[str, Any], pixels: np.ndarray, semantic: np.ndarray,
+              structs: list[dict[str, Any]], ctx: Context) -> Iterator[dict[str, Any]]:
+    """Overlapping tiles of one image: cut image and label map, clip instances, drop slivers."""
+    from pycocotools import mask as mask_utils
+
+    height, width = semantic.shape
+    masks = [mask_utils.decode({"size": s["size"], "counts": s["counts"].encode()}) for s in structs]
+    dtype = np.dtype(ctx.dtype)
+    for y in tile_origins(height, ctx.tile_size, ctx.tile_overlap):
+        for x in tile_origins(width, ctx.tile_size, ctx.tile_overlap):
+            th, tw = min(ctx.tile_size, height - y), min(ctx.tile_size, width - x)
+            buf = io.BytesIO()
+            # Tiles must be re-encoded: PNG keeps them lossless.
+            Image.fromarray(pixels[y:y + th, x:x + tw]).save(buf, "PNG", compress_level=1)
+            sem_bytes, sem_enc = shards.encode_semantic(semantic[y:y + th, x:x + tw], dtype)
+            tile_structs = []
+            for s, m in zip(structs, masks):
+                crop = np.asfortranarray(m[y:y + th, x:x + tw])
+                if int(crop.sum()) < max(1, ctx.tile_min_area):
+                    continue
+                t = instance_struct(s["id"], s["category_id"], s["iscrowd"], mask_utils.encode(crop))
+                if t is not None:
+                    tile_structs.append(t)
+            yield {**base, "image_id": f"{image_id}@{x},{y}", "height": th, "width": tw, "image": buf.getvalue(),
+                   "image_format": "PNG", "semantic": sem_bytes, "semantic_encoding": sem_enc,
+                   "instances": tile_structs, "tile_x": x, "tile_y": y}
+
+
+# --------------------------------------------------------------------------------------
+# Streaming through the pool
+# --------------------------------------------------------------------------------------
+
+
+def _init_worker(max_image_pixels: int) -> None:
+    # PIL's own guard matches ours; our header check runs first and names the file.
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class _Preloaded:
+    """A label map already loaded in the parent (its reader's loader could not be pickled)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __call__(self) -> np.ndarray:
+        return self.array
+
+
+def _picklable(record: Record) -> Record:
+    if record.semantic is not None:
+        try:
+            pickle.dumps(record.semantic)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            try:
+                record.semantic = _Preloaded(np.asarray(record.semantic()))
+            except (OSError, ValueError) as e:
+                record.problems = [*record.problems, f"label map unreadable: {e}"]
+                record.semantic = None
+    return record
+
+
+def process_source(source: Source, ctx: Context, workers: int, progress: bool = True) -> Iterator[Outcome]:
+    """Process every record of ``source`` in order, ``workers`` processes at a time.
+
+    At most a few records per worker are in flight, so memory does not grow with the dataset.
+    Duplicate image ids are caught here (first one wins, later ones are quarantined).
+    """
+    from tqdm import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    seen: dict[str, str] = {}
+    bar = tqdm(total=source.count, unit="img", desc=f"convert {source.name}", disable=not progress,
+               file=sys.stderr, mininterval=0.5)
+
+    def dedup(record: Record) -> Outcome | None:
+        if record.image_id in seen:
+            o = Outcome(record.image_id, image_quarantined=True)
+            o.quarantine.append(_entry(f"image {record.image_id}", record.source,
+                                       f"duplicate image id {record.image_id} (first seen in {seen[record.image_id]})"))
+            return o
+        seen[record.image_id] = record.source
+        return None
+
+    try:
+        if workers == 1:
+            _init_worker(ctx.max_image_pixels)
+            for record in source.records():
+                out = dedup(record) or process_record(record, ctx)
+                bar.update()
+                yield out
+            return
+        window: collections.deque[Future | Outcome] = collections.deque()
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(ctx.max_image_pixels,)) as pool:
+            for record in source.records():
+                window.append(dedup(record) or pool.submit(process_record, _picklable(record), ctx))
+                while len(window) > 4 * workers:
+                    yield _result(window.popleft())
+                    bar.update()
+            while window:
+                yield _result(window.popleft())
+                bar.update()
+    finally:
+        bar.close()
+
+
+def _result(item: Future | Outcome) -> Outcome:
+    return item.result() if isinstance(item, Future) else item
+
+
+def make_context(source: Source, params: ConvertParams, encode: bool = True) -> Context:
+    ids = [c.id for c in source.classes]
+    return Context(
+        class_ids=frozenset(ids), ignore_index=source.ignore_index,
+        dtype=shards.semantic_dtype(max(ids + [source.ignore_index])).name,
+        max_image_pixels=params.max_image_pixels, val_fraction=params.val_fraction,
+        test_fraction=params.test_fraction, tile_size=params.tile_size, tile_overlap=params.tile_overlap,
+        tile_min_area=params.tile_min_area, encode=encode,
+    )
+
+
+def check_params(params: ConvertParams) -> None:
+    """Reject parameter values that cannot work, naming the key."""
+    if not (0 <= params.val_fraction and 0 <= params.test_fraction and params.val_fraction + params.test_fraction <= 1):
+        raise ParamsError("convert.val_fraction and convert.test_fraction must be >= 0 and sum to at most 1")
+    if params.rows_per_shard < 1:
+        raise ParamsError(f"convert.rows_per_shard must be >= 1, got {params.rows_per_shard}")
+    if params.workers < 0:
+        raise ParamsError(f"convert.workers must be >= 0 (0 = all cores), got {params.workers}")
+    if params.tile_size < 0 or (params.tile_size and not 0 <= params.tile_overlap < params.tile_size):
+        raise ParamsError("convert.tile_size must be >= 0 and convert.tile_overlap in [0, tile_size)")
+    if params.max_image_pixels < 1:
+        raise ParamsError("convert.max_image_pixels must be >= 1")
+
+
+def dataset_entries(source: Source) -> list[dict[str, str]]:
+    """Dataset-level reader problems as quarantine entries."""
+    return [_entry("dataset", source.name, p) for p in source.problems]
+
+
+def source_hash(files: list[Path]) -> str:
+    """sha256 over the sorted (relative path, content sha256) of every source file."""
+    files = sorted({Path(f) for f in files})
+    if not files:
+        return hashlib.sha256(b"").hexdigest()
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.resolve().relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# run / main
+# --------------------------------------------------------------------------------------
+
+
+def run(params: ConvertParams, source: Source, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Convert ``source`` into shards at ``out`` (replaced atomically); returns the manifest."""
+    check_params(params)
+    out = Path(out)
+    ctx = make_context(source, params)
+    quarantine = dataset_entries(source)
+    if quarantine and params.strict:
+        raise ConvertError(f"--strict: {quarantine[0]['reason']}")
+    with atomic_dir(out) as tmp:
+        writers: dict[str, shards.ShardWriter] = {}
+        try:
+            for outcome in process_source(source, ctx, params.workers, progress):
+                if outcome.quarantine and params.strict:
+                    e = outcome.quarantine[0]
+                    raise ConvertError(f"--strict: {e['file']}: {e['item']}: {e['reason']}")
+                quarantine.extend(outcome.quarantine)
+                for row in outcome.rows:
+                    w = writers.get(row["split"])
+                    if w is None:
+                        w = writers[row["split"]] = shards.ShardWriter(tmp, row["split"], params.rows_per_shard)
+                    w.write(row)
+            shard_list = [s for split in sorted(writers) for s in writers[split].close()]
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        manifest = {
+            "schema_version": shards.SCHEMA_VERSION,
+            "format": source.name,
+            "classes": [{"id": c.id, "name": c.name, "isthing": c.isthing, "color": list(c.color)}
+                        for c in source.classes],
+            "ignore_index": source.ignore_index,
+            "semantic_encoding": f"raw-{ctx.dtype}",
+            "splits": {split: sum(s["rows"] for s in shard_list if s["split"] == split) for split in sorted(writers)},
+            "shards": shard_list,
+            "source_sha256": source_hash(source.files),
+            "quarantine": quarantine,
+            # workers changes how fast, never what: leave it out so the manifest stays identical.
+            "params": {k: v for k, v in as_dict(params).items() if k != "workers"},
+        }
+        shards.write_manifest(tmp, manifest)
+    return manifest
+
+
+def read_source(args: argparse.Namespace) -> Source:
+    """The Source named by the CLI arguments (``--format`` and its inputs)."""
+    reader = get_reader(args.format)
+    if args.format == "coco":
+        if not args.annotations or not args.images:
+            raise SystemExit("segpipe: --format coco needs --annotations FILE (repeatable) and --images DIR")
+        return reader([Path(a) for a in args.annotations], Path(args.images),
+                      Path(args.masks) if args.masks else None)
+    if not args.input:
+        raise SystemExit(f"segpipe: --format {args.format} needs --input DIR (the dataset's root folder)")
+    return reader(Path(args.input))
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", required=True, choices=list(FORMATS), help="input annotation format")
+    parser.add_argument("--annotations", action="append", default=[], metavar="FILE",
+                        help="coco: instances JSON (repeatable; split from the name, e.g. instances_val2017.json)")
+    parser.add_argument("--images", help="coco: image folder")
+    parser.add_argument("--masks", help="coco: folder of semantic label PNGs named like the images")
+    parser.add_argument("--input", help="other formats: the dataset's root folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="segpipe convert", description=__doc__.split("\n")[0])
+    add_source_arguments(parser)
+    parser.add_argument("--out", required=True, help="output shard folder (replaced atomically)")
+    parser.add_argument("--strict", action="store_true", help="any bad item is an error (default: params)")
+    add_params_arguments(parser)
+    args = parser.parse_args(argv)
+    params = from_args(args, "convert")
+    if args.strict:
+        params = dataclasses.replace(params, strict=True)
+    try:
+        source = read_source(args)
+        manifest = run(params, source, Path(args.out), progress=not args.no_progress)
+    except ParamsError:
+        raise
+    except ValueError as e:  # ConvertError, CocoError, ShardError: user-caused, already named
+        print(f"segpipe convert: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    rows = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items()) or "no rows"
+    print(f"wrote {args.out}: {rows}; {len(manifest['shards'])} shard(s); "
+          f"{len(manifest['quarantine'])} quarantined item(s)")

@@ -1,0 +1,163 @@
+"""``segpipe metrics``: score predictions made by any system.
+
+    segpipe metrics semantic --gt DIR --pred DIR --num-classes K [--ignore-index 255]
+                             [--classes classes.json] --out FILE.json
+    segpipe metrics coco --gt GT.json --dt DT.json --iou-type segm|bbox --out FILE.json
+
+Semantic: single-channel label PNGs (mode L, P or I;16) matched by file name; images are read one
+pair at a time into a confusion matrix. COCO: pycocotools' COCOeval after validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segpipe.files import atomic_write_json
+from segpipe.metrics.semantic import ConfusionMatrix, MetricsInputError, compute
+
+LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """An ``H x W`` integer label map from a single-channel PNG (palette PNGs give their indices)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in LABEL_MODES:
+                raise MetricsInputError(
+                    f"{path}: PNG mode {im.mode!r} is not a single-channel label map (expected one of {', '.join(LABEL_MODES)})")
+            return np.asarray(im)
+    except MetricsInputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise MetricsInputError(f"{path}: cannot read as PNG: {e}") from None
+
+
+def match_files(gt_dir: Path, pred_dir: Path) -> list[str]:
+    """Names of the ``*.png`` in ``gt_dir``, which must be exactly those of ``pred_dir``."""
+    for d in (gt_dir, pred_dir):
+        if not d.is_dir():
+            raise MetricsInputError(f"{d}: not a directory")
+    gt_names = {p.name for p in gt_dir.glob("*.png")}
+    pred_names = {p.name for p in pred_dir.glob("*.png")}
+    if not gt_names:
+        raise MetricsInputError(f"{gt_dir}: no .png label maps")
+    missing = sorted(gt_names - pred_names)
+    if missing:
+        raise MetricsInputError(f"{pred_dir}: no prediction for {len(missing)} ground-truth file(s), e.g. {missing[0]}")
+    extra = sorted(pred_names - gt_names)
+    if extra:
+        raise MetricsInputError(f"{pred_dir}: {len(extra)} prediction file(s) without ground truth, e.g. {extra[0]}")
+    return sorted(gt_names)
+
+
+def class_names(classes: Any, num_classes: int, source: str) -> list[str]:
+    """Names for ids ``0..K-1`` from a classes.json list (``[{"id", "name", ...}]``)."""
+    if not isinstance(classes, list):
+        raise MetricsInputError(f"{source}: expected a list of {{\"id\", \"name\"}} objects")
+    names: dict[int, str] = {}
+    for i, c in enumerate(classes):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+            raise MetricsInputError(f"{source}: entry #{i} needs an integer 'id' and a string 'name'")
+        if not 0 <= c["id"] < num_classes:
+            raise MetricsInputError(f"{source}: class id {c['id']} ({c['name']!r}) is outside [0, {num_classes})")
+        if c["id"] in names:
+            raise MetricsInputError(f"{source}: duplicate class id {c['id']}")
+        names[c["id"]] = c["name"]
+    missing = [i for i in range(num_classes) if i not in names]
+    if missing:
+        raise MetricsInputError(f"{source}: no entry for class id(s) {missing} of {num_classes}")
+    if len(set(names.values())) != num_classes:
+        raise MetricsInputError(f"{source}: class names are not unique")
+    return [names[i] for i in range(num_classes)]
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MetricsInputError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetricsInputError(f"{path}: not valid JSON: {e}") from None
+
+
+def semantic_confusion(gt_dir: Path, pred_dir: Path, num_classes: int, ignore_index: int | None) -> ConfusionMatrix:
+    """The confusion matrix over all label PNG pairs, read one pair at a time."""
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    for name in match_files(gt_dir, pred_dir):
+        gt = read_label_png(gt_dir / name)
+        pred = read_label_png(pred_dir / name)
+        if gt.shape != pred.shape:
+            raise MetricsInputError(
+                f"{pred_dir / name}: size {pred.shape[1]}x{pred.shape[0]} != ground truth {gt.shape[1]}x{gt.shape[0]}")
+        cm.update(gt, pred, where=str(pred_dir / name) + " (with " + str(gt_dir / name) + ")")
+    return cm
+
+
+def run_semantic(
+    gt_dir: Path, pred_dir: Path, num_classes: int, out: Path,
+    ignore_index: int | None = 255, classes: Path | None = None,
+) -> dict[str, Any]:
+    """Score label PNGs; write and return ``{pixel_acc, mean_acc, miou, fwiou, mdice, per_class}``."""
+    names = class_names(read_json(classes), num_classes, str(classes)) if classes else None
+    cm = semantic_confusion(Path(gt_dir), Path(pred_dir), num_classes, ignore_index)
+    result = compute(cm.mat, names)
+    atomic_write_json(out, result)
+    return result
+
+
+def run_coco(gt: Path, dt: Path, iou_type: str, out: Path) -> dict[str, Any]:
+    """Score a COCO results file; write and return ``{iou_type: {AP, ...}, "per_class": {name: AP}}``."""
+    from segpipe.metrics.coco import evaluate_coco
+
+    result = evaluate_coco(read_json(gt), read_json(dt), iou_type, gt_source=str(gt), dt_source=str(dt))
+    atomic_write_json(out, result)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="segpipe metrics", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    s = sub.add_parser("semantic", help="mIoU and friends of label PNGs")
+    s.add_argument("--gt", type=Path, required=True, help="directory of ground-truth label PNGs")
+    s.add_argument("--pred", type=Path, required=True, help="directory of predicted label PNGs (same names)")
+    s.add_argument("--num-classes", type=int, required=True)
+    s.add_argument("--ignore-index", type=int, default=255, help="ground-truth value to skip (default 255; -1: none)")
+    s.add_argument("--classes", type=Path, help='classes.json ([{"id", "name", ...}]) to name the classes')
+    s.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("coco", help="COCOeval of a results JSON")
+    c.add_argument("--gt", type=Path, required=True, help="COCO instances JSON")
+    c.add_argument("--dt", type=Path, required=True, help="COCO results JSON (list of detections)")
+    c.add_argument("--iou-type", choices=["segm", "bbox"], required=True)
+    c.add_argument("--out", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.kind == "semantic":
+            if args.num_classes < 1:
+                raise MetricsInputError(f"--num-classes must be >= 1, got {args.num_classes}")
+            ignore = None if args.ignore_index == -1 else args.ignore_index
+            if ignore is not None and 0 <= ignore < args.num_classes:
+                raise MetricsInputError(f"--ignore-index {ignore} is a class id (< --num-classes {args.num_classes})")
+            result = run_semantic(args.gt, args.pred, args.num_classes, args.out, ignore, args.classes)
+            print(f"miou {_fmt(result['miou'])}  pixel_acc {_fmt(result['pixel_acc'])}  -> {args.out}")
+        else:
+            result = run_coco(args.gt, args.dt, args.iou_type, args.out)
+            print(f"{args.iou_type} AP {_fmt(result[args.iou_type]['AP'])}  -> {args.out}")
+    except MetricsInputError as e:
+        print(f"segpipe metrics: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _fmt(v: float | None) -> str:
+    return "null" if v is None else f"{v:.4f}"

@@ -1,0 +1,396 @@
+"""``segpipe promote``: choose a champion among evaluated candidates by rules read from params.
+
+Every candidate is the output directory of ``segpipe evaluate`` (its ``metrics.json`` and the
+checkpoint that file names). One metric ranks everything in a run:
+
+* the task's primary metric (``semantic_metric`` / ``instance_metric``) when every candidate and
+  the current champion share a task;
+* otherwise ``semantic_metric`` (mIoU by default), which evaluate writes for every model, so a
+  Mask R-CNN and a U-Net compete on the same label maps.
+
+Gates, in order; a candidate must pass all of them to be promoted:
+
+1. ``readable``: metrics.json is valid, the checkpoint it names exists and its sha256 matches;
+2. ``metric``: the ranking metric is a finite number (NaN or missing never promotes);
+3. ``min_value``: the metric is at least ``min_value``;
+4. ``same_data``: evaluated on the champion's shard manifest hash;
+5. ``margin``: beats the champion by at least ``margin`` (and strictly);
+6. ``protected_classes``: no protected class's IoU drops by more than ``protected_tolerance``.
+
+The best candidate passing all gates becomes champion; the best one that passed gates 1-4
+but was not promoted becomes challenger. The whole decision happens under the registry lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segpipe.checkpoint import WEIGHTS, is_checkpoint
+from segpipe.files import atomic_write_json, atomic_write_text, sha256_file
+from segpipe.params import PromoteParams, add_params_arguments, as_dict, from_args
+from segpipe.registry import (
+    DEFAULT_REGISTRY,
+    add_version,
+    alias_entry,
+    point_alias,
+    transaction,
+    write_gto_tags,
+)
+
+REQUIRED_KEYS = ("arch", "task", "checkpoint", "shards_manifest_sha256", "per_class")
+GATES = ("readable", "metric", "min_value", "same_data", "margin", "protected_classes")
+CHALLENGER_GATES = GATES[:4]
+
+
+@dataclass
+class Candidate:
+    """One evaluated candidate as read from disk; ``error`` set when it cannot be judged."""
+
+    eval_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    sha256: str | None = None
+    error: str | None = None
+
+    @property
+    def task(self) -> str | None:
+        return self.metrics.get("task")
+
+    @property
+    def arch(self) -> str | None:
+        return self.metrics.get("arch")
+
+
+# --------------------------------------------------------------------------------------
+# Pure rules
+# --------------------------------------------------------------------------------------
+
+
+def metric_value(metrics: dict[str, Any], key: str) -> float | None:
+    """``metrics["segm"]["AP"]`` for ``"segm.AP"``; None when missing, not a number, or NaN/inf."""
+    value: Any = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def primary_metric(params: PromoteParams, task: str | None) -> str:
+    return params.instance_metric if task == "instance" else params.semantic_metric
+
+
+def ranking_metric(params: PromoteParams, tasks: list[str | None]) -> str:
+    """The one metric a run ranks on: the shared task's primary metric, else ``semantic_metric``."""
+    distinct = set(tasks)
+    if len(distinct) == 1:
+        return primary_metric(params, distinct.pop())
+    return params.semantic_metric
+
+
+def _class_iou(metrics: dict[str, Any], name: str) -> tuple[bool, float]:
+    """(present, iou) of one class; iou is NaN when the class was absent from the split."""
+    per_class = metrics.get("per_class")
+    if not isinstance(per_class, dict) or not isinstance(per_class.get(name), dict):
+        return False, math.nan
+    iou = per_class[name].get("iou")
+    if iou is None:  # evaluate writes null for a class absent from the split
+        return True, math.nan
+    if isinstance(iou, bool) or not isinstance(iou, (int, float)):
+        return False, math.nan
+    return True, float(iou)
+
+
+def check_protected(
+    candidate: dict[str, Any], champion: dict[str, Any], classes: list[str], tolerance: float
+) -> list[str]:
+    """Reasons a candidate fails the protected-class gate; empty when it passes."""
+    failures = []
+    for name in classes:
+        has_c, c = _class_iou(candidate, name)
+        has_h, h = _class_iou(champion, name)
+        if not has_c:
+            failures.append(f"protected class {name!r} missing from the candidate's per_class")
+        elif not has_h:
+            failures.append(f"protected class {name!r} missing from the champion's per_class")
+        elif math.isnan(h) and math.isnan(c):
+            continue  # absent from the (shared) split for both
+        elif math.isnan(c):
+            failures.append(f"protected class {name!r}: IoU is NaN (champion {h:.4f})")
+        elif not math.isnan(h) and c < h - tolerance:
+            failures.append(f"protected class {name!r}: IoU {c:.4f} < champion {h:.4f} - tolerance {tolerance}")
+    return failures
+
+
+def judge(
+    candidate: Candidate, champion: dict[str, Any] | None, params: PromoteParams, metric: str
+) -> list[dict[str, Any]]:
+    """Every gate's outcome for one candidate: ``[{"gate", "passed", "detail"}]`` (stops at the first failure).
+
+    ``champion`` is the champion's registry entry (with its ``metrics``) or None.
+    """
+    gates: list[dict[str, Any]] = []
+
+    def gate(name: str, passed: bool, detail: str) -> bool:
+        gates.append({"gate": name, "passed": passed, "detail": detail})
+        return passed
+
+    if not gate("readable", candidate.error is None, candidate.error or f"checkpoint {candidate.checkpoint}"):
+        return gates
+    value = metric_value(candidate.metrics, metric)
+    if not gate("metric", value is not None, f"{metric} = {value}" if value is not None else f"{metric} is missing or NaN"):
+        return gates
+    if not gate("min_value", value >= params.min_value, f"{metric} {value:.4f} vs min_value {params.min_value}"):
+        return gates
+    if champion is None:
+        gate("same_data", True, "no champion yet")
+        gate("margin", True, "no champion yet")
+        gate("protected_classes", True, "no champion yet")
+        return gates
+    ours, theirs = candidate.metrics.get("shards_manifest_sha256"), champion.get("shards_manifest_sha256")
+    if not gate(
+        "same_data", ours == theirs,
+        "same shard manifest as the champion" if ours == theirs
+        else f"evaluated on shard manifest {ours}, champion {champion['version']} on {theirs}: not comparable",
+    ):
+        return gates
+    if candidate.sha256 == champion["checkpoint_sha256"]:
+        gate("margin", False, f"this checkpoint is the champion ({champion['version']})")
+        return gates
+    best = metric_value(champion.get("metrics", {}), metric)
+    if best is None:
+        gate("margin", False, f"the champion {champion['version']} has no finite {metric} to compare with")
+        return gates
+    passed = value > best and value - best >= params.margin
+    if not gate("margin", passed, f"{metric} {value:.4f} vs champion {champion['version']} {best:.4f} + margin {params.margin}"):
+        return gates
+    failures = check_protected(candidate.metrics, champion.get("metrics", {}), params.protected_classes, params.protected_tolerance)
+    gate("protected_classes", not failures, "; ".join(failures) or f"{len(params.protected_classes)} protected class(es) held")
+    return gates
+
+
+def passed(gates: list[dict[str, Any]], names: tuple[str, ...]) -> bool:
+    outcome = {g["gate"]: g["passed"] for g in gates}
+    return all(outcome.get(n, False) for n in names)
+
+
+def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params: PromoteParams) -> dict[str, Any]:
+    """The decision for every candidate, pure: no file is read or written.
+
+    Returns ``{"metric", "champion": index|None, "challenger": index|None, "candidates": [...]}``
+    where each candidate row has its gates, value and a one-line ``decision``.
+    """
+    tasks = [c.task for c in candidates if c.error is None]
+    if champion is not None:
+        tasks.append(champion.get("task"))
+    metric = ranking_metric(params, tasks)
+    rows = []
+    for c in candidates:
+        gates = judge(c, champion, params, metric)
+        rows.append({
+            "eval_dir": str(c.eval_dir),
+            "arch": c.arch,
+            "task": c.task,
+            "checkpoint": str(c.checkpoint) if c.checkpoint else None,
+            "sha256": c.sha256,
+            "value": metric_value(c.metrics, metric) if c.error is None else None,
+            "gates": gates,
+        })
+
+    reigning = champion["checkpoint_sha256"] if champion else None
+
+    def best(names: tuple[str, ...], exclude: int | None) -> int | None:
+        ok = [
+            i for i, r in enumerate(rows)
+            if passed(r["gates"], names) and i != exclude and r["sha256"] != reigning
+        ]
+        # Highest value wins; ties go to the candidate listed first.
+        return max(ok, key=lambda i: (rows[i]["value"], -i)) if ok else None
+
+    winner = best(GATES, None)
+    runner_up = best(CHALLENGER_GATES, winner)
+    if runner_up is not None and winner is not None and rows[runner_up]["sha256"] == rows[winner]["sha256"]:
+        runner_up = None
+    for i, r in enumerate(rows):
+        failed = next((g for g in r["gates"] if not g["passed"]), None)
+        if i == winner:
+            r["decision"] = "promoted to champion"
+        elif failed is not None:
+            r["decision"] = f"rejected at {failed['gate']}: {failed['detail']}"
+        else:
+            r["decision"] = f"passed every gate, but {rows[winner]['eval_dir']} ranks higher on {metric}"
+        if i == runner_up:
+            r["decision"] += "; made challenger"
+    return {"metric": metric, "champion": winner, "challenger": runner_up, "candidates": rows}
+
+
+# --------------------------------------------------------------------------------------
+# I/O
+# --------------------------------------------------------------------------------------
+
+
+def read_candidate(eval_dir: Path | str) -> Candidate:
+    """Read ``EVAL_DIR/metrics.json`` and check the checkpoint it names; problems land in ``error``."""
+    eval_dir = Path(eval_dir)
+    c = Candidate(eval_dir)
+    path = eval_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        c.error = f"{path}: not found (is {eval_dir} an output of segpipe evaluate?)"
+        return c
+    except json.JSONDecodeError as e:
+        c.error = f"{path}: not valid JSON: {e}"
+        return c
+    if not isinstance(metrics, dict):
+        c.error = f"{path}: expected a JSON object"
+        return c
+    c.metrics = metrics
+    missing = [k for k in REQUIRED_KEYS if k not in metrics]
+    if missing:
+        c.error = f"{path}: missing key(s) {', '.join(map(repr, missing))}"
+        return c
+    ck = metrics["checkpoint"]
+    if not isinstance(ck, dict) or not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
+        c.error = f"{path}: key 'checkpoint' must be {{\"path\": str, \"sha256\": str}}"
+        return c
+    checkpoint = Path(ck["path"])
+    if not is_checkpoint(checkpoint) and not checkpoint.is_absolute() and is_checkpoint(eval_dir / checkpoint):
+        checkpoint = eval_dir / checkpoint
+    if not is_checkpoint(checkpoint):
+        c.error = f"{path}: checkpoint {ck['path']!r} is not a checkpoint directory (needs {WEIGHTS} and meta.json)"
+        return c
+    c.checkpoint = checkpoint
+    c.sha256 = sha256_file(checkpoint / WEIGHTS)
+    if c.sha256 != ck["sha256"]:
+        c.error = f"{checkpoint / WEIGHTS}: sha256 {c.sha256} differs from the evaluated {ck['sha256']} (changed since evaluation)"
+    return c
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The human-readable promotion report."""
+    before, after = report["champion_before"], report["champion_after"]
+    lines = [
+        f"# Promotion report: {report['name']}",
+        "",
+        f"- Time: {report['time']}",
+        f"- Registry: `{report['registry']}`",
+        f"- Ranking metric: `{report['metric']}`",
+        f"- Champion before: {before['version'] + ' (' + before['arch'] + ', ' + _fmt(before['value']) + ')' if before else 'none'}",
+        f"- Champion after: {after['version'] + ' (' + after['arch'] + ', ' + _fmt(after['value']) + ')' if after else 'none'}",
+        f"- Challenger: {report['challenger'] or 'none'}",
+        f"- New versions: {', '.join(report['created']) or 'none'}",
+        "",
+        "| candidate | arch | task | " + report["metric"] + " | decision |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["candidates"]:
+        decision = r["decision"].replace("|", "\\|")
+        lines.append(f"| `{r['eval_dir']}` | {r['arch']} | {r['task']} | {_fmt(r['value'])} | {decision} |")
+    lines += ["", "## Gates", ""]
+    for r in report["candidates"]:
+        lines.append(f"### `{r['eval_dir']}`")
+        lines.append("")
+        for g in r["gates"]:
+            lines.append(f"- {'PASS' if g['passed'] else 'FAIL'} {g['gate']}: {g['detail']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _summary(entry: dict[str, Any] | None, metric: str) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    return {"version": entry["version"], "arch": entry["arch"], "value": metric_value(entry.get("metrics", {}), metric)}
+
+
+def run(
+    params: PromoteParams,
+    candidates: list[Path],
+    registry: Path = DEFAULT_REGISTRY,
+    report_dir: Path | None = Path("reports/promotion"),
+) -> dict[str, Any]:
+    """Judge ``candidates``, update the registry in one locked transaction, write the report.
+
+    Returns the report dict (also written as ``promotion.json`` and ``promotion.md``).
+    """
+    if not candidates:
+        raise ValueError("promote: no --candidates given")
+    registry = Path(registry)
+    read = [read_candidate(d) for d in candidates]
+    with transaction(registry, params.name) as index:
+        champion = alias_entry(index, "champion")
+        decision = decide(read, champion, params)
+        metric = decision["metric"]
+        created: list[str] = []
+        new_champion, challenger = champion, alias_entry(index, "challenger")
+        for alias in ("champion", "challenger"):
+            i = decision[alias]
+            if i is None:
+                continue
+            c = read[i]
+            source = {"eval_dir": str(c.eval_dir), "checkpoint": str(c.checkpoint), "sha256": c.sha256}
+            entry, was_new = add_version(registry, index, c.checkpoint, c.metrics, source, c.sha256)
+            if was_new:
+                created.append(entry["version"])
+            point_alias(index, alias, entry["version"], f"promote: {decision['candidates'][i]['decision']}")
+            decision["candidates"][i]["version"] = entry["version"]
+            if alias == "champion":
+                new_champion = entry
+            else:
+                challenger = entry
+        if new_champion is not None and index["aliases"].get("challenger") == new_champion["version"]:
+            point_alias(index, "challenger", None, "became the champion")
+            challenger = None
+    tags: list[str] = []
+    if params.gto_tags and decision["champion"] is not None:
+        tags = write_gto_tags(params.name, new_champion["version"], promoted=True)
+    report = {
+        "name": params.name,
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "registry": str(registry),
+        "params": as_dict(params),
+        "metric": metric,
+        "champion_before": _summary(champion, metric),
+        "champion_after": _summary(new_champion, metric),
+        "challenger": challenger["version"] if challenger else None,
+        "created": created,
+        "git_tags": tags,
+        "candidates": decision["candidates"],
+    }
+    if report_dir is not None:
+        atomic_write_json(Path(report_dir) / "promotion.json", report)
+        atomic_write_text(Path(report_dir) / "promotion.md", render_markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="segpipe promote", description=__doc__.split("\n")[0])
+    parser.add_argument("--candidates", nargs="+", type=Path, required=True, metavar="EVAL_DIR",
+                        help="output directories of segpipe evaluate")
+    parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="registry directory (default: %(default)s)")
+    parser.add_argument("--report", type=Path, default=Path("reports/promotion"), help="report directory (default: %(default)s)")
+    add_params_arguments(parser)
+    args = parser.parse_args(argv)
+    params = from_args(args, "promote")
+    report = run(params, args.candidates, args.registry, args.report)
+    for r in report["candidates"]:
+        print(f"{r['eval_dir']}: {r['decision']}")
+    after = report["champion_after"]
+    print(f"champion: {after['version'] + ' (' + after['arch'] + ')' if after else 'none'}; "
+          f"report: {args.report / 'promotion.md'}")
+
+
+if __name__ == "__main__":
+    main()

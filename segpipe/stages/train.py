@@ -1,0 +1,422 @@
+"""``segpipe train``: one architecture, Ray Train ``TorchTrainer`` fed by Ray Data.
+
+Layers: pure helpers (params per architecture, resource planning, the confusion-matrix
+validation score), the per-epoch verbs ``train_one_epoch`` / ``validate`` (plain PyTorch,
+shared with the benchmark's baseline loop), ``train_loop_per_worker`` (what runs inside each Ray
+worker), ``fit`` (the only function that touches ``TorchTrainer``), ``run`` and ``main``.
+
+Output directory ``OUT``::
+
+    OUT/checkpoint/      best checkpoint by validation score (segpipe.checkpoint layout)
+    OUT/history.tsv      per-epoch learning curves (DVC plots)
+    OUT/metrics.json     best score, epochs, throughput, start-up time (DVC metrics)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.files import atomic_dir, atomic_write_json, atomic_write_text, sha256_bytes
+from segpipe.params import ParamsError, TrainParams, add_params_arguments, as_dict, build, from_args
+
+# Keys of TrainParams that only make sense for the whole run, not per architecture.
+RUN_LEVEL_KEYS = ("architectures", "overrides", "model")
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def params_for(params: TrainParams, arch: str) -> TrainParams:
+    """Apply ``train.overrides.<arch>`` on top of the section, validated like the file."""
+    over = dict(params.overrides.get(arch) or {})
+    bad = [k for k in over if k in RUN_LEVEL_KEYS]
+    if bad:
+        raise ParamsError(f"train.overrides.{arch}: {bad} cannot be overridden per architecture")
+    merged = {**as_dict(params), **over}
+    return build(TrainParams, merged, f"train.overrides.{arch}")
+
+
+def model_kwargs_for(params: TrainParams, arch: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Explicit build kwargs: the builder's defaults, then ``train.model.<arch>``, then data facts."""
+    from segpipe.models import default_kwargs
+
+    defaults = default_kwargs(arch)
+    kwargs = {**defaults, **(params.model.get(arch) or {})}
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ParamsError(f"train.model.{arch}: unknown key(s) {unknown}; valid: {sorted(defaults)}")
+    if "ignore_index" in defaults:
+        kwargs["ignore_index"] = int(manifest.get("ignore_index", 255))
+    if "thing_ids" in defaults:
+        kwargs["thing_ids"] = [int(c["id"]) for c in manifest["classes"] if c.get("isthing")]
+    if "backbone_weights" in defaults and params.backbone_weights:
+        kwargs["backbone_weights"] = params.backbone_weights
+    return kwargs
+
+
+def num_classes_of(manifest: dict[str, Any]) -> int:
+    return max(int(c["id"]) for c in manifest["classes"]) + 1
+
+
+def plan_cpus_per_worker(total_cpus: float, workers: int, cpus_per_worker: float, reserve: float = 0.5) -> float:
+    """CPUs per training worker that leave ``reserve`` CPUs to Ray Data's read and map tasks.
+
+    On 2 cores, 2 workers at 1 CPU each starve Ray Data and the job waits forever; this shrinks
+    the request to fractional CPUs instead. A request that already fits is returned unchanged.
+    """
+    if workers * cpus_per_worker + reserve <= total_cpus:
+        return cpus_per_worker
+    fitted = (total_cpus - reserve) / workers
+    if fitted < 0.1:
+        raise ValueError(f"{workers} training workers do not fit on {total_cpus} CPUs with {reserve} reserved for data")
+    return math.floor(fitted * 100) / 100
+
+
+def thing_iou_confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int, thing_ids: list[int], ignore: int) -> np.ndarray:
+    """(K+1) x (K+1) confusion for instance models, whose maps cover things only.
+
+    Stuff ground truth and unpredicted pixels both map to the extra "nothing" class K.
+    """
+    k = num_classes
+    is_thing = np.zeros(max(k, 256), dtype=bool)
+    is_thing[thing_ids] = True
+    g = gt.astype(np.int64)
+    valid = g != ignore
+    g = np.where(is_thing[np.clip(g, 0, 255)], g, k)
+    p = np.where(pred == ignore, k, pred.astype(np.int64))
+    return np.bincount((g[valid] * (k + 1) + p[valid]).ravel(), minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+
+
+def miou_of(conf: np.ndarray, classes: list[int] | None = None) -> float:
+    """Mean IoU over ``classes`` (default all) present in ground truth or prediction."""
+    tp = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - tp
+    idx = np.arange(len(conf)) if classes is None else np.asarray(classes)
+    present = union[idx] > 0
+    return float((tp[idx][present] / union[idx][present]).mean()) if present.any() else float("nan")
+
+
+def render_instances(dets: dict[str, Any], shape: tuple[int, int], ignore: int, score_threshold: float = 0.5) -> np.ndarray:
+    """Paint detections (highest score last, so on top) into a label map; unpainted = ignore."""
+    out = np.full(shape, ignore, dtype=np.int64)
+    scores = dets["scores"].detach().cpu().numpy()
+    order = np.argsort(scores, kind="stable")
+    masks = dets["masks"].detach().cpu().numpy()
+    labels = dets["labels"].detach().cpu().numpy()
+    for i in order:
+        if scores[i] >= score_threshold:
+            out[masks[i, 0] >= 0.5] = labels[i]
+    return out
+
+
+# ----------------------------------------------------------------------------- epoch verbs
+
+
+def train_one_epoch(model: Any, batches: Any, optimizer: Any, scaler: Any, device: Any, amp: bool) -> dict[str, float]:
+    """One pass over ``batches`` (prepared batches, see segpipe.data); returns mean loss and counts."""
+    import torch
+
+    from segpipe.data import collate_targets
+
+    model.train()
+    total, n_img, n_steps = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        images, targets = collate_targets(batch, device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            losses = model(images, targets)
+            loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} ({ {k: float(v) for k, v in losses.items()} })")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss.detach())
+        n_img += images.shape[0]
+        n_steps += 1
+    dt = time.perf_counter() - t0
+    return {"train_loss": total / max(n_steps, 1), "images": n_img, "seconds": dt}
+
+
+def validate(model: Any, batches: Any, task: str, num_classes: int, thing_ids: list[int], ignore: int, device: Any) -> np.ndarray:
+    """Confusion matrix over the validation batches (summable across workers)."""
+    import torch
+
+    from segpipe.data import collate_targets
+
+    model.eval()
+    k = num_classes if task == "semantic" else num_classes + 1
+    conf = np.zeros((k, k), dtype=np.int64)
+    with torch.no_grad():
+        for batch in batches:
+            images, targets = collate_targets(batch, device)
+            out = model(images)
+            for b, t in enumerate(targets):
+                gt = t["semantic"].cpu().numpy()
+                if task == "semantic":
+                    pred = out[b].argmax(0).cpu().numpy()
+                    valid = gt != ignore
+                    conf += np.bincount(gt[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
+                else:
+                    pred = render_instances(out[b], gt.shape, ignore)
+                    conf += thing_iou_confusion(gt, pred, num_classes, thing_ids, ignore)
+    return conf
+
+
+def val_score(conf: np.ndarray, task: str, num_classes: int, thing_ids: list[int]) -> float:
+    return miou_of(conf) if task == "semantic" else miou_of(conf, thing_ids)
+
+
+# ----------------------------------------------------------------------------- Ray worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: build, maybe resume, train, validate, report, checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from segpipe.checkpoint import load_train_state, save_checkpoint
+    from segpipe.models import build_model
+
+    p = build(TrainParams, config["params"], "train (worker)")
+    arch, task, meta_base = config["arch"], config["task"], config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = p.threads or max(1, int(round(config["cpus_per_worker"])))
+    torch.set_num_threads(threads)
+    torch.manual_seed(p.seed + rank)
+
+    device = ray.train.torch.get_device()
+    amp = p.use_gpu and p.mixed_precision and device.type == "cuda"
+    model = build_model(arch, meta_base["num_classes"], **meta_base["model_kwargs"])
+    optimizer = make_optimizer(model, p)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(p))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    start_epoch, history = 1, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(_load_weights(Path(d)))
+            last = load_train_state(Path(d), optimizer, scheduler, scaler)
+            history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
+        start_epoch = last + 1
+        if rank == 0:
+            print(f"[{arch}] resumed from the checkpoint of epoch {last}; continuing at epoch {start_epoch}", flush=True)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": task == "instance"})
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    iter_kw = {"batch_size": None, "device": device, "pin_memory": device.type == "cuda"}
+    thing_ids = meta_base.get("thing_ids", [])
+    for epoch in range(start_epoch, p.epochs + 1):
+        if epoch == p.fail_at_epoch and rank == 0:
+            marker = Path(config["fail_marker"])
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"injected failure at epoch {epoch}\n")
+                raise RuntimeError(f"[{arch}] injected failure at epoch {epoch} (train.fail_at_epoch)")
+        stats = train_one_epoch(model, train_shard.iter_torch_batches(**iter_kw), optimizer, scaler, device, amp)
+        scheduler.step()
+        score, conf = float("nan"), None
+        if val_shard is not None:
+            conf = validate(model, val_shard.iter_torch_batches(**iter_kw), task, meta_base["num_classes"], thing_ids,
+                            meta_base["ignore_index"], device)
+            if world > 1:
+                t = torch.as_tensor(conf, device=device)
+                torch.distributed.all_reduce(t)
+                conf = t.cpu().numpy()
+            score = val_score(conf, task, meta_base["num_classes"], thing_ids)
+        loss = stats["train_loss"]
+        if world > 1:
+            t = torch.tensor([loss, stats["images"], stats["seconds"]], device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            loss, n_img, secs = t[0].item() / world, t[1].item(), t[2].item() / world
+        else:
+            n_img, secs = stats["images"], stats["seconds"]
+        row = {"epoch": epoch, "train_loss": round(loss, 6), "val_score": None if math.isnan(score) else round(score, 6),
+               "images_per_s": round(n_img / max(secs, 1e-9), 3), "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        metrics = {**row, "val_score": score if not math.isnan(score) else -loss}
+        if rank == 0:
+            print(f"[{arch}] epoch {epoch}/{p.epochs} loss {loss:.4f} val_{'miou' if task == 'semantic' else 'thing_miou'} "
+                  f"{score:.4f} ({row['images_per_s']:.1f} img/s, {secs:.1f} s)", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                d = Path(tmp) / "ckpt"
+                meta = {**meta_base, "epoch": epoch, "metrics": row, "history": history}
+                save_checkpoint(d, model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+        else:
+            ray.train.report(metrics)
+
+
+def _load_weights(directory: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def make_optimizer(model: Any, p: TrainParams) -> Any:
+    import torch
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    if p.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=p.lr, momentum=0.9, weight_decay=p.weight_decay)
+    raise ParamsError(f"train.optimizer: {p.optimizer!r} is not one of 'adamw', 'sgd'")
+
+
+def lr_schedule(p: TrainParams) -> Any:
+    """Linear warm-up, then cosine decay to 5% over the epochs (stepped once per epoch)."""
+
+    def f(epoch: int) -> float:
+        if epoch < p.warmup_epochs:
+            return (epoch + 1) / (p.warmup_epochs + 1)
+        span = max(1, p.epochs - p.warmup_epochs)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - p.warmup_epochs) / span)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- the Ray edge
+
+
+def connect_ray(address: str | None) -> bool:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray; True when started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "warning"}
+    if address:
+        ray.init(address=address, **quiet)
+        return False
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    return True
+
+
+def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: dict[str, Any],
+        cpus_per_worker: float) -> Any:
+    """Build the Ray Data datasets and run ``TorchTrainer``; returns the Ray ``Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from segpipe.data import AugmentConfig, build_datasets
+
+    cfg = AugmentConfig(size=p.image_size, scale_range=p.scale_range, hflip=p.hflip, photometric=p.photometric,
+                        ignore_index=meta["ignore_index"])
+    datasets = build_datasets(shards, cfg, p.batch_size)
+    config = {"params": as_dict(p), "arch": arch, "task": meta["task"], "meta": meta, "has_val": "val" in datasets,
+              "cpus_per_worker": cpus_per_worker, "fail_marker": str(Path(storage) / name / "failed-once")
+              if "://" not in storage else os.path.join(tempfile.gettempdir(), f"segpipe-{name}-failed-once")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.workers, use_gpu=p.use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=p.num_to_keep, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    return trainer.fit()
+
+
+def run(params: TrainParams, arch: str, shards: Path, out: Path, ray_address: str | None = None) -> dict[str, Any]:
+    """Train ``arch`` on ``shards``; write ``out/checkpoint``, ``out/history.tsv``, ``out/metrics.json``."""
+    import ray
+
+    from segpipe.models import MODELS, task_of
+    from segpipe.shards import manifest_hash, read_manifest
+
+    if arch not in MODELS:
+        raise ParamsError(f"--arch {arch!r}: unknown architecture; valid: {', '.join(MODELS)}")
+    p = params_for(params, arch)
+    shards, out = Path(shards), Path(out)
+    manifest = read_manifest(shards)
+    kwargs = model_kwargs_for(p, arch, manifest)
+    thing_ids = [int(c["id"]) for c in manifest["classes"] if c.get("isthing")]
+    meta = {
+        "arch": arch, "task": task_of(arch), "model_kwargs": kwargs, "num_classes": num_classes_of(manifest),
+        "classes": manifest["classes"], "thing_ids": thing_ids, "ignore_index": int(manifest.get("ignore_index", 255)),
+        "image_size": p.image_size, "params": as_dict(p), "shards_manifest_sha256": manifest_hash(shards),
+    }
+    run_name = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    storage = p.storage_path or str(out.resolve().parent / ".ray_results")
+    t0 = time.perf_counter()
+    started = connect_ray(ray_address)
+    try:
+        total = float(ray.cluster_resources().get("CPU", 1))
+        cpw = plan_cpus_per_worker(total, p.workers, p.cpus_per_worker) if started else p.cpus_per_worker
+        if cpw != p.cpus_per_worker:
+            print(f"[{arch}] {p.workers} worker(s) x {p.cpus_per_worker} CPU would starve Ray Data on {total:g} CPUs; "
+                  f"using {cpw} CPU per worker", file=sys.stderr)
+        result = fit(p, arch, shards, storage, run_name, meta, cpw)
+    finally:
+        if started:
+            ray.shutdown()
+    wall = time.perf_counter() - t0
+    if getattr(result, "error", None):
+        raise RuntimeError(f"[{arch}] training failed: {result.error}")
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_score", -math.inf))[0]
+    with best.as_directory() as d:
+        best_meta = json.loads((Path(d) / "meta.json").read_text())
+        with result.checkpoint.as_directory() as last_dir:
+            history = json.loads((Path(last_dir) / "meta.json").read_text())["history"]
+        with atomic_dir(out) as tmp:
+            shutil.copytree(d, tmp / "checkpoint")
+            atomic_write_text(tmp / "history.tsv", history_tsv(history))
+            summary = {
+                "arch": arch, "best_epoch": best_meta["epoch"], "best_val_score": best_meta["metrics"]["val_score"],
+                "final_train_loss": history[-1]["train_loss"], "epochs": len(history),
+                "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 3),
+                "wall_s": round(wall, 1),
+            }
+            atomic_write_json(tmp / "metrics.json", summary)
+    print(f"[{arch}] best epoch {summary['best_epoch']} val score {summary['best_val_score']}; wrote {out}")
+    return summary
+
+
+def history_tsv(history: list[dict[str, Any]]) -> str:
+    cols = ["epoch", "train_loss", "val_score", "images_per_s", "lr"]
+    lines = ["\t".join(cols)]
+    for h in history:
+        lines.append("\t".join("" if h.get(c) is None else str(h[c]) for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+def params_hash(p: TrainParams) -> str:
+    return sha256_bytes(json.dumps(as_dict(p), sort_keys=True).encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="segpipe train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", required=True, help="architecture name (see segpipe.models.MODELS)")
+    ap.add_argument("--shards", required=True, type=Path, help="shard directory (segpipe convert --out)")
+    ap.add_argument("--out", required=True, type=Path, help="output directory")
+    ap.add_argument("--ray-address", default=None, help="existing Ray cluster (default: $RAY_ADDRESS, else local)")
+    add_params_arguments(ap)
+    args = ap.parse_args(argv)
+    params = from_args(args, "train")
+    run(params, args.arch, args.shards, args.out, args.ray_address)
+

@@ -1,0 +1,78 @@
+"""``segpipe validate``: the converter's checks on a dataset, writing a report instead of shards."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from segpipe.files import atomic_write_json
+from segpipe.formats.base import Source
+from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
+from segpipe.stages.convert import (
+    add_source_arguments,
+    check_params,
+    dataset_entries,
+    make_context,
+    process_source,
+    read_source,
+)
+
+
+def summarize(source_name: str, images: int, quarantine: list[dict[str, str]], images_quarantined: int) -> dict[str, Any]:
+    """The report dict: counts plus every quarantine entry (pure)."""
+    annotations = sum(1 for e in quarantine if " annotation " in e["item"])
+    return {
+        "format": source_name,
+        "images": images,
+        "images_ok": images - images_quarantined,
+        "images_quarantined": images_quarantined,
+        "annotations_quarantined": annotations,
+        "dataset_problems": sum(1 for e in quarantine if e["item"] == "dataset"),
+        "ok": not quarantine,
+        "quarantine": quarantine,
+    }
+
+
+def run(params: ConvertParams, source: Source, progress: bool = True) -> dict[str, Any]:
+    """Run every check of ``segpipe convert`` on ``source`` and return the report."""
+    check_params(params)
+    ctx = make_context(source, params, encode=False)
+    quarantine = dataset_entries(source)
+    images = bad = 0
+    for outcome in process_source(source, ctx, params.workers, progress):
+        images += 1
+        bad += outcome.image_quarantined
+        quarantine.extend(outcome.quarantine)
+    return summarize(source.name, images, quarantine, bad)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="segpipe validate", description=__doc__)
+    add_source_arguments(parser)
+    parser.add_argument("--report", help="write the JSON report here")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any item is bad")
+    add_params_arguments(parser)
+    args = parser.parse_args(argv)
+    params = from_args(args, "convert")
+    try:
+        report = run(params, read_source(args), progress=not args.no_progress)
+    except ParamsError:
+        raise
+    except ValueError as e:
+        print(f"segpipe validate: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    report["params"] = as_dict(dataclasses.replace(params, strict=params.strict or args.strict))
+    if args.report:
+        atomic_write_json(Path(args.report), report)
+    print(f"{report['images']} image(s): {report['images_ok']} ok, {report['images_quarantined']} quarantined; "
+          f"{report['annotations_quarantined']} annotation(s) and {report['dataset_problems']} dataset problem(s) "
+          "quarantined")
+    for e in report["quarantine"][:20]:
+        print(f"  {e['file']}: {e['item']}: {e['reason']}")
+    if len(report["quarantine"]) > 20:
+        print(f"  ... {len(report['quarantine']) - 20} more (see the report)")
+    if (args.strict or params.strict) and not report["ok"]:
+        raise SystemExit(1)

@@ -1,0 +1,118 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe.formats import FORMATS, get_reader
+from segpipe.formats.coco import CocoError, load_label_png, read, split_folder, split_from_name
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "formats" / "coco_dataset" / "coco_instances"
+
+
+def test_split_from_file_name():
+    assert split_from_name("instances_train.json") == "train"
+    assert split_from_name("instances_val2017.json") == "val"
+    assert split_from_name("instances_test-dev2017.json") == "test"
+    assert split_from_name("instances.json") is None
+    assert split_from_name("instances_trainval.json") is None
+    assert split_from_name("instances_minival2014.json") is None
+    assert split_folder("instances_train2017.json") == "train2017"
+
+
+def test_registry_lists_every_format_and_rejects_unknown():
+    assert set(FORMATS) == {"coco", "coco-panoptic", "coco-stuff", "mask-dir", "voc", "cityscapes", "ade20k"}
+    with pytest.raises(ValueError, match="unknown format 'yolo'; valid: coco, coco-panoptic"):
+        get_reader("yolo")
+
+
+def write(root: Path, data: dict, classes=None) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    f = root / "annotations" / "instances.json"
+    f.write_text(json.dumps(data))
+    if classes is not None:
+        (root / "classes.json").write_text(json.dumps(classes))
+    return f
+
+
+BASE = {"images": [{"id": 7, "file_name": "x.jpg", "height": 4, "width": 5}],
+        "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "segmentation": [[0, 0, 2, 0, 2, 2]]}],
+        "categories": [{"id": 3, "name": "crane"}]}
+
+
+def test_class_table_from_classes_json_includes_stuff(tmp_path):
+    f = write(tmp_path, BASE, [{"id": 0, "name": "sky", "isthing": False, "color": [0, 0, 200]},
+                               {"id": 3, "name": "crane", "isthing": True, "color": [200, 0, 0]}])
+    src = read([f], tmp_path / "images")
+    assert [(c.id, c.name, c.isthing, c.color) for c in src.classes] == [
+        (0, "sky", False, (0, 0, 200)), (3, "crane", True, (200, 0, 0))]
+    assert src.ignore_index == 255 and src.count == 1
+    rec = next(src.records())
+    assert rec.image_id == "7" and rec.split is None and (rec.height, rec.width) == (4, 5)
+    assert rec.instances == [{"id": 1, "category_id": 3, "iscrowd": 0, "segmentation": [[0, 0, 2, 0, 2, 2]]}]
+    assert tmp_path / "classes.json" in src.files
+
+
+def test_class_table_from_categories_with_isthing(tmp_path):
+    data = {**BASE, "categories": [{"id": 3, "name": "crane", "isthing": 1}, {"id": 9, "name": "road", "isthing": 0}]}
+    src = read([write(tmp_path, data)], tmp_path / "images")
+    assert [(c.id, c.isthing) for c in src.classes] == [(3, True), (9, False)]
+
+
+def test_classes_json_missing_a_category_is_an_error(tmp_path):
+    f = write(tmp_path, BASE, [{"id": 0, "name": "sky", "isthing": False, "color": [0, 0, 0]}])
+    with pytest.raises(CocoError, match=r"classes.json: category id\(s\) \[3\]"):
+        read([f], tmp_path / "images")
+
+
+def test_large_class_ids_move_the_ignore_index(tmp_path):
+    data = {**BASE, "categories": [{"id": 3, "name": "crane"}, {"id": 255, "name": "other"}]}
+    assert read([write(tmp_path, data)], tmp_path / "images").ignore_index == 65535
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(CocoError, match="bad.json: not valid JSON"):
+        read([bad], tmp_path / "images")
+    bad.write_text(json.dumps({"images": {}, "categories": []}))
+    with pytest.raises(CocoError, match="key 'images' must be a list"):
+        read([bad], tmp_path / "images")
+    with pytest.raises(CocoError, match="annotation file not found"):
+        read([tmp_path / "nope.json"], tmp_path / "images")
+    with pytest.raises(CocoError, match="image folder not found"):
+        read([bad], tmp_path / "no-images")
+
+
+def test_conflicting_category_names_across_files(tmp_path):
+    a = write(tmp_path, BASE)
+    b = tmp_path / "annotations" / "instances_val.json"
+    b.write_text(json.dumps({**BASE, "categories": [{"id": 3, "name": "excavator"}]}))
+    with pytest.raises(CocoError, match="category 3 is 'excavator'"):
+        read([a, b], tmp_path / "images")
+
+
+def test_label_png_modes(tmp_path):
+    pal = Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(load_label_png(tmp_path / "p.png"), [[0, 1], [2, 3]])  # indices, not colours
+    Image.fromarray(np.array([[0, 300]], np.uint16)).save(tmp_path / "w.png")
+    assert load_label_png(tmp_path / "w.png").tolist() == [[0, 300]]
+    with pytest.raises(FileNotFoundError, match="label map file missing"):
+        load_label_png(tmp_path / "none.png")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/formats (sample data) not present")
+def test_shared_sample_records():
+    src = read([SHARED / "annotations" / "instances_train.json", SHARED / "annotations" / "instances_val.json"],
+               SHARED / "images")
+    recs = list(src.records())
+    assert [(r.image_id, r.split, r.image_path.relative_to(SHARED).as_posix()) for r in recs] == [
+        ("5", "train", "images/train/a.jpg"), ("40", "val", "images/val/b.jpg")]
+    assert [c.name for c in src.classes] == ["a", "b", "c"]
+    assert [i["id"] for i in recs[1].instances] == [1, 2] and recs[1].instances[1]["iscrowd"] == 1
+    assert src.problems == [] and len(src.files) == 4

@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe.formats import coco
+from segpipe.params import ConvertParams
+from segpipe.stages.validate import main, run
+
+
+def dataset(root, bad_polygon=True):
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, anns = [], []
+    for i in range(3):
+        Image.fromarray(np.full((8, 10, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "height": 8, "width": 10})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "segmentation": [[0, 0, 5, 0, 5, 5]]})
+    if bad_polygon:
+        anns[1]["segmentation"] = [[0, 0, 5, 5]]
+    (root / "images" / "2.png").write_bytes(b"")
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "pipe"}]}
+    (root / "annotations" / "instances.json").write_text(json.dumps(data))
+    return root / "annotations" / "instances.json"
+
+
+def test_report_lists_every_problem_and_writes_nothing_else(tmp_path):
+    f = dataset(tmp_path / "raw")
+    report = run(ConvertParams(workers=1), coco.read([f], tmp_path / "raw" / "images"), progress=False)
+    assert (report["images"], report["images_ok"], report["images_quarantined"]) == (3, 2, 1)
+    assert report["annotations_quarantined"] == 1 and report["ok"] is False
+    assert [(q["item"], q["reason"][:20]) for q in report["quarantine"]] == [
+        ("image 1 annotation 1", "polygon 0 has 4 numb"), ("image 2", "image file is empty ")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_cli_writes_report_and_strict_fails(tmp_path, capsys):
+    f = dataset(tmp_path / "raw")
+    argv = ["--format", "coco", "--annotations", str(f), "--images", str(tmp_path / "raw" / "images"),
+            "--report", str(tmp_path / "report.json"), "--no-progress", "--set", "convert.workers=1"]
+    main(argv)
+    out = capsys.readouterr().out
+    assert "3 image(s): 2 ok, 1 quarantined" in out and "image 2: image file is empty" in out
+    assert json.loads((tmp_path / "report.json").read_text())["images_quarantined"] == 1
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--strict"])
+    assert e.value.code == 1

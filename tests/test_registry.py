@@ -1,0 +1,178 @@
+"""The registry: versions, aliases, verified loading, GTO tags, concurrent updates."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from segpipe.checkpoint import META, WEIGHTS, save_checkpoint
+from segpipe.registry import (
+    INDEX,
+    RegistryError,
+    load,
+    read_index,
+    register,
+    resolve,
+    set_alias,
+    verify,
+    write_gto_tags,
+)
+
+CLASSES = [
+    {"id": 0, "name": "background", "isthing": False, "color": [0, 0, 0]},
+    {"id": 1, "name": "worker", "isthing": True, "color": [255, 0, 0]},
+    {"id": 2, "name": "excavator", "isthing": True, "color": [0, 255, 0]},
+]
+
+
+def make_checkpoint(directory: Path, seed: int = 0, arch: str = "unet", manifest: str = "m" * 64) -> Path:
+    """A real checkpoint of a small registered architecture, with distinct weights per seed."""
+    from segpipe.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(arch, len(CLASSES), **MODEL_KWARGS.get(arch, {}))
+    meta = {
+        "arch": arch,
+        "task": "instance" if arch == "mask_rcnn" else "semantic",
+        "num_classes": len(CLASSES),
+        "model_kwargs": MODEL_KWARGS.get(arch, {}),
+        "classes": CLASSES,
+        "ignore_index": 255,
+        "params": {"epochs": 1, "seed": seed},
+        "shards_manifest_sha256": manifest,
+        "epoch": 1,
+        "metrics": {},
+        "image_size": 64,
+    }
+    return save_checkpoint(directory, model, meta)
+
+
+MODEL_KWARGS: dict[str, dict] = {"unet": {"base_channels": 4, "depth": 2}}
+
+
+def fake_metrics(checkpoint: Path, miou: float = 0.5, manifest: str = "m" * 64) -> dict:
+    from segpipe.files import sha256_file
+
+    return {
+        "arch": "unet", "task": "semantic",
+        "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint / WEIGHTS)},
+        "shards_manifest_sha256": manifest, "split": "val", "miou": miou, "per_class": {},
+    }
+
+
+def test_register_copies_verifies_and_is_idempotent(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    reg = tmp_path / "registry"
+    entry, created = register(reg, ck, fake_metrics(ck))
+    assert created and entry["version"] == "v1"
+    assert (reg / "v1" / WEIGHTS).read_bytes() == (ck / WEIGHTS).read_bytes()
+    assert entry["files"][META] and entry["params_sha256"] and entry["shards_manifest_sha256"] == "m" * 64
+    again, created = register(reg, ck, fake_metrics(ck))
+    assert not created and again["version"] == "v1"
+    entry2, created = register(reg, make_checkpoint(tmp_path / "ck2", seed=1), {})
+    assert created and entry2["version"] == "v2"
+    assert [v["version"] for v in read_index(reg)["versions"]] == ["v1", "v2"]
+
+
+def test_register_refuses_checkpoint_changed_since_evaluation(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    with pytest.raises(RegistryError, match="differs from the evaluated"):
+        register(tmp_path / "registry", ck, {}, expected_sha256="0" * 64)
+
+
+def test_load_by_alias_version_and_directory(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    reg = tmp_path / "registry"
+    register(reg, ck, {})
+    set_alias(reg, "champion", "v1", "test")
+    model, meta = load("champion", registry=reg)
+    assert meta["arch"] == "unet" and not model.training
+    ref = dict(model.state_dict())
+    for other in (load("v1", registry=reg)[0], load(ck)[0]):
+        for k, v in other.state_dict().items():
+            assert torch.equal(v, ref[k])
+    with pytest.raises(RegistryError, match="unknown version 'v7'"):
+        load("v7", registry=reg)
+    with pytest.raises(RegistryError, match="no 'challenger' yet"):
+        load("challenger", registry=reg)
+    with pytest.raises(RegistryError, match="neither an alias"):
+        resolve(tmp_path / "nowhere", reg)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, META])
+def test_tampered_checkpoint_is_refused_naming_the_file(tmp_path, name):
+    ck = make_checkpoint(tmp_path / "ck")
+    reg = tmp_path / "registry"
+    register(reg, ck, {})
+    set_alias(reg, "champion", "v1", "test")
+    target = reg / "v1" / name
+    data = bytearray(target.read_bytes())
+    data[-2] ^= 0x01  # one flipped bit in the payload
+    target.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match=f"v1/{name}: sha256 .* does not match"):
+        load("champion", registry=reg)
+
+
+def test_missing_registered_file_is_refused(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    reg = tmp_path / "registry"
+    register(reg, ck, {})
+    (reg / "v1" / WEIGHTS).unlink()
+    directory, expected = resolve("v1", reg)
+    with pytest.raises(RegistryError, match="registered file is missing"):
+        verify(directory, expected)
+
+
+def test_malformed_index_names_the_key(tmp_path):
+    reg = tmp_path / "registry"
+    reg.mkdir()
+    (reg / INDEX).write_text(json.dumps({"format": "segpipe-registry/1", "name": "x", "versions": [],
+                                         "aliases": {"champion": "v3"}, "history": []}))
+    with pytest.raises(RegistryError, match="alias 'champion' points to unknown version 'v3'"):
+        read_index(reg)
+    (reg / INDEX).write_text("{nope")
+    with pytest.raises(RegistryError, match="index.json: not valid JSON"):
+        read_index(reg)
+
+
+def test_alias_history_records_moves(tmp_path):
+    reg = tmp_path / "registry"
+    register(reg, make_checkpoint(tmp_path / "a"), {})
+    register(reg, make_checkpoint(tmp_path / "b", seed=1), {})
+    assert set_alias(reg, "champion", "v1", "first")
+    assert not set_alias(reg, "champion", "v1", "again")
+    assert set_alias(reg, "champion", "v2", "better")
+    history = read_index(reg)["history"]
+    assert [(h["from"], h["to"]) for h in history] == [(None, "v1"), ("v1", "v2")]
+    with pytest.raises(RegistryError, match="unknown alias 'prod'"):
+        set_alias(reg, "prod", "v1", "x")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_gto_tags_in_a_git_repo(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    assert write_gto_tags("segmenter", "v1", True, cwd=tmp_path) == []  # not a repo: nothing, no error
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    subprocess.run(["git", "config", "user.name", "t"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "config", "user.email", "t@t"], cwd=tmp_path, check=True)
+    assert write_gto_tags("segmenter", "v1", True, cwd=tmp_path) == ["segmenter@v1.0.0", "segmenter#prod#1"]
+    assert write_gto_tags("segmenter", "v2", True, cwd=tmp_path) == ["segmenter@v2.0.0", "segmenter#prod#2"]
+    assert write_gto_tags("segmenter", "v1", True, cwd=tmp_path) == ["segmenter#prod#3"]
+    assert git("cat-file", "-t", "segmenter#prod#1").strip() == "tag"  # annotated, as GTO requires
+
+
+def test_nan_metrics_are_stored_as_null(tmp_path):
+    # The index is strict JSON: an undefined metric (NaN) is stored as null, not as invalid JSON.
+    ck = make_checkpoint(tmp_path / "ck")
+    entry, _ = register(tmp_path / "registry", ck, {"miou": math.nan, "per_class": {"worker": {"iou": math.inf}}})
+    assert entry["metrics"] == {"miou": None, "per_class": {"worker": {"iou": None}}}
+    assert read_index(tmp_path / "registry")["versions"][0]["metrics"]["miou"] is None
