@@ -19,16 +19,22 @@ import numpy as np
 from segpipe.metrics.semantic import ConfusionMatrix
 
 
-def best_times(fns, repeats: int) -> list[float]:
-    """Best wall time of each function, runs interleaved so that load from other processes hits
-    both sides alike."""
-    best = [float("inf")] * len(fns)
+def interleaved_times(step_a, step_b, n: int, repeats: int) -> tuple[float, float]:
+    """Total seconds of ``step_a(i)`` and ``step_b(i)`` over images ``i < n``, alternating image by
+    image so that load from other processes hits both sides alike; the best of ``repeats``."""
+    best_a = best_b = float("inf")
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        ta = tb = 0.0
+        for i in range(n):
             t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            step_a(i)
+            t1 = time.perf_counter()
+            step_b(i)
+            t2 = time.perf_counter()
+            ta += t1 - t0
+            tb += t2 - t1
+        best_a, best_b = min(best_a, ta), min(best_b, tb)
+    return best_a, best_b
 
 
 def main() -> None:
@@ -52,23 +58,19 @@ def main() -> None:
         p = [conv(pred[i]) for i in range(n)] if name == "uint8" else [conv(pred[i]) for i in range(min(n, 16))]
         m = len(g)
 
-        def baseline(g=g, p=p, m=m, name=name):
-            out = np.zeros(256 * k, np.int64)
-            for i in range(n):
-                a, b = g[i % m], p[i % m]
-                a = a.astype(np.int64) if name == "uint8" else a
-                out[: 255 * k + k] += np.bincount((k * a + b).ravel(), minlength=256 * k)[: 256 * k]
-            return out
+        base = np.zeros(256 * k, np.int64)
+        cm = ConfusionMatrix(k, 255)
 
-        def ours(g=g, p=p, m=m):
-            cm = ConfusionMatrix(k, 255)
-            for i in range(n):
-                cm.update(g[i % m], p[i % m])
-            return cm.mat
+        def baseline_step(i, g=g, p=p, m=m, name=name, base=base):
+            a, b = g[i % m], p[i % m]
+            a = a.astype(np.int64) if name == "uint8" else a
+            base[:] += np.bincount((k * a + b).ravel(), minlength=256 * k)
 
-        base_ref = baseline().reshape(256, k)[:k, :k]
-        assert np.array_equal(ours(), base_ref), "confusion matrix differs from the bincount baseline"
-        tb, to = best_times([baseline, ours], args.repeats)
+        def ours_step(i, g=g, p=p, m=m, cm=cm):
+            cm.update(g[i % m], p[i % m])
+
+        tb, to = interleaved_times(baseline_step, ours_step, n, args.repeats)
+        assert np.array_equal(cm.mat, base.reshape(256, k)[:k, :k]), "confusion matrix differs from the baseline"
         ratios.append(to / tb)
         print(f"{name}: bincount baseline {mpix / tb:8.1f} Mpix/s   ConfusionMatrix.update {mpix / to:8.1f} Mpix/s"
               f"   time ratio {to / tb:.3f}")

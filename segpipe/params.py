@@ -118,10 +118,23 @@ class PredictParams:
 @dataclass(frozen=True)
 class RetrainParams:
     cron: str = "0 3 * * 1"
-    retries: int = 1
+    timezone: str = "UTC"  # IANA name the cron is read in
+    deployment: str = "segpipe-retrain"  # Prefect deployment name
+    retries: int = 1  # per stage task
     retry_delay_s: float = 10.0
-    timeout_s: float = 3600.0
+    timeout_s: float = 3600.0  # per attempt of a stage task
     stages: list[str] = field(default_factory=lambda: ["synth", "convert", "train", "evaluate"])
+    promote_stage: str = "promote"  # runs only when every stage above succeeded
+    report_stage: str = "evaluate"  # whose DVC metrics fill the artifact's table
+    metrics: list[str] = field(default_factory=lambda: ["miou", "mdice", "pixel_acc", "segm.AP"])
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    max_quarantined: int = 0  # a drop with more quarantined items than this is rejected
+    push: bool = True  # dvc push the new collection when a DVC remote is configured
+    remote: str = ""  # DVC remote to push to; "" = the default remote
+    timeout_s: float = 3600.0  # per dvc/git command
 
 
 SECTIONS: dict[str, type] = {
@@ -132,6 +145,7 @@ SECTIONS: dict[str, type] = {
     "promote": PromoteParams,
     "predict": PredictParams,
     "retrain": RetrainParams,
+    "ingest": IngestParams,
 }
 
 

@@ -28,10 +28,13 @@ from segpipe.files import atomic_path, sha256_file
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
-# Measured by benchmarks/convert.py (512 x 512 label maps): raw bytes in a zstd column decode
-# in ~0.6 ms and take ~3.4 kB, PNG decodes in ~1.5 ms and takes ~4.4 kB (and costs ~4.5 ms
-# to encode). So label maps are stored as raw little-endian C-order bytes.
-SEMANTIC_ENCODINGS = ("raw-uint8", "raw-uint16", "png")
+# Measured by benchmarks/convert.py (512 x 512 label maps, read back from Parquet): raw bytes
+# + zstd decode in ~0.4 ms and take ~3.3 kB, PNG decodes in ~1.0 ms and takes ~4.4 kB (and
+# costs ~4.5 ms to encode). So label maps are stored as raw little-endian C-order bytes,
+# zstd-compressed by the converter's workers (the Parquet column itself is uncompressed, so the
+# single writer process does no compression work).
+SEMANTIC_ENCODINGS = ("zstd-uint8", "zstd-uint16", "raw-uint8", "raw-uint16", "png")
+ZSTD = pa.Codec("zstd", compression_level=1)
 
 INSTANCE_TYPE = pa.struct(
     [
@@ -62,8 +65,8 @@ SCHEMA = pa.schema(
     ]
 )
 
-# Encoded JPEG/PNG bytes do not compress further: spend no CPU on them.
-COMPRESSION = {name: ("none" if name == "image" else "zstd") for name in SCHEMA.names}
+# Encoded images and zstd label maps do not compress further: spend no CPU on them.
+COMPRESSION = {name: ("none" if name in ("image", "semantic") else "zstd") for name in SCHEMA.names}
 
 
 class ShardError(ValueError):
@@ -85,16 +88,22 @@ def semantic_dtype(max_label: int) -> np.dtype:
 
 
 def encode_semantic(semantic: np.ndarray, dtype: np.dtype) -> tuple[bytes, str]:
-    """H x W label map -> (bytes, encoding name). Raw little-endian C-order bytes."""
+    """H x W label map -> (bytes, encoding name): zstd of the raw little-endian C-order bytes."""
     dtype = np.dtype(dtype)
     arr = np.ascontiguousarray(semantic, dtype=dtype.newbyteorder("<"))
-    return arr.tobytes(), f"raw-{dtype.name}"
+    return ZSTD.compress(arr.tobytes(), asbytes=True), f"zstd-{dtype.name}"
 
 
 def decode_semantic(data: bytes, height: int, width: int, encoding: str) -> np.ndarray:
-    """The inverse of :func:`encode_semantic`; also reads ``png`` label maps."""
-    if encoding in ("raw-uint8", "raw-uint16"):
-        dtype = np.dtype(encoding[4:]).newbyteorder("<")
+    """The inverse of :func:`encode_semantic`; also reads ``raw-*`` and ``png`` label maps."""
+    kind, _, dtype_name = encoding.partition("-")
+    if kind in ("zstd", "raw") and dtype_name in ("uint8", "uint16"):
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        if kind == "zstd":
+            try:
+                data = ZSTD.decompress(data, decompressed_size=height * width * dtype.itemsize, asbytes=True)
+            except (OSError, pa.ArrowException) as e:
+                raise ShardError(f"semantic map does not decompress as {height} x {width} {dtype_name}: {e}") from None
         arr = np.frombuffer(data, dtype=dtype)
         if arr.size != height * width:
             raise ShardError(f"semantic map has {arr.size} values, expected {height} x {width}")

@@ -91,14 +91,18 @@ def check_rle(seg: dict[str, Any], height: int, width: int) -> str | None:
             runs = rle_string_counts(counts)
         except ValueError as e:
             return f"compressed RLE is malformed: {e}"
-    elif isinstance(counts, Sequence) or isinstance(counts, np.ndarray):
-        runs = list(counts)
-        bad = next((v for v in runs if not _is_int(v) or v < 0), None)
-        if bad is not None:
+    elif isinstance(counts, (list, tuple, np.ndarray)):
+        try:
+            arr = np.asarray(counts)
+        except ValueError:
+            arr = np.asarray([], dtype=object)
+        if len(counts) and (arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.min() < 0):
+            bad = next((v for v in counts if not _is_int(v) or v < 0), counts)
             return f"uncompressed RLE counts must be non-negative integers, got {bad!r}"
+        runs = [int(v) for v in arr] if arr.size < 64 else arr.astype(np.int64)
     else:
         return f"RLE counts must be a string or a list of integers, got {type(counts).__name__}"
-    total = sum(runs)
+    total = int(sum(runs)) if isinstance(runs, list) else int(runs.sum())
     if total != height * width:
         return f"RLE counts sum to {total}, expected height x width = {height} x {width} = {height * width}"
     return None
@@ -109,24 +113,32 @@ def check_polygons(seg: Any, height: int, width: int) -> str | None:
 
     A 4-number "polygon" is rejected rather than read as a box (pycocotools would).
     """
-    if not isinstance(seg, Sequence) or isinstance(seg, (str, bytes)):
+    if not isinstance(seg, (list, tuple)):
         return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}"
     if len(seg) == 0:
         return "segmentation is empty (no polygon, no RLE: a box-only annotation has no mask)"
     for k, poly in enumerate(seg):
-        if not isinstance(poly, Sequence) or isinstance(poly, (str, bytes)):
+        if not isinstance(poly, (list, tuple, np.ndarray)):
             return f"polygon {k} is not a list of numbers"
         n = len(poly)
         if n < 6 or n % 2:
             return f"polygon {k} has {n} numbers; a polygon needs an even count of at least 6 (3 points)"
-        for v in poly:
-            if not _is_number(v) or not math.isfinite(v):
-                return f"polygon {k} has a non-finite or non-numeric coordinate {v!r}"
-        xs, ys = poly[0::2], poly[1::2]
-        if (min(xs) < -ABSURD_FACTOR * width or max(xs) > (1 + ABSURD_FACTOR) * width
-                or min(ys) < -ABSURD_FACTOR * height or max(ys) > (1 + ABSURD_FACTOR) * height):
-            return (f"polygon {k} has absurd coordinates (x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}) "
-                    f"for a {width} x {height} image")
+        # numpy infers a numeric dtype only when every element is a number (strings -> "U",
+        # None / nested lists -> object), so one conversion checks types for long polygons.
+        try:
+            arr = np.asarray(poly)
+        except ValueError:
+            return f"polygon {k} is not a flat list of numbers"
+        if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+            return f"polygon {k} has a non-numeric coordinate"
+        arr = arr.astype(np.float64, copy=False)
+        if not np.isfinite(arr).all():
+            return f"polygon {k} has a non-finite coordinate (NaN or infinity)"
+        xs, ys = arr[0::2], arr[1::2]
+        x0, x1, y0, y1 = float(xs.min()), float(xs.max()), float(ys.min()), float(ys.max())
+        if (x0 < -ABSURD_FACTOR * width or x1 > (1 + ABSURD_FACTOR) * width
+                or y0 < -ABSURD_FACTOR * height or y1 > (1 + ABSURD_FACTOR) * height):
+            return f"polygon {k} has absurd coordinates (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) for a {width} x {height} image"
     return None
 
 
@@ -199,13 +211,37 @@ def check_label_map(semantic: Any, height: int, width: int, class_ids: Collectio
         return f"label map is {semantic.shape[1]} x {semantic.shape[0]}, the image is {width} x {height}"
     if semantic.dtype.kind not in "ui":
         return f"label map has non-integer dtype {semantic.dtype}"
-    values = label_values(semantic)
     valid = set(class_ids) | {ignore_index}
+    if _all_in_ranges(semantic, _ranges(sorted(valid))):
+        return None
+    values = label_values(semantic)
     bad = [int(v) for v in values if int(v) not in valid]
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
         return f"label value(s) {shown} not in the class table (valid: {sorted(class_ids)}, ignore {ignore_index})"
     return None
+
+
+def _ranges(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted ints -> maximal runs [(lo, hi)] of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    return runs
+
+
+def _all_in_ranges(semantic: np.ndarray, ranges: list[tuple[int, int]]) -> bool:
+    # Class tables are nearly always "0..K plus the ignore index": a few vectorised compares
+    # over the map are several times faster than a bincount or a lookup table.
+    if len(ranges) > 4:
+        return bool(np.isin(semantic, [v for lo, hi in ranges for v in range(lo, hi + 1)]).all())
+    ok = np.zeros(semantic.shape, bool)
+    for lo, hi in ranges:
+        ok |= (semantic >= lo) & (semantic <= hi) if lo != hi else semantic == lo
+    return bool(ok.all())
 
 
 def label_values(semantic: np.ndarray) -> np.ndarray:

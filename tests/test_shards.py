@@ -46,10 +46,12 @@ def test_semantic_roundtrip_uint8_and_uint16():
     for dtype, top in ((np.uint8, 255), (np.uint16, 65535)):
         a = np.random.default_rng(0).integers(0, top + 1, (7, 9)).astype(dtype)
         data, enc = encode_semantic(a, semantic_dtype(top))
-        assert enc == f"raw-{np.dtype(dtype).name}"
+        assert enc == f"zstd-{np.dtype(dtype).name}"
         np.testing.assert_array_equal(decode_semantic(data, 7, 9, enc), a)
     with pytest.raises(ShardError, match="63 values, expected 7 x 10"):
         decode_semantic(bytes(63), 7, 10, "raw-uint8")
+    with pytest.raises(ShardError, match="does not decompress as 7 x 10 uint8"):
+        decode_semantic(bytes(63), 7, 10, "zstd-uint8")
     with pytest.raises(ShardError, match="unknown semantic encoding"):
         decode_semantic(b"", 1, 1, "jpeg")
 
@@ -57,7 +59,7 @@ def test_semantic_roundtrip_uint8_and_uint16():
 def test_reader_api(tmp_path):
     out = small_set(tmp_path)
     m = read_manifest(out)
-    assert m["splits"] == {"train": 3, "val": 2} and m["semantic_encoding"] == "raw-uint8"
+    assert m["splits"] == {"train": 3, "val": 2} and m["semantic_encoding"] == "zstd-uint8"
     assert [p.relative_to(out).as_posix() for p in shard_files(out, "train")] == [
         "train/part-00000.parquet", "train/part-00001.parquet"]
     assert len(manifest_hash(out)) == 64
@@ -90,7 +92,7 @@ def test_decode_row_on_numpy_values_like_ray_data(tmp_path):
 
 def test_uint16_labels_when_class_ids_exceed_uint8(tmp_path):
     out = small_set(tmp_path, class_ids=(300, 7), ignore=65535)
-    assert read_manifest(out)["semantic_encoding"] == "raw-uint16"
+    assert read_manifest(out)["semantic_encoding"] == "zstd-uint16"
     s = next(iter_samples(out))
     assert s["semantic"].dtype == np.uint16 and s["semantic"][0, 0] == 7 and s["semantic"][5, 5] == 300
 

@@ -105,7 +105,8 @@ def to_rle(inst: dict[str, Any], height: int, width: int) -> dict[str, Any]:
         if isinstance(counts, (str, bytes)):
             return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
         return mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
-    polys = [[float(v) for v in p] for p in seg]
+    # Validated: each polygon is >= 6 finite numbers, so pycocotools reads them as polygons.
+    polys = [p if isinstance(p, list) else list(p) for p in seg]
     return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
 
 
@@ -447,7 +448,7 @@ def run(params: ConvertParams, source: Source, out: Path, progress: bool = True)
             "classes": [{"id": c.id, "name": c.name, "isthing": c.isthing, "color": list(c.color)}
                         for c in source.classes],
             "ignore_index": source.ignore_index,
-            "semantic_encoding": f"raw-{ctx.dtype}",
+            "semantic_encoding": f"zstd-{ctx.dtype}",
             "splits": {split: sum(s["rows"] for s in shard_list if s["split"] == split) for split in sorted(writers)},
             "shards": shard_list,
             "source_sha256": source_hash(source.files),

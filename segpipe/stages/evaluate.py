@@ -13,7 +13,7 @@ accumulated image by image; detections are written to ``detections.json`` as the
     confusion_counts.csv  actual,predicted,count: the exact pixel counts
     per_class_iou.csv   class,iou
     overlays/*.png      image | ground truth | prediction, in class colours
-    detections.json     COCO results (instance-capable models)
+    detections.json     COCO results (instance-capable models; [] for semantic-only ones)
 
 Conventions (instance models rendered to label maps, nulls, ...) are in docs/metrics.md.
 """
@@ -327,6 +327,9 @@ def evaluate(model: torch.nn.Module, meta: dict[str, Any], samples: Iterable[dic
         ev.close()
     if ev.n_images == 0:
         raise MetricsInputError(f"split {params.split!r} has no images")
+    if not ev.instances:
+        # every architecture writes the same files, so one dvc.yaml foreach entry fits all
+        atomic_write_text(out / "detections.json", "[]\n")
     lines = ["actual,predicted"] + [f"{_csv_field(a)},{_csv_field(p)}" for a, p in confusion_rows(ev.cm.mat, ev.cm_names)]
     atomic_write_text(out / "confusion.csv", "\n".join(lines) + "\n")
     counts = ["actual,predicted,count"] + [

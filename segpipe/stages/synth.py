@@ -49,7 +49,11 @@ def check_params(p: SynthParams) -> None:
     """Raise ParamsError naming the first out-of-range key of the synth section."""
     checks = [
         ("images", p.images >= 1, "must be >= 1"),
-        ("size", min(p.size) >= MIN_SIZE and max(p.size) <= 16384, f"must be two sizes in [{MIN_SIZE}, 16384]"),
+        (
+            "size",
+            min(p.size) >= MIN_SIZE and max(p.size) <= 16384,
+            f"must be two sizes in [{MIN_SIZE}, 16384]",
+        ),
         ("seed", p.seed >= 0, "must be >= 0"),
         ("workers", p.workers >= 0, "must be >= 0 (0 = all cores)"),
         ("jpeg_quality", 1 <= p.jpeg_quality <= 95, "must be in [1, 95]"),
@@ -150,7 +154,10 @@ def run(params: SynthParams, out: Path) -> dict[str, int]:
         images_jsonl, anns_jsonl = root / ".images.jsonl", root / ".annotations.jsonl"
         with open(images_jsonl, "w") as fi, open(anns_jsonl, "w") as fa:
             tasks = ((i, params, str(root)) for i in range(params.images))
-            with _imap(params) as imap, tqdm(total=params.images, desc="synth", unit="img", file=sys.stderr) as bar:
+            with (
+                _imap(params) as imap,
+                tqdm(total=params.images, desc="synth", unit="img", file=sys.stderr) as bar,
+            ):
                 for index, entry, anns in imap(tasks):
                     fi.write(_dump(entry) + "\n")
                     for ann in anns:

@@ -206,13 +206,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(p))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
-    start_epoch, history = 1, []
+    start_epoch, history, restarts = 1, [], []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             model.load_state_dict(_load_weights(Path(d)))
             last = load_train_state(Path(d), optimizer, scheduler, scaler)
-            history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
+            previous = json.loads((Path(d) / "meta.json").read_text())
+        history = previous.get("history", [])
+        restarts = [*previous.get("restarts", []), {"resumed_from_epoch": last}]
         start_epoch = last + 1
         if rank == 0:
             print(f"[{arch}] resumed from the checkpoint of epoch {last}; continuing at epoch {start_epoch}", flush=True)
@@ -256,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"{score:.4f} ({row['images_per_s']:.1f} img/s, {secs:.1f} s)", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 d = Path(tmp) / "ckpt"
-                meta = {**meta_base, "epoch": epoch, "metrics": row, "history": history}
+                meta = {**meta_base, "epoch": epoch, "metrics": row, "history": history, "restarts": restarts}
                 save_checkpoint(d, model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
         else:

@@ -170,9 +170,17 @@ def annotate(
         if rng.random() < rle_fraction:
             segmentation = rle_compressed(mask) if rng.random() < 0.5 else rle_uncompressed(mask)
         else:
-            segmentation = polygon_segmentation(mask[y : y + bh, x : x + bw], x, y, (h, w)) or rle_compressed(mask)
+            segmentation = polygon_segmentation(mask[y : y + bh, x : x + bw], x, y, (h, w)) or rle_compressed(
+                mask
+            )
         anns.append(
-            {"category_id": thing.class_id, "iscrowd": 0, "area": area, "bbox": [x, y, bw, bh], "segmentation": segmentation}
+            {
+                "category_id": thing.class_id,
+                "iscrowd": 0,
+                "area": area,
+                "bbox": [x, y, bw, bh],
+                "segmentation": segmentation,
+            }
         )
     for _, (cls, mask) in sorted(groups.items()):
         area = int(mask.sum())
@@ -180,6 +188,12 @@ def annotate(
             semantic[mask] = IGNORE_INDEX
             continue
         anns.append(
-            {"category_id": cls, "iscrowd": 1, "area": area, "bbox": list(_box(mask)), "segmentation": rle_uncompressed(mask)}
+            {
+                "category_id": cls,
+                "iscrowd": 1,
+                "area": area,
+                "bbox": list(_box(mask)),
+                "segmentation": rle_uncompressed(mask),
+            }
         )
     return anns

@@ -86,7 +86,10 @@ def render(scene: Scene, rng: np.random.Generator) -> Rendered:
 
     # per-paint table, one row per quantity: base colour (3), alt - base (3), mix, amplitudes (3)
     table = np.array(
-        [(*p.color, *(b - a for a, b in zip(p.color, p.alt)), p.mix, p.fine, p.medium, p.coarse) for p in scene.paints],
+        [
+            (*p.color, *(b - a for a, b in zip(p.color, p.alt)), p.mix, p.fine, p.medium, p.coarse)
+            for p in scene.paints
+        ],
         np.float32,
     ).T.copy()
 

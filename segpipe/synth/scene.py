@@ -22,7 +22,9 @@ from segpipe.synth.classes import class_id
 
 Color = tuple[float, float, float]
 
-SOIL, ROAD, VEG, WATER, SLAB = (class_id(n) for n in ("soil", "gravel_road", "vegetation", "water", "concrete_slab"))
+SOIL, ROAD, VEG, WATER, SLAB = (
+    class_id(n) for n in ("soil", "gravel_road", "vegetation", "water", "concrete_slab")
+)
 PANEL, PIPE, TRENCH, EXCAVATOR, TRUCK, WORKER, MATERIAL = (
     class_id(n)
     for n in ("solar_panel_row", "pipe_segment", "trench", "excavator", "truck", "worker", "material_stack")
@@ -154,7 +156,12 @@ def rect(cx: float, cy: float, length: float, width: float, theta: float) -> np.
     ux, uy = c * length / 2, s * length / 2
     vx, vy = -s * width / 2, c * width / 2
     return np.array(
-        [[cx - ux - vx, cy - uy - vy], [cx + ux - vx, cy + uy - vy], [cx + ux + vx, cy + uy + vy], [cx - ux + vx, cy - uy + vy]]
+        [
+            [cx - ux - vx, cy - uy - vy],
+            [cx + ux - vx, cy + uy - vy],
+            [cx + ux + vx, cy + uy + vy],
+            [cx - ux + vx, cy - uy + vy],
+        ]
     )
 
 
@@ -165,7 +172,9 @@ def ellipse(cx: float, cy: float, rx: float, ry: float, theta: float = 0.0, n: i
     return np.stack([cx + x * ct - y * st, cy + x * st + y * ct], axis=1)
 
 
-def blob(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, rough: float = 0.3, n: int = 20) -> np.ndarray:
+def blob(
+    rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, rough: float = 0.3, n: int = 20
+) -> np.ndarray:
     """An irregular closed shape: an ellipse whose radius wobbles by a few low harmonics."""
     t = np.linspace(0, 2 * math.pi, n, endpoint=False)
     r = np.ones(n)
@@ -195,7 +204,9 @@ def band(points: np.ndarray, width: float, offset: float = 0.0) -> list[np.ndarr
     return polys
 
 
-def polyline(rng: np.random.Generator, start: np.ndarray, theta: float, length: float, bends: int, wiggle: float) -> np.ndarray:
+def polyline(
+    rng: np.random.Generator, start: np.ndarray, theta: float, length: float, bends: int, wiggle: float
+) -> np.ndarray:
     """A polyline of ``bends + 1`` segments from ``start``, turning by up to ``wiggle`` rad."""
     pts = [start]
     seg = length / (bends + 1)
@@ -224,7 +235,15 @@ SITE_KINDS: dict[str, dict[int, float]] = {
     "solar": {PANEL: 0.45, TRUCK: 0.12, WORKER: 0.2, MATERIAL: 0.15, PIPE: 0.05, EXCAVATOR: 0.03},
     "pipeline": {TRENCH: 0.22, PIPE: 0.3, EXCAVATOR: 0.14, TRUCK: 0.1, WORKER: 0.16, MATERIAL: 0.08},
     "earthworks": {EXCAVATOR: 0.24, TRUCK: 0.24, TRENCH: 0.14, WORKER: 0.2, MATERIAL: 0.14, PIPE: 0.04},
-    "mixed": {PANEL: 0.15, PIPE: 0.15, TRENCH: 0.12, EXCAVATOR: 0.12, TRUCK: 0.14, WORKER: 0.16, MATERIAL: 0.16},
+    "mixed": {
+        PANEL: 0.15,
+        PIPE: 0.15,
+        TRENCH: 0.12,
+        EXCAVATOR: 0.12,
+        TRUCK: 0.14,
+        WORKER: 0.16,
+        MATERIAL: 0.16,
+    },
 }
 # drawing layer: ground-level first, people last (jittered so the order sometimes flips)
 LAYER = {TRENCH: 0.0, PIPE: 1.0, PANEL: 1.2, MATERIAL: 2.0, EXCAVATOR: 3.0, TRUCK: 3.0, WORKER: 4.0}
@@ -249,7 +268,9 @@ class _Layout:
         self.groups = 0
 
     def point(self, margin: float = 0.0) -> np.ndarray:
-        return np.array([self.rng.uniform(-margin, self.w + margin), self.rng.uniform(-margin, self.h + margin)])
+        return np.array(
+            [self.rng.uniform(-margin, self.w + margin), self.rng.uniform(-margin, self.h + margin)]
+        )
 
     def paint(self, color: Color, alt: Color, texture: str) -> int:
         return self.scene.add_paint(make_paint(self.rng, color, alt, texture))
@@ -262,17 +283,21 @@ class _Layout:
     def stuff(self) -> None:
         rng, sc = self.rng, self.scene
         soil = self.paint(self.soil, pick(rng, "soil"), "soil")
-        sc.regions.append(Region(SOIL, [np.array([[0, 0], [self.w, 0], [self.w, self.h], [0, self.h]], float)], soil))
+        sc.regions.append(
+            Region(SOIL, [np.array([[0, 0], [self.w, 0], [self.w, self.h], [0, self.h]], float)], soil)
+        )
         for _ in range(rng.integers(1, 5)):
             c = self.point()
             r = self.dim(14, 50, 4)
             veg = self.paint(pick(rng, "veg"), pick(rng, "veg"), "veg")
             sc.regions.append(Region(VEG, [blob(rng, c[0], c[1], r, r * rng.uniform(0.5, 1.0), 0.35)], veg))
-        if rng.random() < 0.5:
+        if rng.random() < 0.6:
             c = self.point()
-            r = self.dim(12, 40, 5)
+            r = self.dim(15, 45, 5)
             water = self.paint(pick(rng, "water"), pick(rng, "water"), "water")
-            sc.regions.append(Region(WATER, [blob(rng, c[0], c[1], r, r * rng.uniform(0.4, 1.0), 0.25)], water))
+            sc.regions.append(
+                Region(WATER, [blob(rng, c[0], c[1], r, r * rng.uniform(0.4, 1.0), 0.25)], water)
+            )
         if rng.random() < 0.75:
             for _ in range(rng.integers(1, 3)):
                 self.road()
@@ -289,7 +314,14 @@ class _Layout:
             (np.array([t * self.w, self.h + 5.0]), -math.pi / 2),
             (np.array([-5.0, t * self.h]), 0.0),
         ][edge]
-        pts = polyline(rng, start, theta + rng.uniform(-0.5, 0.5), 1.4 * max(self.h, self.w), int(rng.integers(0, 3)), 0.6)
+        pts = polyline(
+            rng,
+            start,
+            theta + rng.uniform(-0.5, 0.5),
+            1.4 * max(self.h, self.w),
+            int(rng.integers(0, 3)),
+            0.6,
+        )
         width = self.dim(14, 32, 5)
         color = pick(rng, "road")
         paint = self.paint(color, pick(rng, "road"), "road")
@@ -305,7 +337,11 @@ class _Layout:
         c = self.point()
         length, width, theta = self.dim(30, 90, 8), self.dim(24, 70, 8), rng.uniform(0, math.pi)
         color = pick(rng, "slab")
-        self.scene.regions.append(Region(SLAB, [rect(c[0], c[1], length, width, theta)], self.paint(color, pick(rng, "slab"), "slab")))
+        self.scene.regions.append(
+            Region(
+                SLAB, [rect(c[0], c[1], length, width, theta)], self.paint(color, pick(rng, "slab"), "slab")
+            )
+        )
         # expansion joints: a grid of thin darker lines
         joint = self.paint(scaled(color, rng.uniform(0.6, 0.8)), color, "joint")
         step = self.dim(10, 18, 4)
@@ -324,7 +360,14 @@ class _Layout:
     # ----------------------------------------------------------------- things
     def trench(self) -> list[Thing]:
         rng, sc = self.rng, self.scene
-        pts = polyline(rng, self.point(), rng.uniform(0, 2 * math.pi), self.dim(60, 200, 20), int(rng.integers(0, 3)), 0.5)
+        pts = polyline(
+            rng,
+            self.point(),
+            rng.uniform(0, 2 * math.pi),
+            self.dim(60, 200, 20),
+            int(rng.integers(0, 3)),
+            0.5,
+        )
         width = self.dim(6, 14, 3)
         floor = self.paint(scaled(self.soil, rng.uniform(0.72, 0.9)), self.soil, "trench")
         wall = self.paint(scaled(self.soil, rng.uniform(0.4, 0.55)), self.soil, "trench")
@@ -355,11 +398,15 @@ class _Layout:
             c, theta = self.point(), rng.uniform(0, math.pi)
         color = pick(rng, "pipe")
         body = self.paint(color, color, "smooth")
-        shine = self.paint(scaled(color, 1.35) if sum(color) > 150 else scaled((80, 80, 84), 1.0), color, "smooth")
-        s_off = -width * 0.2 * float(np.sign(np.array([-math.sin(theta), math.cos(theta)]) @ np.array(self.scene.sun)) or 1.0)
-        parts = [(rect(c[0], c[1], length, width, theta), body)]
-        hc = c + s_off * np.array([-math.sin(theta), math.cos(theta)])
-        parts.append((rect(hc[0], hc[1], length * 0.96, max(1.0, width * 0.25), theta), shine))
+        # a highlight along the side of the cylinder that faces the sun (dark plastic: grey sheen)
+        shine = self.paint(scaled(color, 1.35) if sum(color) > 150 else (80.0, 80.0, 84.0), color, "smooth")
+        normal = np.array([-math.sin(theta), math.cos(theta)])
+        toward_sun = -1.0 if float(normal @ np.array(self.scene.sun)) > 0 else 1.0
+        hc = c + toward_sun * width * 0.2 * normal
+        parts = [
+            (rect(c[0], c[1], length, width, theta), body),
+            (rect(hc[0], hc[1], length * 0.96, max(1.0, width * 0.25), theta), shine),
+        ]
         return [Thing(PIPE, parts, width * 0.6)]
 
     def panels(self, count: int) -> list[Thing]:
@@ -388,13 +435,18 @@ class _Layout:
         if self.trenches and rng.random() < 0.7:
             pts, tw = self.trenches[int(rng.integers(len(self.trenches)))]
             p, theta = along(pts, rng.choice([0.0, 1.0]) if rng.random() < 0.5 else rng.uniform(0, 1))
-            c = p + (tw + self.dim(8, 16)) * np.array([-math.sin(theta), math.cos(theta)]) * rng.choice([-1, 1])
+            side = float(rng.choice([-1.0, 1.0]))
+            c = p + side * (tw + self.dim(8, 16)) * np.array([-math.sin(theta), math.cos(theta)])
         else:
             c = self.point()
         size = self.dim(18, 28, 8)
         heading, house = rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)
         body_c = pick(rng, "machine")
-        body, dark, glass = self.paint(body_c, body_c, "smooth"), self.paint(pick(rng, "dark"), pick(rng, "dark"), "smooth"), self.paint(pick(rng, "glass"), body_c, "smooth")
+        body, dark, glass = (
+            self.paint(body_c, body_c, "smooth"),
+            self.paint(pick(rng, "dark"), pick(rng, "dark"), "smooth"),
+            self.paint(pick(rng, "glass"), body_c, "smooth"),
+        )
         v = np.array([-math.sin(heading), math.cos(heading)])
         parts = [(rect(*(c + k * size * 0.36 * v), size * 1.05, size * 0.24, heading), dark) for k in (-1, 1)]
         hu = np.array([math.cos(house), math.sin(house)])
@@ -442,7 +494,12 @@ class _Layout:
             (rect(back[0], back[1], length * 0.76, width, theta), bed),
         ]
         glass_c = front + u * length * 0.08
-        parts.append((rect(glass_c[0], glass_c[1], length * 0.07, width * 0.75, theta), self.paint(pick(rng, "glass"), cab_c, "smooth")))
+        parts.append(
+            (
+                rect(glass_c[0], glass_c[1], length * 0.07, width * 0.75, theta),
+                self.paint(pick(rng, "glass"), cab_c, "smooth"),
+            )
+        )
         self.anchors.append(c)
         return [Thing(TRUCK, parts, width * 0.5)]
 
@@ -457,16 +514,23 @@ class _Layout:
         theta = rng.uniform(0, math.pi)
         vest = self.paint(pick(rng, "vest"), pick(rng, "vest"), "smooth")
         helmet = self.paint(pick(rng, "helmet"), pick(rng, "helmet"), "smooth")
-        parts = [(ellipse(at[0], at[1], r * 1.3, r * 0.8, theta, 10), vest), (ellipse(at[0], at[1], r * 0.6, r * 0.6, 0, 8), helmet)]
+        parts = [
+            (ellipse(at[0], at[1], r * 1.3, r * 0.8, theta, 10), vest),
+            (ellipse(at[0], at[1], r * 0.6, r * 0.6, 0, 8), helmet),
+        ]
         return [Thing(WORKER, parts, r * 1.5, group)]
 
-    def material(self, at: np.ndarray | None = None, size: float | None = None, group: int = -1) -> list[Thing]:
+    def material(
+        self, at: np.ndarray | None = None, size: float | None = None, group: int = -1
+    ) -> list[Thing]:
         rng = self.rng
         if at is None:
             if self.roads and rng.random() < 0.5:
                 pts, rw = self.roads[int(rng.integers(len(self.roads)))]
                 p, theta = along(pts, rng.uniform(0.05, 0.95))
-                at = p + (rw / 2 + self.dim(6, 14)) * np.array([-math.sin(theta), math.cos(theta)]) * rng.choice([-1, 1])
+                at = p + (rw / 2 + self.dim(6, 14)) * np.array(
+                    [-math.sin(theta), math.cos(theta)]
+                ) * rng.choice([-1, 1])
             else:
                 at = self.point()
         length = size if size is not None else self.dim(10, 26, 5)
@@ -520,8 +584,12 @@ class _Layout:
                 continue
             for _ in range(n):
                 built += {
-                    TRENCH: self.trench, PIPE: self.pipe, EXCAVATOR: self.excavator,
-                    TRUCK: self.truck, MATERIAL: self.material, WORKER: self.worker,
+                    TRENCH: self.trench,
+                    PIPE: self.pipe,
+                    EXCAVATOR: self.excavator,
+                    TRUCK: self.truck,
+                    MATERIAL: self.material,
+                    WORKER: self.worker,
                 }[k]()
         if rng.random() < self.crowd_fraction:
             built += self.crowd()

@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from segpipe import cli
@@ -123,8 +122,24 @@ def test_cli_flags_override_params(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("synth:\n  images: 50\n  size: [64, 64]\n  workers: 1\n  rle_fraction: 0.0\n")
     out = tmp_path / "raw"
-    cli.main(["synth", "--out", str(out), "--images", "3", "--size", "80", "72", "--seed", "9",
-              "--params", str(params), "--set", "synth.crowd_fraction=0.0"])
+    cli.main(
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--images",
+            "3",
+            "--size",
+            "80",
+            "72",
+            "--seed",
+            "9",
+            "--params",
+            str(params),
+            "--set",
+            "synth.crowd_fraction=0.0",
+        ]
+    )
     data = json.loads((out / "annotations" / "instances.json").read_text())
     assert [(im["height"], im["width"]) for im in data["images"]] == [(80, 72)] * 3
     assert all(isinstance(a["segmentation"], list) for a in data["annotations"])  # rle_fraction from the file

@@ -6,8 +6,18 @@ from segpipe.synth.classes import CLASSES, THING_IDS, class_id, classes_table, c
 def test_ids_are_the_fixed_table():
     names = [c.name for c in CLASSES]
     assert names == [
-        "soil", "gravel_road", "vegetation", "water", "concrete_slab", "solar_panel_row",
-        "pipe_segment", "trench", "excavator", "truck", "worker", "material_stack",
+        "soil",
+        "gravel_road",
+        "vegetation",
+        "water",
+        "concrete_slab",
+        "solar_panel_row",
+        "pipe_segment",
+        "trench",
+        "excavator",
+        "truck",
+        "worker",
+        "material_stack",
     ]
     assert [c.id for c in CLASSES] == list(range(12))
     assert not CLASSES[0].isthing  # Mask R-CNN reserves label 0 for background

@@ -10,7 +10,10 @@ def flat_scene():
     red = s.add_paint(Paint((200, 0, 0), (200, 0, 0), 0.0, 0.0, 0.0, 0.0))
     blue = s.add_paint(Paint((0, 0, 200), (0, 0, 200), 0.0, 0.0, 0.0, 0.0))
     s.regions.append(Region(0, [rect(16, 16, 40, 40, 0.0)], soil))
-    s.things = [Thing(9, [(rect(10, 10, 12, 12, 0.0), red)], 0.0), Thing(8, [(rect(16, 16, 12, 12, 0.0), blue)], 0.0)]
+    s.things = [
+        Thing(9, [(rect(10, 10, 12, 12, 0.0), red)], 0.0),
+        Thing(8, [(rect(16, 16, 12, 12, 0.0), blue)], 0.0),
+    ]
     return s
 
 

@@ -1,0 +1,230 @@
+"""``segpipe export``: a registered model to ONNX or TorchScript, with a parity check.
+
+Input of every exported model: ``images``, float32 ``B x 3 x H x W`` normalised by
+``segpipe.models.normalize``; the batch, height and width axes are dynamic.
+
+* Semantic models (fcn*, unet, deeplabv3, maskformer): output ``logits`` ``B x K x H x W``.
+  ONNX uses the TorchScript-based exporter (``dynamo=False``), falling back to the dynamo
+  exporter if it fails; TorchScript uses tracing.
+* Mask R-CNN: TorchScript only (``torch.jit.script`` of the torchvision detector; it returns
+  ``(losses, detections)`` with torchvision labels, i.e. segpipe class id + 1). Its ONNX graph
+  takes one image and cannot express the batch axis, so ``--format onnx`` is refused for it.
+
+Parity: the exported model and PyTorch are run on seeded sample images at batch size 1 and
+at a second batch size (and, for Mask R-CNN, on a blank image with no detections); the max
+absolute difference of every output must stay under ``--tolerance``, else the command exits
+non-zero and removes nothing but reports the differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segpipe.files import atomic_path, atomic_write_json
+from segpipe.registry import DEFAULT_REGISTRY, load
+
+FORMATS = ("onnx", "torchscript")
+OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported in the requested format, or the export disagrees with PyTorch."""
+
+
+def sample_images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Seeded smooth random images, normalised like real inputs."""
+    from segpipe.models import normalize
+
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.random((batch, 3, max(2, height // 16), max(2, width // 16)), dtype=np.float32))
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return normalize(smooth.clamp(0, 1), layout="bchw")
+
+
+def _semantic_outputs(out: Any) -> list[np.ndarray]:
+    if isinstance(out, dict):
+        out = out["out"]
+    if isinstance(out, (list, tuple)):
+        return [np.asarray(o.detach().cpu() if isinstance(o, torch.Tensor) else o) for o in out]
+    return [out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)]
+
+
+def _detections(out: Any) -> list[np.ndarray]:
+    """Flatten detection dicts (eager/torchscript ``(losses, detections)`` or a list) in a fixed order."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
+        out = out[1]
+    arrays = []
+    for d in out:
+        for k in ("boxes", "labels", "scores", "masks"):
+            arrays.append(d[k].detach().cpu().numpy().astype(np.float64))
+    return arrays
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Largest absolute difference over matching outputs; inf when shapes differ."""
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.size:
+            worst = max(worst, float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()))
+    return worst
+
+
+def export_torchscript(model: torch.nn.Module, task: str, example: torch.Tensor, out: Path) -> Path:
+    with atomic_path(out) as tmp, torch.no_grad():
+        if task == "instance":
+            scripted = torch.jit.script(model.detector)
+        else:
+            scripted = torch.jit.trace(model, example, check_trace=False, strict=False)
+        torch.jit.save(scripted, str(tmp))
+    return out
+
+
+def export_onnx(model: torch.nn.Module, task: str, example: torch.Tensor, out: Path) -> str:
+    """Write ONNX; returns which exporter succeeded (``torchscript`` or ``dynamo``)."""
+    if task == "instance":
+        raise ExportError("mask_rcnn: ONNX export handles one image per call (no dynamic batch axis); "
+                          "use --format torchscript")
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
+    errors = []
+    for dynamo in (False, True):
+        try:
+            with atomic_path(out) as tmp, torch.no_grad():
+                kwargs: dict[str, Any] = {"dynamo": dynamo, "input_names": ["images"], "output_names": ["logits"],
+                                          "opset_version": OPSET}
+                if dynamo:
+                    batch, h, w = (torch.export.Dim(n) for n in ("batch", "height", "width"))
+                    kwargs["dynamic_shapes"] = {"images": {0: batch, 2: h, 3: w}}
+                else:
+                    kwargs["dynamic_axes"] = axes
+                torch.onnx.export(model, (example,), str(tmp), **kwargs)
+            return "dynamo" if dynamo else "torchscript"
+        except Exception as e:  # noqa: BLE001 - both exporters raise many types; report all
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(e).__name__}: {e}")
+    raise ExportError("ONNX export failed:\n" + "\n".join(errors))
+
+
+def runner(path: Path, fmt: str, task: str) -> Any:
+    """A callable running the exported file on a B x 3 x H x W tensor, returning list of arrays."""
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path)).eval()
+
+        def run_ts(x: torch.Tensor) -> list[np.ndarray]:
+            with torch.no_grad():
+                if task == "instance":
+                    return _detections(module(list(x)))
+                return _semantic_outputs(module(x))
+
+        return run_ts
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run_onnx(x: torch.Tensor) -> list[np.ndarray]:
+        return [np.asarray(o) for o in session.run(None, {"images": x.numpy()})]
+
+    return run_onnx
+
+
+def reference(model: torch.nn.Module, task: str) -> Any:
+    def run_torch(x: torch.Tensor) -> list[np.ndarray]:
+        with torch.no_grad():
+            if task == "instance":
+                out = model.detector(list(x))  # torchvision labels, like the scripted detector
+                return _detections(out)
+            return _semantic_outputs(model(x))
+
+    return run_torch
+
+
+def parity(
+    model: torch.nn.Module, task: str, path: Path, fmt: str, size: int, batch_sizes: tuple[int, ...], tolerance: float
+) -> list[dict[str, Any]]:
+    """Compare the export with PyTorch on each sample; one row per sample with its max abs diff."""
+    ours, theirs = reference(model, task), runner(path, fmt, task)
+    samples = [(f"batch {b}", sample_images(b, size, size, seed=b)) for b in batch_sizes]
+    # A non-square size checks the dynamic height/width axes too.
+    samples.append((f"batch 1, {size} x {size + 32}", sample_images(1, size, size + 32, seed=7)))
+    if task == "instance":
+        from segpipe.models import normalize
+
+        blank = normalize(torch.zeros(1, 3, size, size), layout="bchw")
+        samples.append(("blank image", blank))
+    rows = []
+    for name, x in samples:
+        a, b = ours(x), theirs(x)
+        diff = max_abs_diff(a, b)
+        row = {"sample": name, "shape": list(x.shape), "max_abs_diff": diff, "passed": diff <= tolerance}
+        if name == "blank image":
+            row["detections"] = int(a[0].shape[0]) if a else 0
+        rows.append(row)
+    return rows
+
+
+def run(
+    model_ref: str | Path,
+    fmt: str,
+    out: Path,
+    registry: Path = DEFAULT_REGISTRY,
+    tolerance: float = 1e-3,
+    batch_sizes: tuple[int, ...] = (1, 3),
+    size: int | None = None,
+) -> dict[str, Any]:
+    """Export and check parity; writes ``OUT`` and ``OUT.parity.json``; raises ExportError on failure."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    model, meta = load(model_ref, registry=registry)
+    task = meta.get("task", "semantic")
+    size = size or int(meta.get("image_size") or 128)
+    if task == "instance":
+        # A blank image must yield no detections; it only does if low scores are filtered.
+        model.detector.roi_heads.score_thresh = max(model.detector.roi_heads.score_thresh, 0.05)
+    example = sample_images(1, size, size)
+    out = Path(out)
+    exporter = "trace" if fmt == "torchscript" and task != "instance" else "script"
+    if fmt == "onnx":
+        exporter = export_onnx(model, task, example, out)
+    else:
+        export_torchscript(model, task, example, out)
+    rows = parity(model, task, out, fmt, size, batch_sizes, tolerance)
+    report = {
+        "model": str(model_ref), "arch": meta["arch"], "task": task, "format": fmt, "exporter": exporter,
+        "file": str(out), "tolerance": tolerance, "samples": rows, "passed": all(r["passed"] for r in rows),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+    }
+    atomic_write_json(out.with_name(out.name + ".parity.json"), report)
+    if not report["passed"]:
+        bad = ", ".join(f"{r['sample']}: {r['max_abs_diff']:.3g}" for r in rows if not r["passed"])
+        raise ExportError(f"{out}: exported {meta['arch']} differs from PyTorch beyond {tolerance} ({bad})")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="segpipe export", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="champion", help="champion | challenger | vN | CHECKPOINT_DIR")
+    parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="registry directory (default: %(default)s)")
+    parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output file (.onnx / .pt)")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed (default: %(default)s)")
+    parser.add_argument("--size", type=int, help="sample image size (default: the checkpoint's image_size)")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args.model, args.format, args.out, args.registry, args.tolerance, size=args.size)
+    except ExportError as e:
+        print(f"segpipe export: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps({k: report[k] for k in ("arch", "format", "exporter", "file", "max_abs_diff", "passed")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from segpipe.checkpoint import CheckpointError, load_model, load_meta
+from segpipe.params import ParamsError, TrainParams
+from segpipe.stages.train import (
+    history_tsv,
+    lr_schedule,
+    miou_of,
+    params_for,
+    plan_cpus_per_worker,
+    thing_iou_confusion,
+)
+
+
+def test_params_for_applies_arch_overrides_validated():
+    p = TrainParams(epochs=3, overrides={"unet": {"epochs": 7, "lr": 0.01}})
+    assert params_for(p, "unet").epochs == 7 and params_for(p, "unet").lr == 0.01
+    assert params_for(p, "fcn8s").epochs == 3
+    with pytest.raises(ParamsError, match=r"overrides\.unet\.epochs"):
+        params_for(TrainParams(overrides={"unet": {"epochs": "x"}}), "unet")
+    with pytest.raises(ParamsError, match="nosuch"):
+        params_for(TrainParams(overrides={"unet": {"nosuch": 1}}), "unet")
+    with pytest.raises(ParamsError, match="architectures"):
+        params_for(TrainParams(overrides={"unet": {"architectures": []}}), "unet")
+
+
+def test_plan_cpus_leaves_room_for_ray_data():
+    assert plan_cpus_per_worker(2, 1, 1.0) == 1.0
+    assert plan_cpus_per_worker(2, 2, 1.0) == 0.75  # the 2-core hang: 2 x 1 CPU leaves data nothing
+    assert plan_cpus_per_worker(16, 4, 2.0) == 2.0
+    with pytest.raises(ValueError, match="do not fit"):
+        plan_cpus_per_worker(1, 8, 1.0)
+
+
+def test_thing_confusion_maps_stuff_and_misses_to_nothing():
+    gt = np.array([[0, 5], [5, 255]])  # 0 stuff, 5 thing, 255 ignore
+    pred = np.array([[5, 5], [255, 5]])  # 255 = unpredicted
+    conf = thing_iou_confusion(gt, pred, 6, [5], 255)
+    k = 6
+    assert conf[k, 5] == 1  # stuff pixel predicted as thing: a false positive
+    assert conf[5, 5] == 1 and conf[5, k] == 1  # one hit, one miss
+    assert conf.sum() == 3  # the ignore pixel is excluded
+    assert miou_of(conf, [5]) == pytest.approx(1 / 3)
+
+
+def test_miou_skips_absent_classes():
+    conf = np.array([[2, 0, 0], [1, 1, 0], [0, 0, 0]])
+    assert miou_of(conf) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert math.isnan(miou_of(np.zeros((2, 2), int)))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lr_schedule(TrainParams(epochs=10, warmup_epochs=2))
+    assert f(0) < f(1) < f(2) == pytest.approx(1.0)
+    assert f(9) < f(5) < f(2) and f(20) == pytest.approx(0.05)
+
+
+def test_history_tsv_columns():
+    text = history_tsv([{"epoch": 1, "train_loss": 0.5, "val_score": None, "images_per_s": 3.0, "lr": 0.1}])
+    assert text.splitlines() == ["epoch\ttrain_loss\tval_score\timages_per_s\tlr", "1\t0.5\t\t3.0\t0.1"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_two_workers_write_loadable_checkpoint(ray_local, tiny_shards, tmp_path):
+    from segpipe.shards import manifest_hash, read_manifest
+    from segpipe.stages.train import run
+
+    p = TrainParams(epochs=2, batch_size=4, image_size=48, workers=2, cpus_per_worker=0.5, threads=1,
+                    architectures=["fcn8s"], num_to_keep=1)
+    summary = run(p, "fcn8s", tiny_shards, tmp_path / "out")
+    assert summary["epochs"] == 2
+    model, meta = load_model(tmp_path / "out" / "checkpoint", classes=read_manifest(tiny_shards)["classes"])
+    assert meta["arch"] == "fcn8s" and meta["shards_manifest_sha256"] == manifest_hash(tiny_shards)
+    assert meta["params"]["workers"] == 2
+    rows = (tmp_path / "out" / "history.tsv").read_text().splitlines()
+    assert len(rows) == 3
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["best_epoch"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_ray_resumes_from_last_checkpoint_after_a_crash(ray_local, tiny_shards, tmp_path, capfd):
+    from segpipe.stages.train import run
+
+    p = TrainParams(epochs=3, batch_size=4, image_size=48, workers=1, cpus_per_worker=1.0, threads=1,
+                    max_failures=1, fail_at_epoch=2, architectures=["unet"], model={"unet": {"base_channels": 8}})
+    run(p, "unet", tiny_shards, tmp_path / "out")
+    meta = load_meta(tmp_path / "out" / "checkpoint")
+    # history survived the restart: epoch 1 (before the crash) was not retrained
+    hist = [h["epoch"] for h in json.loads((tmp_path / "out" / "checkpoint" / "meta.json").read_text())["history"]]
+    assert meta["restarts"] == [{"resumed_from_epoch": 1}]
+    assert hist[:1] == [1] and sorted(set(hist)) == hist
+    assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
+
+
+def test_checkpoint_with_other_class_table_is_refused(tmp_path):
+    import torch
+
+    from segpipe.checkpoint import save_checkpoint
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    meta = {"arch": "fcn8s", "num_classes": 2, "classes": [{"id": 0, "name": "soil"}, {"id": 1, "name": "truck"}]}
+    save_checkpoint(tmp_path / "ck", model, meta)
+    with pytest.raises(CheckpointError, match="class table differs.*truck"):
+        load_model(tmp_path / "ck", classes=[{"id": 0, "name": "soil"}, {"id": 1, "name": "excavator"}])
+
+
+def test_train_params_dataclass_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainParams().epochs = 3  # type: ignore[misc]
