@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,17 +59,36 @@ def python_tool(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stop_group(proc: subprocess.Popen[str]) -> None:
-    for sig, wait_s in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, None)):
+    """SIGINT the command's process group, SIGKILL whatever is left after GRACE_S."""
+    pgid = proc.pid  # start_new_session: the command leads its own group
+    try:
+        os.killpg(pgid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    # Children started in the background by a shell ignore SIGINT: wait for the group, not the leader.
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline:
+        proc.poll()
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    else:
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            pass
+    proc.wait()
 
 
 def run(

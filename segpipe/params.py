@@ -64,6 +64,7 @@ class TrainParams:
     image_size: int = 128
     workers: int = 1
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK, SPREAD, STRICT_SPREAD
     use_gpu: bool = False
     mixed_precision: bool = True  # only on GPU
     lr: float = 1e-3

@@ -20,11 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from segpipe.models.deeplabv3 import deeplabv3
-from segpipe.models.fcn import fcn8s, fcn16s, fcn32s
-from segpipe.models.mask_rcnn import mask_rcnn
-from segpipe.models.maskformer import maskformer
-from segpipe.models.unet import unet
+# Modules, not their builders: a builder named like its module would shadow the module as an
+# attribute of the package and break ``import segpipe.models.unet as m`` and mock.patch paths.
+from segpipe.models import deeplabv3, fcn, mask_rcnn, maskformer, unet
 
 TASKS = ("semantic", "instance")
 
@@ -38,13 +36,13 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "fcn32s": ModelSpec(fcn32s, "semantic"),
-    "fcn16s": ModelSpec(fcn16s, "semantic"),
-    "fcn8s": ModelSpec(fcn8s, "semantic"),
-    "unet": ModelSpec(unet, "semantic"),
-    "deeplabv3": ModelSpec(deeplabv3, "semantic"),
-    "maskformer": ModelSpec(maskformer, "semantic"),  # also has predict_instances()
-    "mask_rcnn": ModelSpec(mask_rcnn, "instance"),
+    "fcn32s": ModelSpec(fcn.fcn32s, "semantic"),
+    "fcn16s": ModelSpec(fcn.fcn16s, "semantic"),
+    "fcn8s": ModelSpec(fcn.fcn8s, "semantic"),
+    "unet": ModelSpec(unet.unet, "semantic"),
+    "deeplabv3": ModelSpec(deeplabv3.deeplabv3, "semantic"),
+    "maskformer": ModelSpec(maskformer.maskformer, "semantic"),  # also has predict_instances()
+    "mask_rcnn": ModelSpec(mask_rcnn.mask_rcnn, "instance"),
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

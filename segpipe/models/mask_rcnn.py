@@ -11,18 +11,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from segpipe.models.backbones import RESNETS, load_backbone_weights
 from segpipe.models.semantic import check_images
 
-FPN_CHANNELS = 256  # fixed by torchvision's resnet_fpn_backbone
+
+def resnet_fpn(name: str, norm_layer: type[nn.Module], trainable_layers: int, fpn_channels: int) -> BackboneWithFPN:
+    """torchvision's ResNet-FPN (as ``resnet_fpn_backbone`` builds it, five levels, strides 4..64)
+    with ``fpn_channels`` instead of its fixed 256: at 128 the FPN and the heads cost half."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    body = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1", "bn1"][: trainable_layers + (trainable_layers == 5)]
+    for pname, p in body.named_parameters():
+        if not pname.startswith(tuple(train)):
+            p.requires_grad_(False)
+    c = body.inplanes // 8  # layer1's output channels
+    return BackboneWithFPN(
+        body, {f"layer{i + 1}": str(i) for i in range(4)}, [c, 2 * c, 4 * c, 8 * c], fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
 
 
 def detection_targets(targets: Sequence[dict[str, Tensor]], num_classes: int, device: torch.device) -> list[dict[str, Tensor]]:
@@ -64,6 +81,7 @@ class MaskRCNN(nn.Module):
         min_size: int = 128,
         max_size: int = 512,
         anchor_sizes: Sequence[int] = (16, 32, 64, 128, 256),
+        fpn_channels: int = 128,
         box_head_dim: int = 256,
         mask_head_channels: int = 64,
         rpn_post_nms_top_n_train: int = 500,
@@ -82,7 +100,7 @@ class MaskRCNN(nn.Module):
         # From scratch, FrozenBatchNorm2d would be the identity (no normalisation at all), so
         # plain BatchNorm is the default; freeze it when fine-tuning pretrained weights.
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-        fpn = resnet_fpn_backbone(backbone_name=backbone, weights=None, norm_layer=norm, trainable_layers=trainable_layers)
+        fpn = resnet_fpn(backbone, norm, trainable_layers, fpn_channels)
         if backbone_weights:
             load_backbone_weights(fpn.body, backbone_weights, ignore_prefixes=("fc.",))
         anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
@@ -99,12 +117,12 @@ class MaskRCNN(nn.Module):
             rpn_pre_nms_top_n_test=500,
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
             rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-            box_head=TwoMLPHead(FPN_CHANNELS * resolution**2, box_head_dim),
+            box_head=TwoMLPHead(fpn_channels * resolution**2, box_head_dim),
             box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
             box_batch_size_per_image=box_batch_size_per_image,
             box_detections_per_img=box_detections_per_img,
             box_score_thresh=box_score_thresh,
-            mask_head=MaskRCNNHeads(FPN_CHANNELS, [mask_head_channels] * 4, 1),
+            mask_head=MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1),
             mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1),
         )
 
@@ -150,6 +168,7 @@ def mask_rcnn(
     min_size: int = 128,
     max_size: int = 512,
     anchor_sizes: Sequence[int] = (16, 32, 64, 128, 256),
+    fpn_channels: int = 128,
     box_head_dim: int = 256,
     mask_head_channels: int = 64,
     rpn_post_nms_top_n_train: int = 500,
@@ -159,11 +178,11 @@ def mask_rcnn(
     box_score_thresh: float = 0.05,
     backbone_weights: str | None = None,
 ) -> MaskRCNN:
-    """Mask R-CNN with a ResNet-FPN backbone. The paper-size heads are ``box_head_dim=1024``,
-    ``mask_head_channels=256``; torchvision's are anchors 32..512 and ``min_size=800``.
+    """Mask R-CNN with a ResNet-FPN backbone. torchvision's sizes: ``fpn_channels=256,
+    box_head_dim=1024, mask_head_channels=256``, anchors 32..512, ``min_size=800, max_size=1333``.
     Fine-tuning pretrained weights: ``frozen_bn=True, trainable_layers=3``."""
     return MaskRCNN(
-        num_classes, backbone, trainable_layers, frozen_bn, min_size, max_size, anchor_sizes, box_head_dim,
+        num_classes, backbone, trainable_layers, frozen_bn, min_size, max_size, anchor_sizes, fpn_channels, box_head_dim,
         mask_head_channels, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, box_batch_size_per_image,
         box_detections_per_img, box_score_thresh, backbone_weights,
     )

@@ -184,6 +184,7 @@ def val_score(conf: np.ndarray, task: str, num_classes: int, thing_ids: list[int
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: build, maybe resume, train, validate, report, checkpoint."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -220,6 +221,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[{arch}] resumed from the checkpoint of epoch {last}; continuing at epoch {start_epoch}", flush=True)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": task == "instance"})
 
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if world > 1:
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, node)
+    meta_base = {**meta_base, "worker_nodes": nodes}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     iter_kw = {"batch_size": None, "device": device, "pin_memory": device.type == "cuda"}
@@ -297,19 +304,32 @@ def lr_schedule(p: TrainParams) -> Any:
 # ----------------------------------------------------------------------------- the Ray edge
 
 
-def connect_ray(address: str | None) -> bool:
-    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray; True when started here."""
+def connect_ray(address: str | None) -> tuple[bool, bool]:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray.
+
+    Returns (connected here, started a local instance here); what was connected here is
+    disconnected by the caller, and a Ray initialised by the caller is left alone.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and has_ray_token():
+        # Clusters started by `ray start` use token authentication and a driver must opt in
+        # too; Ray reads this when it is first imported, so set it before the import.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "warning"}
+        return False, False
+    quiet = {"log_to_driver": True, "logging_level": "warning"}
     if address:
         ray.init(address=address, **quiet)
-        return False
+        return True, False
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
-    return True
+    return True, True
+
+
+def has_ray_token() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
 
 
 def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: dict[str, Any],
@@ -330,7 +350,8 @@ def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: 
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=p.workers, use_gpu=p.use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+            num_workers=p.workers, use_gpu=p.use_gpu, resources_per_worker={"CPU": cpus_per_worker},
+            placement_strategy=p.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
@@ -346,8 +367,6 @@ def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: 
 
 def run(params: TrainParams, arch: str, shards: Path, out: Path, ray_address: str | None = None) -> dict[str, Any]:
     """Train ``arch`` on ``shards``; write ``out/checkpoint``, ``out/history.tsv``, ``out/metrics.json``."""
-    import ray
-
     from segpipe.models import MODELS, task_of
     from segpipe.shards import manifest_hash, read_manifest
 
@@ -366,7 +385,9 @@ def run(params: TrainParams, arch: str, shards: Path, out: Path, ray_address: st
     run_name = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     storage = p.storage_path or str(out.resolve().parent / ".ray_results")
     t0 = time.perf_counter()
-    started = connect_ray(ray_address)
+    connected, started = connect_ray(ray_address)
+    import ray  # after connect_ray: it sets the auth mode that Ray reads on import
+
     try:
         total = float(ray.cluster_resources().get("CPU", 1))
         cpw = plan_cpus_per_worker(total, p.workers, p.cpus_per_worker) if started else p.cpus_per_worker
@@ -375,7 +396,7 @@ def run(params: TrainParams, arch: str, shards: Path, out: Path, ray_address: st
                   f"using {cpw} CPU per worker", file=sys.stderr)
         result = fit(p, arch, shards, storage, run_name, meta, cpw)
     finally:
-        if started:
+        if connected:
             ray.shutdown()
     wall = time.perf_counter() - t0
     if getattr(result, "error", None):

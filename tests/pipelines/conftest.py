@@ -3,6 +3,7 @@ git + DVC repositories whose stages are cheap shell commands."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,8 @@ def prefect_harness():
     """A temporary Prefect API and database for every flow test (its start-up takes seconds)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    # The test server need not phone home (its heartbeat task only logs errors offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=180):
         yield
 

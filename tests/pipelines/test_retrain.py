@@ -125,13 +125,17 @@ DVC_YAML = textwrap.dedent("""\
         do:
           cmd: sh train.sh ${item}
           deps: [data/shards, train.sh]
-          outs: [models/train/${item}]
+          outs:
+            - models/train/${item}
       evaluate:
         foreach: ${train.architectures}
         do:
           cmd: sh evaluate.sh ${item}
-          deps: [models/train/${item}, evaluate.sh]
-          outs: [models/eval/${item}/overlays]
+          deps:
+            - models/train/${item}
+            - evaluate.sh
+          outs:
+            - models/eval/${item}/overlays
           metrics:
             - models/eval/${item}/metrics.json:
                 cache: false
@@ -165,7 +169,8 @@ PROMOTE_SH = textwrap.dedent("""\
                     {"eval_dir": "models/eval/b", "arch": "b", "value": 0.625, "decision": "promoted to champion"}]}
     JSON
     """)
-TRAIN_ONCE_SH = "mkdir -p .tries; if [ ! -f .tries/$1 ]; then touch .tries/$1; echo 'flaky failure' >&2; exit 1; fi\n" \
+# Fails the first time any train item runs (a marker outside DVC's outputs), then succeeds.
+TRAIN_ONCE_SH = "mkdir -p .tries; if [ ! -f .tries/once ]; then touch .tries/once; echo 'flaky failure' >&2; exit 1; fi\n" \
                 "mkdir -p models/train/$1 && echo w > models/train/$1/model.txt\n"
 TRAIN_FAIL_SH = "echo 'train: out of memory' >&2; exit 3\n"
 
@@ -178,7 +183,12 @@ def make_pipeline(init_repo, tmp_path: Path, train_sh: str) -> Path:
 def flow_run_details(state):
     """(task runs by name, artifacts) of the flow run that ended in ``state``."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
@@ -197,7 +207,7 @@ def test_retrain_retries_a_flaky_stage_then_promotes(tmp_path, prefect_harness, 
     result = state.result()
     assert [s["status"] for s in result["stages"]] == ["completed"] * 5
     assert "train@a" in result["stages"][2]["ran"] and result["promote_ran"]
-    assert (repo / ".tries" / "a").is_file() and (repo / "models/train/a/model.txt").is_file()
+    assert (repo / ".tries" / "once").is_file() and (repo / "models/train/a/model.txt").is_file()
     assert json.loads((repo / "reports/promotion/promotion.json").read_text())["champion_after"]["version"] == "v1"
 
     tasks, artifacts = flow_run_details(state)

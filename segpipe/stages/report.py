@@ -1,0 +1,100 @@
+"""``segpipe report``: ``reports/summary.md``, an architecture x metric table plus the promotion decision."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from segpipe.files import atomic_write_text
+
+# (column title, key path in an evaluate metrics.json)
+COLUMNS: list[tuple[str, str]] = [
+    ("pixel acc", "pixel_acc"),
+    ("mean acc", "mean_acc"),
+    ("mIoU", "miou"),
+    ("fwIoU", "fwiou"),
+    ("mDice", "mdice"),
+    ("mIoU things", "miou_things"),
+    ("segm AP", "segm.AP"),
+    ("segm AP50", "segm.AP50"),
+    ("bbox AP", "bbox.AP"),
+    ("segm AR100", "segm.AR100"),
+]
+
+
+def lookup(metrics: dict[str, Any], path: str) -> Any:
+    node: Any = metrics
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def metrics_table(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]]) -> str:
+    """Markdown table, one row per architecture, from evaluate (and train) metrics."""
+    head = ["arch", "task", *[c for c, _ in COLUMNS], "epochs", "train img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arch in sorted(evals):
+        m, t = evals[arch], train.get(arch, {})
+        cells = [arch, str(m.get("task", "")), *[fmt(lookup(m, key)) for _, key in COLUMNS],
+                 fmt(t.get("epochs")), fmt(t.get("images_per_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def promotion_section(promotion: dict[str, Any] | None) -> str:
+    if promotion is None:
+        return "No promotion report found."
+    before, after = promotion.get("champion_before"), promotion.get("champion_after")
+
+    def who(x: dict[str, Any] | None) -> str:
+        return f"{x['version']} ({x['arch']}, {promotion['metric']} {fmt(x['value'])})" if x else "none"
+
+    lines = [f"Ranking metric `{promotion['metric']}`. Champion before: {who(before)}; after: {who(after)}."]
+    if promotion.get("created"):
+        lines.append(f"New registry versions: {', '.join(promotion['created'])}.")
+    lines += ["", "| candidate | decision |", "|---|---|"]
+    for c in promotion.get("candidates", []):
+        lines.append(f"| {c.get('arch', c.get('eval_dir'))} | {str(c.get('decision', '')).replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def render(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]], promotion: dict[str, Any] | None) -> str:
+    return "\n".join([
+        "# segpipe summary", "",
+        "Validation metrics per architecture (fractions in [0, 1]; COCO AP/AR for instance-capable models).", "",
+        metrics_table(evals, train), "",
+        "## Promotion", "",
+        promotion_section(promotion), "",
+    ])
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run(evals_dir: Path, promotion_dir: Path, out: Path, train_dir: Path | None = None) -> str:
+    evals = {d.name: m for d in sorted(Path(evals_dir).iterdir()) if (m := _read(d / "metrics.json"))}
+    train = {}
+    if train_dir is not None and Path(train_dir).is_dir():
+        train = {d.name: m for d in sorted(Path(train_dir).iterdir()) if (m := _read(d / "metrics.json"))}
+    text = render(evals, train, _read(Path(promotion_dir) / "promotion.json"))
+    atomic_write_text(out, text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="segpipe report", description=__doc__)
+    ap.add_argument("--evals", type=Path, required=True, help="folder of evaluate outputs, one per architecture")
+    ap.add_argument("--train", type=Path, default=None, help="folder of train outputs (optional)")
+    ap.add_argument("--promotion", type=Path, required=True, help="promotion report folder")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    print(run(args.evals, args.promotion, args.out, args.train))

@@ -1,0 +1,140 @@
+"""The ingest flow: a valid synthetic COCO drop is versioned (copy, dvc add, git commit, dvc push);
+an invalid one is rejected with the report and nothing changes."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.ingest import RAW, DropRejected, accepted, check_name, drop_layout, render_report
+from segpipe.params import SynthParams
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARAMS = textwrap.dedent("""\
+    convert:
+      workers: 1
+    ingest:
+      timeout_s: 300
+    """)
+
+
+def make_drop(path: Path, images: int = 4) -> Path:
+    from segpipe.stages import synth
+
+    synth.run(SynthParams(images=images, size=(64, 64), seed=5, workers=1), path)
+    return path
+
+
+def test_raw_root_matches_the_convert_stage():
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    assert str(RAW) in [str(d) for d in stages["convert"]["deps"]]
+
+
+def test_check_name():
+    assert check_name("site-42_b.v2") == "site-42_b.v2"
+    for bad in ("", "../x", "a/b", ".hidden", "x.dvc", "a b"):
+        with pytest.raises(DropRejected, match="collection name"):
+            check_name(bad)
+
+
+def test_drop_layout_names_what_is_missing(tmp_path):
+    with pytest.raises(DropRejected, match="drop folder not found"):
+        drop_layout(tmp_path / "nope")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DropRejected, match="annotations/instances.json"):
+        drop_layout(tmp_path)
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances.json").write_text("{}")
+    layout = drop_layout(tmp_path)
+    assert layout["masks"] is None and layout["classes"] is None
+
+
+def test_accepted_and_report():
+    bad = {"images": 2, "images_ok": 1, "images_quarantined": 1, "annotations_quarantined": 0,
+           "dataset_problems": 0, "quarantine": [{"file": "images/a.jpg", "item": "image 1", "reason": "not | decodable"}]}
+    assert not accepted(bad, 0) and accepted(bad, 1)
+    assert not accepted({"images": 0, "images_ok": 0, "quarantine": []}, 5)
+    assert not accepted({"error": "bad JSON"}, 100)
+    md = render_report(Path("/d"), "x", bad, False, 0)
+    assert "**Rejected**" in md and "| images/a.jpg | image 1 | not \\| decodable |" in md
+
+
+@pytest.mark.slow
+def test_ingest_valid_drop_commits_and_pushes(tmp_path, prefect_harness, init_repo, git_cmd):
+    from pipelines import commands
+    from pipelines.ingest import ingest_flow
+
+    repo = init_repo(tmp_path / "repo", {"params.yaml": PARAMS})
+    remote = tmp_path / "remote"
+    commands.run(commands.python_tool("dvc") + ["remote", "add", "-d", "store", str(remote)], cwd=repo, echo=False)
+    git_cmd(repo, "commit", "-q", "-am", "remote")
+    head = git_cmd(repo, "rev-parse", "HEAD")
+    drop = make_drop(tmp_path / "drop")
+    (drop / "notes.txt").write_text("not part of the collection")
+
+    result = ingest_flow(drop=drop, name="site-a", repo=repo)
+
+    dest = repo / "data/raw/site-a"
+    assert sorted(p.name for p in (dest / "images").iterdir()) == [f"site_{i:06d}.jpg" for i in range(4)]
+    assert (dest / "annotations/instances.json").read_bytes() == (drop / "annotations/instances.json").read_bytes()
+    assert (dest / "masks").is_dir() and (dest / "classes.json").is_file() and not (dest / "notes.txt").exists()
+    assert result["commit"] == git_cmd(repo, "rev-parse", "HEAD") != head
+    assert git_cmd(repo, "rev-parse", "HEAD~1") == head
+    committed = [line for line in git_cmd(repo, "show", "--name-only", "--format=%s", "HEAD").splitlines() if line]
+    assert committed[0] == "ingest: add data/raw/site-a (4 images)"
+    assert sorted(committed[1:]) == ["data/raw/.gitignore", "data/raw/site-a.dvc"]
+    assert "/site-a" in (repo / "data/raw/.gitignore").read_text().splitlines()
+    assert git_cmd(repo, "status", "--porcelain") == ""
+    dvc_out = yaml.safe_load((repo / "data/raw/site-a.dvc").read_text())["outs"][0]
+    assert dvc_out["path"] == "site-a" and dvc_out["nfiles"] == 4 + 4 + 1 + 1
+    assert result["remote"] == "store"
+    pushed = [p for p in remote.rglob("*") if p.is_file()]
+    assert len(pushed) >= dvc_out["nfiles"]  # every file, plus the directory listing
+
+
+@pytest.mark.slow
+def test_ingest_invalid_drop_is_rejected_and_changes_nothing(tmp_path, prefect_harness, init_repo, git_cmd):
+    from pipelines.ingest import ingest_flow
+
+    repo = init_repo(tmp_path / "repo", {"params.yaml": PARAMS})
+    head = git_cmd(repo, "rev-parse", "HEAD")
+    drop = make_drop(tmp_path / "drop")
+    (drop / "images/site_000001.jpg").write_bytes(b"not a jpeg")
+    coco = json.loads((drop / "annotations/instances.json").read_text())
+    ann = next(a for a in coco["annotations"] if isinstance(a["segmentation"], list))
+    ann["segmentation"] = [[1.0, 2.0, 3.0]]  # 3 numbers: not a polygon
+    (drop / "annotations/instances.json").write_text(json.dumps(coco))
+
+    state = ingest_flow(drop=drop, name="site-b", repo=repo, return_state=True)
+
+    assert state.is_failed()
+    assert "rejected, 2 quarantined item(s) (at most 0 allowed)" in state.message
+    assert "site_000001.jpg" in state.message and f"annotation {ann['id']}: polygon" in state.message
+    assert git_cmd(repo, "rev-parse", "HEAD") == head and git_cmd(repo, "status", "--porcelain") == ""
+    assert not (repo / "data").exists()
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (report,) = [a for a in artifacts if a.key == "ingest-report"]
+    assert "**Rejected**: nothing was changed" in report.data
+    assert "not a decodable image" in report.data
+
+
+@pytest.mark.slow
+def test_ingest_refuses_an_existing_collection(tmp_path, prefect_harness, init_repo, git_cmd):
+    from pipelines.ingest import ingest_flow
+
+    repo = init_repo(tmp_path / "repo", {"params.yaml": PARAMS, "data/raw/site-c.dvc": "outs: []\n"})
+    head = git_cmd(repo, "rev-parse", "HEAD")
+    drop = make_drop(tmp_path / "site-c", images=1)
+    state = ingest_flow(drop=drop, repo=repo, return_state=True)
+    assert state.is_failed() and "site-c.dvc already exists" in state.message
+    assert git_cmd(repo, "rev-parse", "HEAD") == head and not (repo / "data/raw/site-c").exists()

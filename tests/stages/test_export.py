@@ -1,0 +1,83 @@
+"""``segpipe export``: ONNX / TorchScript files that match PyTorch, or a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from segpipe.checkpoint import save_checkpoint
+from segpipe.models import build_model
+from segpipe.registry import register, set_alias
+from segpipe.stages import export
+
+CLASSES = [{"id": i, "name": f"c{i}", "isthing": i > 0, "color": [60 * i, 0, 0]} for i in range(3)]
+
+
+def checkpoint(tmp_path: Path, arch: str, **kwargs) -> Path:
+    torch.manual_seed(0)
+    model = build_model(arch, len(CLASSES), **kwargs)
+    return save_checkpoint(tmp_path / arch, model, {
+        "arch": arch, "task": "instance" if arch == "mask_rcnn" else "semantic", "num_classes": len(CLASSES),
+        "model_kwargs": kwargs, "classes": CLASSES, "ignore_index": 255, "params": {}, "epoch": 1,
+        "shards_manifest_sha256": "x", "metrics": {}, "image_size": 64,
+    })
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    reg = tmp_path / "registry"
+    register(reg, checkpoint(tmp_path, "unet", base_channels=4, depth=2), {})
+    set_alias(reg, "champion", "v1", "test")
+    return reg
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_champion_matches_pytorch(tmp_path, registry, fmt):
+    torch.set_num_threads(1)
+    out = tmp_path / f"model.{fmt}"
+    report = export.run("champion", fmt, out, registry, tolerance=1e-4)
+    assert out.is_file() and report["passed"]
+    samples = {r["sample"]: r for r in report["samples"]}
+    assert {"batch 1", "batch 3", "batch 1, 64 x 96"} <= set(samples)  # a second batch size and another shape
+    assert all(r["max_abs_diff"] < 1e-4 for r in samples.values())
+    saved = json.loads(out.with_name(out.name + ".parity.json").read_text())
+    assert saved["arch"] == "unet" and saved["passed"]
+
+
+def test_parity_failure_exits_non_zero(tmp_path, registry, capsys):
+    out = tmp_path / "model.pt"
+    with pytest.raises(SystemExit) as e:
+        # An impossible tolerance: even a difference of 0 is not <= -1.
+        export.main(["--model", "champion", "--registry", str(registry), "--format", "torchscript",
+                     "--out", str(out), "--tolerance", "-1"])
+    assert e.value.code == 1
+    assert "differs from PyTorch beyond -1.0" in capsys.readouterr().err
+    assert not json.loads(out.with_name("model.pt.parity.json").read_text())["passed"]
+
+
+def test_mask_rcnn_onnx_is_refused_with_a_reason(tmp_path):
+    ck = checkpoint(tmp_path, "mask_rcnn")
+    with pytest.raises(export.ExportError, match="use --format torchscript"):
+        export.run(ck, "onnx", tmp_path / "m.onnx")
+
+
+def test_max_abs_diff():
+    import numpy as np
+
+    assert export.max_abs_diff([np.zeros((2, 2))], [np.full((2, 2), 0.5)]) == 0.5
+    assert export.max_abs_diff([np.zeros((2, 2))], [np.zeros((1, 2))]) == float("inf")
+    assert export.max_abs_diff([np.zeros((0, 4))], [np.zeros((0, 4))]) == 0.0
+
+
+@pytest.mark.slow
+def test_mask_rcnn_torchscript_parity_including_no_detections(tmp_path):
+    torch.set_num_threads(1)
+    ck = checkpoint(tmp_path, "mask_rcnn", box_detections_per_img=10)
+    report = export.run(ck, "torchscript", tmp_path / "m.pt", tolerance=1e-4)
+    blank = next(r for r in report["samples"] if r["sample"] == "blank image")
+    assert blank["detections"] == 0 and blank["passed"]
+    batch3 = next(r for r in report["samples"] if r["sample"] == "batch 3")
+    assert batch3["passed"]
