@@ -69,26 +69,38 @@ def encode_targets(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.n
     return sem, instance_map_from_masks(masks, (h, w)), labels, crowd
 
 
-def resize_sample(image: np.ndarray, sem: np.ndarray, inst: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
-    """Deterministic resize to size x size (validation)."""
-    return _resize(image, size, size, False), _resize(sem, size, size, True), _resize(inst, size, size, True)
+def _pad_to(image: np.ndarray, sem: np.ndarray, inst: np.ndarray, size: int, ignore: int) -> tuple[np.ndarray, ...]:
+    """Pad bottom/right up to size x size: image black, labels ignore, no instance."""
+    h, w = sem.shape
+    ph, pw = max(size, h), max(size, w)
+    if (ph, pw) == (h, w):
+        return image, sem, inst
+    return (np.pad(image, ((0, ph - h), (0, pw - w), (0, 0))),
+            np.pad(sem, ((0, ph - h), (0, pw - w)), constant_values=ignore),
+            np.pad(inst, ((0, ph - h), (0, pw - w))))
+
+
+def center_crop(image: np.ndarray, sem: np.ndarray, inst: np.ndarray, size: int, ignore: int = 255) -> tuple[np.ndarray, ...]:
+    """Deterministic size x size window at native scale (validation during training)."""
+    image, sem, inst = _pad_to(image, sem, inst, size, ignore)
+    h, w = sem.shape
+    y, x = (h - size) // 2, (w - size) // 2
+    return image[y : y + size, x : x + size], sem[y : y + size, x : x + size], inst[y : y + size, x : x + size]
 
 
 def augment(
     image: np.ndarray, sem: np.ndarray, inst: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random scale, random crop (padding with ignore), horizontal flip and photometric jitter."""
+    """Random scale around the native resolution, random crop (padding with ignore), horizontal
+    flip and photometric jitter. Scales stay near 1 so that evaluation and prediction at native
+    resolution see objects at the sizes the model trained on."""
     h, w = sem.shape
-    base = cfg.size / min(h, w)
-    s = base * rng.uniform(*cfg.scale_range)
+    s = rng.uniform(*cfg.scale_range)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
     image, sem, inst = _resize(image, nh, nw, False), _resize(sem, nh, nw, True), _resize(inst, nh, nw, True)
     size = cfg.size
-    ph, pw = max(size, nh), max(size, nw)
-    if (ph, pw) != (nh, nw):  # pad bottom/right: image black, labels ignore / no instance
-        image = np.pad(image, ((0, ph - nh), (0, pw - nw), (0, 0)))
-        sem = np.pad(sem, ((0, ph - nh), (0, pw - nw)), constant_values=cfg.ignore_index)
-        inst = np.pad(inst, ((0, ph - nh), (0, pw - nw)))
+    image, sem, inst = _pad_to(image, sem, inst, size, cfg.ignore_index)
+    ph, pw = sem.shape
     y = int(rng.integers(0, ph - size + 1))
     x = int(rng.integers(0, pw - size + 1))
     image, sem, inst = image[y : y + size, x : x + size], sem[y : y + size, x : x + size], inst[y : y + size, x : x + size]
@@ -140,7 +152,7 @@ def prepare_rows(rows: list[dict[str, Any]], cfg: AugmentConfig, train: bool, rn
         if train:
             image, sem, inst = augment(image, sem, inst, cfg, rng)
         else:
-            image, sem, inst = resize_sample(image, sem, inst, cfg.size)
+            image, sem, inst = center_crop(image, sem, inst, cfg.size, cfg.ignore_index)
         labels, crowd, inst = pack_instances(labels, crowd, inst)
         for k, v in zip(out, (image, sem, inst, labels, crowd)):
             out[k].append(v)

@@ -6,12 +6,12 @@ from segpipe.data import (
     MAX_INSTANCES,
     AugmentConfig,
     augment,
+    center_crop,
     collate_targets,
     instance_map_from_masks,
     masks_to_boxes,
     pack_instances,
     photometric,
-    resize_sample,
 )
 
 
@@ -57,15 +57,17 @@ def test_augment_keeps_labels_aligned_with_image():
 
 def test_augment_pads_small_images_with_ignore():
     img, sem, inst = scene(10, 10)
-    cfg = AugmentConfig(size=64, scale_range=(0.5, 0.5), photometric=0.0, hflip=False)
+    cfg = AugmentConfig(size=64, scale_range=(2.0, 2.0), photometric=0.0, hflip=False)
     _, a_sem, a_inst = augment(img, sem, inst, cfg, np.random.default_rng(0))
     assert (a_sem == 255).sum() > 0 and a_sem.shape == (64, 64)
 
 
-def test_resize_sample_is_deterministic_nearest():
+def test_center_crop_native_scale_and_padding():
     img, sem, inst = scene()
-    r_img, r_sem, r_inst = resize_sample(img, sem, inst, 20)
-    assert r_sem.shape == (20, 20) and set(np.unique(r_sem)) <= {0, 5, 7, 255}
+    c_img, c_sem, c_inst = center_crop(img, sem, inst, 20)
+    assert c_sem.shape == (20, 20) and np.array_equal(c_sem, sem[10:30, 20:40])
+    p_img, p_sem, _ = center_crop(img, sem, inst, 64)
+    assert p_sem.shape == (64, 64) and (p_sem[40:] == 255).all() and np.array_equal(p_sem[:40, :60], sem)
 
 
 def test_photometric_changes_values_within_range():

@@ -255,3 +255,56 @@ def _record(path: Path, fi: int, img: Any, split: str | None, images: Path, mask
         height=h if isinstance(h, int) else None, width=w if isinstance(w, int) else None,
         semantic=semantic, semantic_source=semantic_source, instances=instances, annotation_problems=dropped,
     )
+
+
+def collection_dirs(root: Path) -> list[Path]:
+    """The COCO collections under ``root``: ``root`` itself when it holds ``annotations/``, else
+    every sub-folder that does (``data/raw/synth``, ``data/raw/<ingested drop>``, ...)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CocoError(f"{root}: input folder not found")
+    if (root / "annotations").is_dir():
+        return [root]
+    found = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "annotations").is_dir())
+    if not found:
+        raise CocoError(f"{root}: no COCO collection (a folder with annotations/ and images/) found")
+    return found
+
+
+def read_collection(root: Path) -> Source:
+    """One collection folder: ``annotations/*.json``, ``images/``, optional ``masks/``."""
+    files = sorted((root / "annotations").glob("*.json"))
+    if not files:
+        raise CocoError(f"{root / 'annotations'}: no annotation JSON file")
+    masks = root / "masks"
+    return read(files, root / "images", masks if masks.is_dir() else None)
+
+
+def read_collections(root: Path) -> Source:
+    """Every collection under ``root`` as one Source; with several, image ids become
+    ``<collection>/<id>`` so they stay unique. All collections must share one class table."""
+    dirs = collection_dirs(root)
+    if dirs == [Path(root)]:
+        return read_collection(Path(root))
+    sources = [(d.name, read_collection(d)) for d in dirs]
+    first_name, first = sources[0]
+    table = [(c.id, c.name, c.isthing) for c in first.classes]
+    for name, src in sources[1:]:
+        other = [(c.id, c.name, c.isthing) for c in src.classes]
+        if other != table or src.ignore_index != first.ignore_index:
+            diff = sorted(set(other) ^ set(table))[:4]
+            raise CocoError(f"{Path(root) / name}: class table differs from collection {first_name!r} "
+                            f"(first differences (id, name, isthing): {diff})")
+
+    def records() -> Iterator[Record]:
+        for name, src in sources:
+            for rec in src.records():
+                rec.image_id = f"{name}/{rec.image_id}"
+                yield rec
+
+    return Source(
+        name="coco", classes=first.classes, ignore_index=first.ignore_index, records=records,
+        files=[f for _, s in sources for f in s.files],
+        problems=[f"{name}: {p}" for name, s in sources for p in s.problems],
+        count=sum(s.count or 0 for _, s in sources),
+    )

@@ -89,9 +89,14 @@ class MaskRCNN(nn.Module):
         box_batch_size_per_image: int = 64,
         box_detections_per_img: int = 100,
         box_score_thresh: float = 0.05,
+        native_scale: bool = True,
         backbone_weights: str | None = None,
     ) -> None:
         super().__init__()
+        # segpipe feeds images at the scale it trains on (crops in training, whole images in
+        # evaluation and tiles in prediction), so by default torchvision's transform must not
+        # rescale them; min_size/max_size apply only with native_scale=False.
+        self.native_scale = native_scale
         if backbone not in RESNETS:
             raise ValueError(f"mask_rcnn backbone must be one of {', '.join(RESNETS)}, got {backbone!r}")
         if len(anchor_sizes) != 5:
@@ -137,6 +142,10 @@ class MaskRCNN(nn.Module):
         """Train mode: torchvision's loss dict. Eval mode: one dict per image with ``boxes``
         (x1 y1 x2 y2), ``labels`` (segpipe class ids), ``scores``, ``masks`` (N x 1 x H x W probabilities)."""
         check_images(images)
+        if self.native_scale:
+            h, w = images.shape[-2:]
+            self.detector.transform.min_size = (min(h, w),)
+            self.detector.transform.max_size = max(h, w)
         if self.training:
             if targets is None:
                 raise ValueError("MaskRCNN in train mode needs targets; call .eval() to predict")
@@ -176,13 +185,15 @@ def mask_rcnn(
     box_batch_size_per_image: int = 64,
     box_detections_per_img: int = 100,
     box_score_thresh: float = 0.05,
+    native_scale: bool = True,
     backbone_weights: str | None = None,
 ) -> MaskRCNN:
     """Mask R-CNN with a ResNet-FPN backbone. torchvision's sizes: ``fpn_channels=256,
-    box_head_dim=1024, mask_head_channels=256``, anchors 32..512, ``min_size=800, max_size=1333``.
+    box_head_dim=1024, mask_head_channels=256``, anchors 32..512, ``min_size=800, max_size=1333``
+    (with ``native_scale=False``; by default images are used at the scale they arrive).
     Fine-tuning pretrained weights: ``frozen_bn=True, trainable_layers=3``."""
     return MaskRCNN(
         num_classes, backbone, trainable_layers, frozen_bn, min_size, max_size, anchor_sizes, fpn_channels, box_head_dim,
         mask_head_channels, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, box_batch_size_per_image,
-        box_detections_per_img, box_score_thresh, backbone_weights,
+        box_detections_per_img, box_score_thresh, native_scale, backbone_weights,
     )

@@ -497,9 +497,14 @@ def run(params: ConvertParams, source: Source, out: Path, progress: bool = True)
 def read_source(args: argparse.Namespace) -> Source:
     """The Source named by the CLI arguments (``--format`` and its inputs)."""
     reader = get_reader(args.format)
+    if args.format == "coco" and args.input and not args.annotations:
+        from segpipe.formats.coco import read_collections
+
+        return read_collections(Path(args.input))
     if args.format == "coco":
         if not args.annotations or not args.images:
-            raise SystemExit("segpipe: --format coco needs --annotations FILE (repeatable) and --images DIR")
+            raise SystemExit("segpipe: --format coco needs --input DIR (a collection, or a folder of them) "
+                             "or --annotations FILE (repeatable) and --images DIR")
         return reader([Path(a) for a in args.annotations], Path(args.images),
                       Path(args.masks) if args.masks else None)
     if not args.input:
@@ -513,7 +518,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coco: instances JSON (repeatable; split from the name, e.g. instances_val2017.json)")
     parser.add_argument("--images", help="coco: image folder")
     parser.add_argument("--masks", help="coco: folder of semantic label PNGs named like the images")
-    parser.add_argument("--input", help="other formats: the dataset's root folder")
+    parser.add_argument("--input", help="the dataset's root folder; coco: a collection (annotations/, images/, "
+                        "masks/) or a folder of collections, e.g. data/raw")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

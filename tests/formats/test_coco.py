@@ -116,3 +116,31 @@ def test_shared_sample_records():
     assert [c.name for c in src.classes] == ["a", "b", "c"]
     assert [i["id"] for i in recs[1].instances] == [1, 2] and recs[1].instances[1]["iscrowd"] == 1
     assert src.problems == [] and len(src.files) == 4
+
+
+def test_folder_of_collections_converts_every_collection(tmp_path):
+    from segpipe.formats.coco import read_collections
+    from segpipe.params import ConvertParams, SynthParams
+    from segpipe.shards import iter_samples
+    from segpipe.stages import convert, synth
+
+    raw = tmp_path / "raw"
+    synth.run(SynthParams(images=3, size=(48, 48), seed=1, workers=1), raw / "synth")
+    synth.run(SynthParams(images=2, size=(48, 48), seed=2, workers=1), raw / "site1")
+    (raw / "site1.dvc").write_text("outs: []\n")  # what `dvc add` leaves beside a collection
+    (raw / ".gitignore").write_text("/site1\n")
+    source = read_collections(raw)
+    manifest = convert.run(ConvertParams(workers=1), source, tmp_path / "shards", progress=False)
+    ids = sorted(s["image_id"] for s in iter_samples(tmp_path / "shards"))
+    assert sum(manifest["splits"].values()) == 5
+    assert [i.split("/")[0] for i in ids] == ["site1"] * 2 + ["synth"] * 3
+    # one collection given directly keeps its own ids
+    assert all("/" not in r.image_id for r in read_collections(raw / "synth").records())
+    # collections must share one class table
+    classes = json.loads((raw / "site1" / "classes.json").read_text())
+    classes[0]["name"] = "mud"
+    (raw / "site1" / "classes.json").write_text(json.dumps(classes))
+    with pytest.raises(CocoError, match=r"raw/synth: class table differs from collection 'site1'"):
+        read_collections(raw)
+    with pytest.raises(CocoError, match="no COCO collection"):
+        read_collections(tmp_path / "shards")
