@@ -28,13 +28,13 @@ from segpipe.params import SynthParams, TrainParams
 
 
 def make_shards(root: Path, images: int, size: int) -> Path:
+    from segpipe.formats.coco import read_collections
     from segpipe.params import ConvertParams
     from segpipe.stages import convert, synth
 
     raw, shards = root / "raw", root / "shards"
     synth.run(SynthParams(images=images, size=(size, size), seed=0), raw)
-    convert.run_coco(ConvertParams(val_fraction=0.0), [raw / "annotations" / "instances.json"], raw / "images",
-                     raw / "masks", shards)
+    convert.run(ConvertParams(val_fraction=0.0), read_collections(raw), shards, progress=False)
     return shards
 
 

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("segpipe.stages.predict", "run a model on images of any size (sliding window)"),
     "export": ("segpipe.stages.export", "export a model to ONNX or TorchScript with a parity check"),
     "report": ("segpipe.stages.report", "write reports/summary.md from evaluations and the promotion"),
+    "ingest": ("pipelines.ingest", "validate a drop of site imagery and version it under data/raw (Prefect flow)"),
+    "retrain": ("pipelines.retrain", "run the pipeline's stages as a Prefect flow, then promote"),
     "schedule": ("pipelines.deploy", "serve the Prefect retrain flow on its cron schedule"),
     "params": ("segpipe.stages.params_check", "validate params.yaml (and --set overrides)"),
 }

@@ -229,9 +229,9 @@ def build_datasets(shards: str | Path, cfg: AugmentConfig, batch_size: int, read
     ctx.enable_progress_bars = False  # one progress line per epoch comes from the train loop
     out = {}
     for split, train in (("train", True), ("val", False)):
-        files = [str(p) for p in shard_files(shards, split)]
-        if not files:
+        if not manifest.get("splits", {}).get(split):
             continue
+        files = [str(p) for p in shard_files(shards, split)]
         ds = ray.data.read_parquet(files, num_cpus=read_cpus)
         out[split] = ds.map_batches(
             prepare_arrow_batch,

@@ -92,7 +92,6 @@ class EvaluateParams:
     num_overlays: int = 4
     score_threshold: float = 0.05  # detections below are dropped
     mask_threshold: float = 0.5
-    use_ray: bool = False  # Ray Data actor pool instead of in-process inference
     max_detections: int = 100
 
 

@@ -348,8 +348,6 @@ def run(params: EvaluateParams, model_dir: Path, shards: Path, out: Path) -> dic
     from segpipe.checkpoint import check_classes, load_model, weights_sha256
     from segpipe.shards import iter_samples, manifest_hash, read_manifest
 
-    if params.use_ray:
-        raise ParamsError("evaluate.use_ray: Ray Data inference is not implemented yet; set it to false")
     if params.batch_size < 1 or params.num_overlays < 0 or params.max_detections < 1:
         raise ParamsError("evaluate: batch_size and max_detections must be >= 1, num_overlays >= 0")
     model_dir, shards, out = Path(model_dir), Path(shards), Path(out)

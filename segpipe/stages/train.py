@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     meta_base = {**meta_base, "worker_nodes": nodes}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
-    iter_kw = {"batch_size": None, "device": device, "pin_memory": device.type == "cuda"}
+    iter_kw = {"batch_size": p.batch_size, "device": device, "pin_memory": device.type == "cuda"}
     thing_ids = meta_base.get("thing_ids", [])
     for epoch in range(start_epoch, p.epochs + 1):
         if epoch == p.fail_at_epoch and rank == 0:
@@ -360,7 +360,8 @@ def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: 
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        # One worker reads whole datasets; several split them (streaming_split) between them.
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if p.workers > 1 else []),
     )
     return trainer.fit()
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from segpipe.checkpoint import CheckpointError, load_model, load_meta
+from segpipe.checkpoint import CheckpointError, load_meta, load_model
 from segpipe.params import ParamsError, TrainParams
 from segpipe.stages.train import (
     history_tsv,
