@@ -59,7 +59,7 @@ class TrainParams:
     architectures: list[str] = field(
         default_factory=lambda: ["fcn32s", "fcn16s", "fcn8s", "unet", "deeplabv3", "maskformer", "mask_rcnn"]
     )
-    epochs: int = 8
+    epochs: int = 2
     batch_size: int = 8
     image_size: int = 128
     workers: int = 1
@@ -67,7 +67,7 @@ class TrainParams:
     placement_strategy: str = "PACK"  # Ray placement group strategy: PACK, SPREAD, STRICT_SPREAD
     use_gpu: bool = False
     mixed_precision: bool = True  # only on GPU
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     warmup_epochs: int = 0

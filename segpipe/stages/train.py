@@ -319,7 +319,10 @@ def connect_ray(address: str | None) -> tuple[bool, bool]:
 
     if ray.is_initialized():
         return False, False
-    quiet = {"log_to_driver": True, "logging_level": "warning"}
+    # Ray's own per-report chatter (and, with the dashboard off, a state-API warning every
+    # second from Train's placement-group cleaner) would bury the one progress line per epoch.
+    quiet = {"log_to_driver": True, "logging_level": "warning",
+             "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
     if address:
         ray.init(address=address, **quiet)
         return True, False
