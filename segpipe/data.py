@@ -1,9 +1,10 @@
 """Training data: decoding and augmentation of shard rows, and the Ray Data pipeline around it.
 
-The pure functions (``augment``, ``resize_sample``, ``encode_targets``, ``collate_targets``) carry
-the logic and are unit-tested; ``build_datasets`` is the thin Ray Data edge used by the train stage:
-``read_parquet`` -> ``map_batches(prepare_batch)`` streams decoded, augmented, fixed-size batches
-to the training workers.
+The pure functions (``augment``, ``center_crop``, ``encode_targets``, ``collate_targets``) carry
+the logic and are unit-tested; ``build_train_dataset`` is the thin Ray Data edge used by the train
+stage: ``read_parquet`` -> ``map_batches(prepare_arrow_batch)`` streams decoded, augmented,
+fixed-size batches to the training workers. ``validation_batches`` prepares a worker's share of
+the (small, unaugmented) val split once.
 
 A prepared batch is a dict of numpy arrays, all pixel-aligned so that every geometric
 augmentation applies to image and labels alike:
@@ -218,28 +219,41 @@ def masks_to_boxes(masks: Any) -> Any:
     return torch.stack([x1, y1, x2, y2], 1).float()
 
 
-def build_datasets(shards: str | Path, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5) -> dict[str, Any]:
-    """Ray Data datasets ``train`` and (when the split exists) ``val`` over the shard files."""
+def build_train_dataset(shards: str | Path, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5) -> Any:
+    """The Ray Data pipeline over the train split: read, decode and augment, streamed per epoch."""
     import ray.data
 
     from segpipe.shards import read_manifest, shard_files
 
     manifest = read_manifest(shards)
+    if not manifest.get("splits", {}).get("train"):
+        raise ValueError(f"{shards}: no train shards (splits in manifest: {manifest.get('splits')})")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one progress line per epoch comes from the train loop
-    out = {}
-    for split, train in (("train", True), ("val", False)):
-        if not manifest.get("splits", {}).get(split):
-            continue
-        files = [str(p) for p in shard_files(shards, split)]
-        ds = ray.data.read_parquet(files, num_cpus=read_cpus)
-        out[split] = ds.map_batches(
-            prepare_arrow_batch,
-            fn_kwargs={"cfg": cfg, "train": train},
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            num_cpus=read_cpus,
-        )
-    if "train" not in out:
-        raise ValueError(f"{shards}: no train shards (splits in manifest: {manifest.get('splits')})")
-    return out
+    files = [str(p) for p in shard_files(shards, "train")]
+    return ray.data.read_parquet(files, num_cpus=read_cpus).map_batches(
+        prepare_arrow_batch,
+        fn_kwargs={"cfg": cfg, "train": True},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        num_cpus=read_cpus,
+    )
+
+
+def validation_batches(shards: str | Path, cfg: AugmentConfig, batch_size: int, rank: int = 0,
+                       world: int = 1) -> list[dict[str, np.ndarray]]:
+    """This worker's share (every ``world``-th row) of the val split, prepared once.
+
+    Validation sets are small and unaugmented, so each worker decodes its share a single time
+    and reuses it every epoch instead of re-running a Ray Data pipeline per epoch; confusion
+    matrices are then summed across workers.
+    """
+    import pyarrow.parquet as pq
+
+    from segpipe.shards import read_manifest, shard_files
+
+    if not read_manifest(shards).get("splits", {}).get("val"):
+        return []
+    rows = [r for f in shard_files(shards, "val") for r in pq.read_table(f).to_pylist()][rank::world]
+    rng = np.random.default_rng(0)  # unused by validation; prepare_rows takes one
+    return [prepare_rows(rows[i : i + batch_size], cfg, False, rng) for i in range(0, len(rows), batch_size)]

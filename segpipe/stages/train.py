@@ -190,6 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from segpipe.checkpoint import load_train_state, save_checkpoint
+    from segpipe.data import validation_batches
     from segpipe.models import build_model
 
     p = build(TrainParams, config["params"], "train (worker)")
@@ -228,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.distributed.all_gather_object(nodes, node)
     meta_base = {**meta_base, "worker_nodes": nodes}
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    val_batches = validation_batches(config["shards"], augment_config(p, meta_base), p.batch_size, rank, world)
     iter_kw = {"batch_size": p.batch_size, "device": device, "pin_memory": device.type == "cuda"}
     thing_ids = meta_base.get("thing_ids", [])
     for epoch in range(start_epoch, p.epochs + 1):
@@ -241,9 +242,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stats = train_one_epoch(model, train_shard.iter_torch_batches(**iter_kw), optimizer, scaler, device, amp)
         scheduler.step()
         score, conf = float("nan"), None
-        if val_shard is not None:
-            conf = validate(model, val_shard.iter_torch_batches(**iter_kw), task, meta_base["num_classes"], thing_ids,
-                            meta_base["ignore_index"], device)
+        if config["has_val"]:
+            conf = validate(model, val_batches, task, meta_base["num_classes"], thing_ids, meta_base["ignore_index"],
+                            device)
             if world > 1:
                 t = torch.as_tensor(conf, device=device)
                 torch.distributed.all_reduce(t)
@@ -330,6 +331,13 @@ def connect_ray(address: str | None) -> tuple[bool, bool]:
     return True, True
 
 
+def augment_config(p: TrainParams, meta: dict[str, Any]) -> Any:
+    from segpipe.data import AugmentConfig
+
+    return AugmentConfig(size=p.image_size, scale_range=p.scale_range, hflip=p.hflip, photometric=p.photometric,
+                         ignore_index=meta["ignore_index"])
+
+
 def has_ray_token() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                 or (Path.home() / ".ray" / "auth_token").is_file())
@@ -341,14 +349,14 @@ def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from segpipe.data import AugmentConfig, build_datasets
+    from segpipe.data import build_train_dataset
+    from segpipe.shards import read_manifest
 
-    cfg = AugmentConfig(size=p.image_size, scale_range=p.scale_range, hflip=p.hflip, photometric=p.photometric,
-                        ignore_index=meta["ignore_index"])
-    datasets = build_datasets(shards, cfg, p.batch_size)
-    config = {"params": as_dict(p), "arch": arch, "task": meta["task"], "meta": meta, "has_val": "val" in datasets,
-              "cpus_per_worker": cpus_per_worker, "fail_marker": str(Path(storage) / name / "failed-once")
-              if "://" not in storage else os.path.join(tempfile.gettempdir(), f"segpipe-{name}-failed-once")}
+    has_val = bool(read_manifest(shards).get("splits", {}).get("val"))
+    config = {"params": as_dict(p), "arch": arch, "task": meta["task"], "meta": meta, "has_val": has_val,
+              "shards": str(Path(shards).resolve()), "cpus_per_worker": cpus_per_worker,
+              "fail_marker": str(Path(storage) / name / "failed-once") if "://" not in storage
+              else os.path.join(tempfile.gettempdir(), f"segpipe-{name}-failed-once")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -362,8 +370,8 @@ def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: 
                 num_to_keep=p.num_to_keep, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
         ),
-        datasets=datasets,
-        # One worker reads whole datasets; several split them (streaming_split) between them.
+        datasets={"train": build_train_dataset(shards, augment_config(p, meta), p.batch_size)},
+        # One worker reads the whole dataset; several split it (streaming_split) between them.
         dataset_config=ray.train.DataConfig(datasets_to_split="all" if p.workers > 1 else []),
     )
     return trainer.fit()
