@@ -19,9 +19,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch/torchvision resolve to the pinned 2.14.1/0.29.1 wheels on local disk (see pyproject.toml).
+# --no-compile: byte-compiling torch's thousands of modules up front costs about a minute; Python
+# compiles what it imports on first use instead.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -e ".[dev,export]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,export]"
 	@touch $(STAMP)
 
 lint: install
