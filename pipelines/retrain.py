@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines import commands
 from segpipe.params import ParamsError, RetrainParams, add_params_arguments, load_section
+from segpipe.stages.promote import metric_value
 
 ARTIFACT_KEY = "retrain-report"
 PROMOTION_FILE = "promotion.json"  # what segpipe.stages.promote writes into its report folder
@@ -73,18 +73,6 @@ def ran_stages(dvc_output: str) -> list[str]:
     return _RUNNING.findall(dvc_output)
 
 
-def lookup(metrics: dict[str, Any], key: str) -> float | None:
-    """``metrics["segm"]["AP"]`` for ``"segm.AP"``; None when absent or not a finite number."""
-    value: Any = metrics
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _stage_items(lock: dict[str, Any], stage: str) -> dict[str, list[str]]:
     """{item: [out paths]} of ``stage`` in a parsed dvc.lock; foreach items are ``stage@item``."""
     items = {}
@@ -109,7 +97,7 @@ def metric_rows(shown: dict[str, Any], lock: dict[str, Any], stage: str, columns
     for item, outs in sorted(_stage_items(lock, stage).items()):
         for path in outs:
             if path in metrics:
-                rows.append({"item": item, "path": path, **{c: lookup(metrics[path], c) for c in columns}})
+                rows.append({"item": item, "path": path, **{c: metric_value(metrics[path], c) for c in columns}})
     return rows
 
 

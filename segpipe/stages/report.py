@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.files import atomic_write_text
+from segpipe.stages.promote import metric_value
 
 # (column title, key path in an evaluate metrics.json)
 COLUMNS: list[tuple[str, str]] = [
@@ -24,15 +25,6 @@ COLUMNS: list[tuple[str, str]] = [
 ]
 
 
-def lookup(metrics: dict[str, Any], path: str) -> Any:
-    node: Any = metrics
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -43,7 +35,7 @@ def metrics_table(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, A
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arch in sorted(evals):
         m, t = evals[arch], train.get(arch, {})
-        cells = [arch, str(m.get("task", "")), *[fmt(lookup(m, key)) for _, key in COLUMNS],
+        cells = [arch, str(m.get("task", "")), *[fmt(metric_value(m, key)) for _, key in COLUMNS],
                  fmt(t.get("epochs")), fmt(t.get("images_per_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

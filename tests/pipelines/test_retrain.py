@@ -14,7 +14,6 @@ from pipelines.retrain import (
     StageResult,
     check_params,
     headline,
-    lookup,
     metric_rows,
     promotion_paths,
     ran_stages,
@@ -51,7 +50,9 @@ def test_ran_stages_reads_dvc_output():
     assert ran_stages("Stage 'synth' didn't change, skipping\n") == []
 
 
-def test_lookup_dotted_and_non_finite():
+def test_metric_lookup_dotted_and_non_finite():
+    from segpipe.stages.promote import metric_value as lookup
+
     m = {"miou": 0.5, "segm": {"AP": 0.25}, "bad": float("inf"), "flag": True}
     assert lookup(m, "miou") == 0.5 and lookup(m, "segm.AP") == 0.25
     assert lookup(m, "segm.AR") is None and lookup(m, "bad") is None and lookup(m, "flag") is None
