@@ -155,6 +155,9 @@ def prepare_rows(rows: list[dict[str, Any]], cfg: AugmentConfig, train: bool, rn
         else:
             image, sem, inst = center_crop(image, sem, inst, cfg.size, cfg.ignore_index)
         labels, crowd, inst = pack_instances(labels, crowd, inst)
+        # PIL resizes int16 maps as int32: fix the dtype, or Ray Data cannot concatenate batches
+        # that were resized with batches that were not.
+        inst = inst.astype(np.int16, copy=False)
         for k, v in zip(out, (image, sem, inst, labels, crowd)):
             out[k].append(v)
     return {k: np.stack(v) for k, v in out.items()}

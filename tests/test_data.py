@@ -124,3 +124,19 @@ def test_collate_drops_tiny_instances(bad):
              "instance_map": inst, "instance_label": labels, "instance_crowd": np.zeros((1, MAX_INSTANCES), np.uint8)}
     _, targets = collate_targets(batch)
     assert targets[0]["labels"].tolist() == [8]
+
+
+def test_prepared_batches_have_fixed_dtypes_whether_resized_or_not(tiny_shards):
+    import pyarrow.parquet as pq
+
+    from segpipe.data import prepare_rows
+    from segpipe.shards import shard_files
+
+    rows = pq.read_table(shard_files(tiny_shards, "train")[0]).to_pylist()[:2]
+    same = prepare_rows(rows, AugmentConfig(size=32, scale_range=(1.0, 1.0)), True, np.random.default_rng(0))
+    scaled = prepare_rows(rows, AugmentConfig(size=32, scale_range=(1.5, 1.5)), True, np.random.default_rng(0))
+    val = prepare_rows(rows, AugmentConfig(size=32), False, np.random.default_rng(0))
+    for batch in (same, scaled, val):
+        assert {k: v.dtype for k, v in batch.items()} == {
+            "image": np.uint8, "semantic": np.uint8, "instance_map": np.int16,
+            "instance_label": np.int32, "instance_crowd": np.uint8}
