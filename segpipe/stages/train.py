@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.files import atomic_dir, atomic_write_json, atomic_write_text, sha256_bytes
+from segpipe.files import atomic_dir, atomic_write_json, atomic_write_text
 from segpipe.params import ParamsError, TrainParams, add_params_arguments, as_dict, build, from_args
 
 # Keys of TrainParams that only make sense for the whole run, not per architecture.
@@ -438,10 +438,6 @@ def history_tsv(history: list[dict[str, Any]]) -> str:
     for h in history:
         lines.append("\t".join("" if h.get(c) is None else str(h[c]) for c in cols))
     return "\n".join(lines) + "\n"
-
-
-def params_hash(p: TrainParams) -> str:
-    return sha256_bytes(json.dumps(as_dict(p), sort_keys=True).encode())
 
 
 def main(argv: list[str] | None = None) -> None:
