@@ -417,9 +417,11 @@ def run(params: TrainParams, arch: str, shards: Path, out: Path, ray_address: st
     with best.as_directory() as d:
         best_meta = json.loads((Path(d) / "meta.json").read_text())
         with result.checkpoint.as_directory() as last_dir:
-            history = json.loads((Path(last_dir) / "meta.json").read_text())["history"]
+            last_meta = json.loads((Path(last_dir) / "meta.json").read_text())
+        history = last_meta["history"]
         with atomic_dir(out) as tmp:
             shutil.copytree(d, tmp / "checkpoint")
+            atomic_write_json(tmp / "checkpoint" / "meta.json", final_meta(best_meta, last_meta))
             atomic_write_text(tmp / "history.tsv", history_tsv(history))
             summary = {
                 "arch": arch, "best_epoch": best_meta["epoch"], "best_val_score": best_meta["metrics"]["val_score"],
@@ -430,6 +432,14 @@ def run(params: TrainParams, arch: str, shards: Path, out: Path, ray_address: st
             atomic_write_json(tmp / "metrics.json", summary)
     print(f"[{arch}] best epoch {summary['best_epoch']} val score {summary['best_val_score']}; wrote {out}")
     return summary
+
+
+def final_meta(best_meta: dict[str, Any], last_meta: dict[str, Any]) -> dict[str, Any]:
+    """The best checkpoint's meta, with the whole run's history and restarts from the last one.
+
+    The best epoch may predate a crash and restart; its own meta then knows nothing of what came after.
+    """
+    return {**best_meta, "history": last_meta["history"], "restarts": last_meta.get("restarts", [])}
 
 
 def history_tsv(history: list[dict[str, Any]]) -> str:

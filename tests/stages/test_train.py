@@ -8,6 +8,7 @@ import pytest
 from segpipe.checkpoint import CheckpointError, load_meta, load_model
 from segpipe.params import ParamsError, TrainParams
 from segpipe.stages.train import (
+    final_meta,
     history_tsv,
     lr_schedule,
     miou_of,
@@ -58,6 +59,16 @@ def test_lr_schedule_warms_up_then_decays():
     f = lr_schedule(TrainParams(epochs=10, warmup_epochs=2))
     assert f(0) < f(1) < f(2) == pytest.approx(1.0)
     assert f(9) < f(5) < f(2) and f(20) == pytest.approx(0.05)
+
+
+def test_final_meta_keeps_best_weights_meta_but_whole_run_history():
+    best = {"epoch": 1, "metrics": {"val_score": 0.4}, "history": [{"epoch": 1}], "restarts": []}
+    last = {"epoch": 3, "metrics": {"val_score": 0.3}, "history": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}],
+            "restarts": [{"resumed_from_epoch": 1}]}
+    meta = final_meta(best, last)
+    assert meta["epoch"] == 1 and meta["metrics"]["val_score"] == 0.4
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    assert meta["restarts"] == [{"resumed_from_epoch": 1}]
 
 
 def test_history_tsv_columns():
