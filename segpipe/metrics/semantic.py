@@ -240,3 +240,55 @@ def compute(conf: np.ndarray, names: Sequence[str] | None = None) -> dict[str, A
 def mean_over(metrics: dict[str, Any], key: str, names: Sequence[str]) -> float | None:
     """Mean of ``per_class[name][key]`` over ``names``, skipping nulls (e.g. mIoU over thing classes)."""
     return _mean([metrics["per_class"][n][key] for n in names])
+
+
+BACKGROUND = "(background)"  # the merged stuff / no-detection class of instance-only models
+
+
+def class_names(classes: Sequence[dict[str, Any]], num_classes: int) -> list[str]:
+    """Names by class id from a manifest or checkpoint class table (ids without an entry: the id)."""
+    by_id = {int(c["id"]): str(c["name"]) for c in classes}
+    return [by_id.get(i, str(i)) for i in range(num_classes)]
+
+
+class ThingsVsBackground:
+    """Scores instance-only models, whose label maps cover things only, as semantic maps.
+
+    Such models say nothing about stuff, so their maps are scored against the thing classes plus
+    one merged ``(background)`` class: stuff ground truth and pixels no detection covers both map
+    to it. Train validation and ``segpipe evaluate`` share this, so their numbers agree.
+    """
+
+    def __init__(self, names: Sequence[str], thing_ids: Sequence[int], ignore_index: int = 255) -> None:
+        if not thing_ids:
+            raise MetricsInputError("an instance model needs thing classes; the class table has none")
+        self.num_classes, self.ignore_index = len(names), int(ignore_index)
+        self.thing_names = [names[t] for t in thing_ids]
+        self.names = [*self.thing_names, BACKGROUND]
+        lut_size = max(self.num_classes, self.ignore_index + 1, 256)
+        bg = len(thing_ids)
+        self.gt_lut = np.full(lut_size, bg, dtype=np.uint8)
+        self.gt_lut[self.ignore_index] = 255
+        self.pred_lut = np.full(lut_size, bg, dtype=np.uint8)
+        for j, t in enumerate(thing_ids):
+            self.gt_lut[t] = self.pred_lut[t] = j
+
+    def matrix(self) -> ConfusionMatrix:
+        return ConfusionMatrix(len(self.names), 255)
+
+    def update(self, cm: ConfusionMatrix, gt: np.ndarray, pred: np.ndarray, where: str = "") -> None:
+        """Add one image: ``gt`` class ids (or ``ignore_index``), ``pred`` thing class ids where a
+        detection covers the pixel and ``ignore_index`` elsewhere."""
+        at = f"{where}: " if where else ""
+        gt, pred = np.asarray(gt), np.asarray(pred)
+        bad = gt[(gt < 0) | ((gt >= self.num_classes) & (gt != self.ignore_index))]
+        if bad.size:
+            raise MetricsInputError(f"{at}ground truth value {int(bad[0])} is not a class id in [0, {self.num_classes})")
+        bad = pred[(pred < 0) | ((pred >= self.num_classes) & (pred != self.ignore_index))]
+        if bad.size:
+            raise MetricsInputError(f"{at}prediction value {int(bad[0])} is not a class id in [0, {self.num_classes})")
+        cm.update(self.gt_lut[gt], self.pred_lut[pred], where=where)
+
+    def thing_miou(self, mat: np.ndarray) -> float | None:
+        """Mean IoU over the thing classes of a matrix this object's ``matrix()`` accumulated."""
+        return mean_over(compute(mat, self.names), "iou", self.thing_names)

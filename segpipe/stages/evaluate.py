@@ -33,12 +33,18 @@ import torch
 from PIL import Image
 
 from segpipe.files import atomic_dir, atomic_write_json, atomic_write_text
-from segpipe.metrics.semantic import ConfusionMatrix, MetricsInputError, compute, mean_over
+from segpipe.metrics.semantic import (
+    ConfusionMatrix,
+    MetricsInputError,
+    ThingsVsBackground,
+    class_names,
+    compute,
+    mean_over,
+)
 from segpipe.params import EvaluateParams, ParamsError, add_params_arguments, from_args
 
 PAD_MULTIPLE = 32
 CONFUSION_ROWS = 10_000  # rows of confusion.csv: enough for percent-level shading, small to diff
-BACKGROUND = "(background)"  # the merged stuff / no-detection class of instance-only models
 NO_PREDICTION_COLOR = (0, 0, 0)
 
 
@@ -217,24 +223,17 @@ class Evaluator:
         self.num_classes = int(meta["num_classes"])
         self.ignore = int(meta.get("ignore_index", 255))
         self.classes = list(meta["classes"])
-        by_id = {int(c["id"]): c["name"] for c in self.classes}
-        self.names = [by_id.get(i, str(i)) for i in range(self.num_classes)]
+        self.names = class_names(self.classes, self.num_classes)
         self.thing_ids = sorted(int(c["id"]) for c in self.classes if c.get("isthing"))
         self.instances = self.task == "instance" or hasattr(model, "predict_instances")
+        self.things: ThingsVsBackground | None = None
         if self.task == "instance":
-            if not self.thing_ids:
-                raise MetricsInputError(f"{meta['arch']}: an instance model needs thing classes; the checkpoint has none")
-            # Instance-only models say nothing about stuff: score things against one merged
-            # background class (all stuff ground truth; pixels no detection covers).
-            self.cm_names = [by_id[t] for t in self.thing_ids] + [BACKGROUND]
-            lut_size = max(self.num_classes, self.ignore + 1, 256)
-            bg = len(self.thing_ids)
-            self.gt_lut = np.full(lut_size, bg, dtype=np.uint8)
-            self.gt_lut[self.ignore] = 255
-            self.pred_lut = np.full(lut_size, bg, dtype=np.uint8)
-            for j, t in enumerate(self.thing_ids):
-                self.gt_lut[t] = self.pred_lut[t] = j
-            self.cm = ConfusionMatrix(len(self.cm_names), 255)
+            try:
+                self.things = ThingsVsBackground(self.names, self.thing_ids, self.ignore)
+            except MetricsInputError as e:
+                raise MetricsInputError(f"{meta['arch']}: {e}") from None
+            self.cm_names = self.things.names
+            self.cm = self.things.matrix()
         else:
             self.cm_names = self.names
             self.cm = ConfusionMatrix(self.num_classes, self.ignore)
@@ -265,13 +264,7 @@ class Evaluator:
                 self.cm.update(gt, pred, where=where)
             else:
                 pred = render_instances(inst, gt.shape[0], gt.shape[1], self.ignore)
-                if gt.size and int(gt.max()) >= len(self.gt_lut):
-                    raise MetricsInputError(f"{where}: ground truth value {int(gt.max())} is not a class id")
-                bad = gt[(gt >= self.num_classes) & (gt != self.ignore)]
-                if bad.size:
-                    raise MetricsInputError(f"{where}: ground truth value {int(bad[0])} is not a class id in [0, {self.num_classes})")
-                # pred holds class ids, or ignore_index where no detection: both index the LUT
-                self.cm.update(self.gt_lut[gt], self.pred_lut[pred], where=where)
+                self.things.update(self.cm, gt, pred, where=where)
             if self.overlays_written < self.params.num_overlays:
                 name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(s["image_id"]))
                 Image.fromarray(overlay(s["image"], gt, pred, self.pal)).save(

@@ -83,43 +83,6 @@ def plan_cpus_per_worker(total_cpus: float, workers: int, cpus_per_worker: float
     return math.floor(fitted * 100) / 100
 
 
-def thing_iou_confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int, thing_ids: list[int], ignore: int) -> np.ndarray:
-    """(K+1) x (K+1) confusion for instance models, whose maps cover things only.
-
-    Stuff ground truth and unpredicted pixels both map to the extra "nothing" class K.
-    """
-    k = num_classes
-    is_thing = np.zeros(max(k, 256), dtype=bool)
-    is_thing[thing_ids] = True
-    g = gt.astype(np.int64)
-    valid = g != ignore
-    g = np.where(is_thing[np.clip(g, 0, 255)], g, k)
-    p = np.where(pred == ignore, k, pred.astype(np.int64))
-    return np.bincount((g[valid] * (k + 1) + p[valid]).ravel(), minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
-
-
-def miou_of(conf: np.ndarray, classes: list[int] | None = None) -> float:
-    """Mean IoU over ``classes`` (default all) present in ground truth or prediction."""
-    tp = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - tp
-    idx = np.arange(len(conf)) if classes is None else np.asarray(classes)
-    present = union[idx] > 0
-    return float((tp[idx][present] / union[idx][present]).mean()) if present.any() else float("nan")
-
-
-def render_instances(dets: dict[str, Any], shape: tuple[int, int], ignore: int, score_threshold: float = 0.5) -> np.ndarray:
-    """Paint detections (highest score last, so on top) into a label map; unpainted = ignore."""
-    out = np.full(shape, ignore, dtype=np.int64)
-    scores = dets["scores"].detach().cpu().numpy()
-    order = np.argsort(scores, kind="stable")
-    masks = dets["masks"].detach().cpu().numpy()
-    labels = dets["labels"].detach().cpu().numpy()
-    for i in order:
-        if scores[i] >= score_threshold:
-            out[masks[i, 0] >= 0.5] = labels[i]
-    return out
-
-
 # ----------------------------------------------------------------------------- epoch verbs
 
 
@@ -150,33 +113,46 @@ def train_one_epoch(model: Any, batches: Any, optimizer: Any, scaler: Any, devic
     return {"train_loss": total / max(n_steps, 1), "images": n_img, "seconds": dt}
 
 
-def validate(model: Any, batches: Any, task: str, num_classes: int, thing_ids: list[int], ignore: int, device: Any) -> np.ndarray:
-    """Confusion matrix over the validation batches (summable across workers)."""
+def validate(model: Any, batches: Any, task: str, names: list[str], thing_ids: list[int], ignore: int, device: Any,
+             score_threshold: float = 0.05, mask_threshold: float = 0.5) -> np.ndarray:
+    """Confusion matrix over the validation batches (summable across workers).
+
+    Semantic models: argmax maps against all classes. Instance models: detections rendered to a
+    label map exactly as ``segpipe evaluate`` does, scored against things plus one background.
+    """
     import torch
 
     from segpipe.data import collate_targets
+    from segpipe.metrics.semantic import ConfusionMatrix, ThingsVsBackground
+    from segpipe.stages.evaluate import render_instances
 
     model.eval()
-    k = num_classes if task == "semantic" else num_classes + 1
-    conf = np.zeros((k, k), dtype=np.int64)
+    things = ThingsVsBackground(names, thing_ids, ignore) if task == "instance" else None
+    cm = things.matrix() if things else ConfusionMatrix(len(names), ignore)
     with torch.no_grad():
         for batch in batches:
             images, targets = collate_targets(batch, device)
             out = model(images)
             for b, t in enumerate(targets):
                 gt = t["semantic"].cpu().numpy()
-                if task == "semantic":
-                    pred = out[b].argmax(0).cpu().numpy()
-                    valid = gt != ignore
-                    conf += np.bincount(gt[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
-                else:
-                    pred = render_instances(out[b], gt.shape, ignore)
-                    conf += thing_iou_confusion(gt, pred, num_classes, thing_ids, ignore)
-    return conf
+                if things is None:
+                    cm.update(gt, out[b].argmax(0).cpu().numpy())
+                    continue
+                d = out[b]
+                keep = d["scores"] >= score_threshold
+                order = d["scores"][keep].argsort(descending=True)
+                inst = {"scores": d["scores"][keep][order].cpu().numpy(), "labels": d["labels"][keep][order].cpu().numpy(),
+                        "masks": (d["masks"][keep][order][:, 0] > mask_threshold).cpu().numpy()}
+                things.update(cm, gt, render_instances(inst, gt.shape[0], gt.shape[1], ignore))
+    return cm.mat
 
 
-def val_score(conf: np.ndarray, task: str, num_classes: int, thing_ids: list[int]) -> float:
-    return miou_of(conf) if task == "semantic" else miou_of(conf, thing_ids)
+def val_score(conf: np.ndarray, task: str, names: list[str], thing_ids: list[int], ignore: int) -> float:
+    """mIoU (semantic) or thing mIoU (instance) of a ``validate`` matrix; NaN when nothing is scored."""
+    from segpipe.metrics.semantic import ThingsVsBackground, compute
+
+    score = compute(conf)["miou"] if task == "semantic" else ThingsVsBackground(names, thing_ids, ignore).thing_miou(conf)
+    return float("nan") if score is None else float(score)
 
 
 # ----------------------------------------------------------------------------- Ray worker
@@ -191,6 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from segpipe.checkpoint import load_train_state, save_checkpoint
     from segpipe.data import validation_batches
+    from segpipe.metrics.semantic import class_names
     from segpipe.models import build_model
 
     p = build(TrainParams, config["params"], "train (worker)")
@@ -232,6 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_batches = validation_batches(config["shards"], augment_config(p, meta_base), p.batch_size, rank, world)
     iter_kw = {"batch_size": p.batch_size, "device": device, "pin_memory": device.type == "cuda"}
     thing_ids = meta_base.get("thing_ids", [])
+    names = class_names(meta_base["classes"], meta_base["num_classes"])
     for epoch in range(start_epoch, p.epochs + 1):
         if epoch == p.fail_at_epoch and rank == 0:
             marker = Path(config["fail_marker"])
@@ -243,13 +221,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
         score, conf = float("nan"), None
         if config["has_val"]:
-            conf = validate(model, val_batches, task, meta_base["num_classes"], thing_ids, meta_base["ignore_index"],
-                            device)
+            conf = validate(model, val_batches, task, names, thing_ids, meta_base["ignore_index"], device)
             if world > 1:
                 t = torch.as_tensor(conf, device=device)
                 torch.distributed.all_reduce(t)
                 conf = t.cpu().numpy()
-            score = val_score(conf, task, meta_base["num_classes"], thing_ids)
+            score = val_score(conf, task, names, thing_ids, meta_base["ignore_index"])
         loss = stats["train_loss"]
         if world > 1:
             t = torch.tensor([loss, stats["images"], stats["seconds"]], device=device, dtype=torch.float64)

@@ -226,3 +226,30 @@ def test_names_label_per_class():
     assert list(m["per_class"]) == ["road", "worker"]
     with pytest.raises(ValueError, match="class names"):
         compute(np.eye(2, dtype=int), ["a"])
+
+
+def test_things_vs_background_maps_stuff_and_misses_to_background():
+    from segpipe.metrics.semantic import BACKGROUND, ThingsVsBackground
+
+    names = ["soil", "road", "pipe", "truck"]
+    things = ThingsVsBackground(names, [2, 3], ignore_index=255)
+    assert things.names == ["pipe", "truck", BACKGROUND]
+    cm = things.matrix()
+    gt = np.array([[0, 2], [2, 255]])  # stuff, pipe / pipe, ignore
+    pred = np.array([[3, 2], [255, 3]])  # truck (false positive), pipe hit / no detection, anything
+    things.update(cm, gt, pred)
+    assert cm.mat.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
+    # pipe IoU 1/2, truck 0/1: mean 1/4; the background is not a thing
+    assert things.thing_miou(cm.mat) == pytest.approx(0.25)
+
+
+def test_things_vs_background_names_the_image_with_a_bad_value():
+    from segpipe.metrics.semantic import MetricsInputError, ThingsVsBackground
+
+    things = ThingsVsBackground(["soil", "pipe"], [1])
+    with pytest.raises(MetricsInputError, match="img7: ground truth value 9"):
+        things.update(things.matrix(), np.array([[9]]), np.array([[1]]), where="img7")
+    with pytest.raises(MetricsInputError, match="img7: prediction value 4"):
+        things.update(things.matrix(), np.array([[1]]), np.array([[4]]), where="img7")
+    with pytest.raises(MetricsInputError, match="no"):
+        ThingsVsBackground(["soil"], [])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from segpipe.checkpoint import save_checkpoint
+from segpipe.metrics.semantic import BACKGROUND
 from segpipe.models import build_model, default_kwargs, normalize
 from segpipe.params import ConvertParams, EvaluateParams, SynthParams
 from segpipe.stages import evaluate as ev
@@ -141,7 +142,7 @@ def test_instance_checkpoint_end_to_end(shard_set, tmp_path):
     m = ev.run(params, ckpt, root / "shards", out)
     _check_outputs(out, m, ckpt, root)
     things = [c["name"] for c in manifest["classes"] if c["isthing"]]
-    assert set(m["per_class"]) == {*things, ev.BACKGROUND}
+    assert set(m["per_class"]) == {*things, BACKGROUND}
     assert m["semantic_classes"] == "things+background"
     for iou_type in ("segm", "bbox"):
         assert list(m[iou_type])[:12] == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",

@@ -1,6 +1,5 @@
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -11,10 +10,10 @@ from segpipe.stages.train import (
     final_meta,
     history_tsv,
     lr_schedule,
-    miou_of,
     params_for,
     plan_cpus_per_worker,
-    thing_iou_confusion,
+    val_score,
+    validate,
 )
 
 
@@ -38,21 +37,42 @@ def test_plan_cpus_leaves_room_for_ray_data():
         plan_cpus_per_worker(1, 8, 1.0)
 
 
-def test_thing_confusion_maps_stuff_and_misses_to_nothing():
-    gt = np.array([[0, 5], [5, 255]])  # 0 stuff, 5 thing, 255 ignore
-    pred = np.array([[5, 5], [255, 5]])  # 255 = unpredicted
-    conf = thing_iou_confusion(gt, pred, 6, [5], 255)
-    k = 6
-    assert conf[k, 5] == 1  # stuff pixel predicted as thing: a false positive
-    assert conf[5, 5] == 1 and conf[5, k] == 1  # one hit, one miss
-    assert conf.sum() == 3  # the ignore pixel is excluded
-    assert miou_of(conf, [5]) == pytest.approx(1 / 3)
+def test_validate_semantic_counts_every_labelled_pixel():
+    import torch
+
+    class Fixed(torch.nn.Module):  # predicts class 1 everywhere
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            out[:, 1] = 1.0
+            return out
+
+    sem = np.array([[[0, 1], [1, 255]]], dtype=np.uint8)
+    batch = {"image": np.zeros((1, 2, 2, 3), np.uint8), "semantic": sem, "instance_map": np.zeros((1, 2, 2), np.int16),
+             "instance_label": np.full((1, 4), -1, np.int32), "instance_crowd": np.zeros((1, 4), np.uint8)}
+    conf = validate(Fixed(), [batch], "semantic", ["a", "b", "c"], [], 255, torch.device("cpu"))
+    assert conf.tolist() == [[0, 1, 0], [0, 2, 0], [0, 0, 0]]
+    assert val_score(conf, "semantic", ["a", "b", "c"], [], 255) == pytest.approx((0 + 2 / 3) / 2)
 
 
-def test_miou_skips_absent_classes():
-    conf = np.array([[2, 0, 0], [1, 1, 0], [0, 0, 0]])
-    assert miou_of(conf) == pytest.approx((2 / 3 + 1 / 2) / 2)
-    assert math.isnan(miou_of(np.zeros((2, 2), int)))
+def test_validate_instance_renders_detections_like_evaluate():
+    import torch
+
+    class Detector(torch.nn.Module):  # one confident class-2 mask on the left column, one below threshold
+        def forward(self, x):
+            masks = torch.zeros(2, 1, *x.shape[2:])
+            masks[0, 0, :, 0] = 1.0
+            masks[1, 0] = 1.0
+            return [{"scores": torch.tensor([0.9, 0.01]), "labels": torch.tensor([2, 1]), "masks": masks,
+                     "boxes": torch.zeros(2, 4)}] * x.shape[0]
+
+    sem = np.array([[[2, 0], [2, 2]]], dtype=np.uint8)  # 0 stuff, 2 thing
+    batch = {"image": np.zeros((1, 2, 2, 3), np.uint8), "semantic": sem, "instance_map": np.zeros((1, 2, 2), np.int16),
+             "instance_label": np.full((1, 4), -1, np.int32), "instance_crowd": np.zeros((1, 4), np.uint8)}
+    names = ["soil", "pipe", "truck"]
+    conf = validate(Detector(), [batch], "instance", names, [1, 2], 255, torch.device("cpu"))
+    # rows/cols: pipe, truck, background; the 0.01 pipe detection is below the score threshold
+    assert conf.tolist() == [[0, 0, 0], [0, 2, 1], [0, 0, 1]]
+    assert val_score(conf, "instance", names, [1, 2], 255) == pytest.approx(2 / 3)  # pipe absent: skipped
 
 
 def test_lr_schedule_warms_up_then_decays():
