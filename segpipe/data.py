@@ -222,8 +222,16 @@ def masks_to_boxes(masks: Any) -> Any:
     return torch.stack([x1, y1, x2, y2], 1).float()
 
 
-def build_train_dataset(shards: str | Path, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5) -> Any:
-    """The Ray Data pipeline over the train split: read, decode and augment, streamed per epoch."""
+def build_train_dataset(shards: str | Path, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5,
+                        cache: bool = True) -> Any:
+    """The Ray Data pipeline over the train split: read, decode and augment, streamed per epoch.
+
+    With ``cache`` the encoded rows are read once into Ray's object store (spilled to disk when it
+    is full) and only decoding and augmentation run again each epoch; without it every epoch
+    re-reads the Parquet files, which on a small split costs more than the decoding (see
+    docs/benchmarks.md). Turn it off when the encoded train split is far larger than the cluster's
+    object store.
+    """
     import ray.data
 
     from segpipe.shards import read_manifest, shard_files
@@ -234,7 +242,10 @@ def build_train_dataset(shards: str | Path, cfg: AugmentConfig, batch_size: int,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one progress line per epoch comes from the train loop
     files = [str(p) for p in shard_files(shards, "train")]
-    return ray.data.read_parquet(files, num_cpus=read_cpus).map_batches(
+    rows = ray.data.read_parquet(files, num_cpus=read_cpus)
+    if cache:
+        rows = rows.materialize()
+    return rows.map_batches(
         prepare_arrow_batch,
         fn_kwargs={"cfg": cfg, "train": True},
         batch_format="pyarrow",

@@ -79,6 +79,7 @@ class TrainParams:
     max_failures: int = 1
     storage_path: str = ""  # "" = <out>/ray_results; may be a URI (s3://, gs://, ...)
     threads: int = 0  # torch intra-op threads per worker; 0 = Ray's default
+    cache_shards: bool = True  # keep the encoded train split in Ray's object store across epochs
     fail_at_epoch: int = -1  # testing aid: raise once at this epoch to exercise resume
     backbone_weights: str = ""  # optional local file with backbone weights
     model: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-arch build kwargs

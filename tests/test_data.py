@@ -140,3 +140,34 @@ def test_prepared_batches_have_fixed_dtypes_whether_resized_or_not(tiny_shards):
         assert {k: v.dtype for k, v in batch.items()} == {
             "image": np.uint8, "semantic": np.uint8, "instance_map": np.int16,
             "instance_label": np.int32, "instance_crowd": np.uint8}
+
+
+@pytest.mark.slow
+def test_cached_train_dataset_reads_the_shards_once(tiny_shards, tmp_path):
+    """With cache the encoded rows live in Ray's object store: epochs after the first need no
+    Parquet file; without it every epoch re-reads them."""
+    import shutil
+
+    import ray
+
+    from segpipe.data import AugmentConfig, build_train_dataset
+    from segpipe.shards import read_manifest
+
+    n_train = read_manifest(tiny_shards)["splits"]["train"]
+    cfg = AugmentConfig(size=32)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        for cache in (True, False):
+            shards = tmp_path / f"shards-{cache}"
+            shutil.copytree(tiny_shards, shards)
+            ds = build_train_dataset(shards, cfg, batch_size=4, cache=cache)
+            shutil.rmtree(shards / "train")
+            if cache:
+                batches = list(ds.iter_batches(batch_size=4))
+                assert sum(len(b["image"]) for b in batches) == n_train
+                assert batches[0]["image"].shape[1:] == (32, 32, 3)
+            else:
+                with pytest.raises(Exception):
+                    list(ds.iter_batches(batch_size=4))
+    finally:
+        ray.shutdown()

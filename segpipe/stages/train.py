@@ -347,7 +347,7 @@ def fit(p: TrainParams, arch: str, shards: Path, storage: str, name: str, meta: 
                 num_to_keep=p.num_to_keep, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
         ),
-        datasets={"train": build_train_dataset(shards, augment_config(p, meta), p.batch_size)},
+        datasets={"train": build_train_dataset(shards, augment_config(p, meta), p.batch_size, cache=p.cache_shards)},
         # One worker reads the whole dataset; several split it (streaming_split) between them.
         dataset_config=ray.train.DataConfig(datasets_to_split="all" if p.workers > 1 else []),
     )
