@@ -22,6 +22,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from segpipe.models.backbones import RESNETS, load_backbone_weights
+from segpipe.models.native_scale import NativeScaleTransform
 from segpipe.models.semantic import check_images
 
 
@@ -130,6 +131,10 @@ class MaskRCNN(nn.Module):
             mask_head=MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1),
             mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1),
         )
+        if native_scale:
+            t = self.detector.transform
+            self.detector.transform = NativeScaleTransform(
+                t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible)
 
     @property
     def backbone(self) -> nn.Module:
@@ -142,10 +147,6 @@ class MaskRCNN(nn.Module):
         """Train mode: torchvision's loss dict. Eval mode: one dict per image with ``boxes``
         (x1 y1 x2 y2), ``labels`` (segpipe class ids), ``scores``, ``masks`` (N x 1 x H x W probabilities)."""
         check_images(images)
-        if self.native_scale:
-            h, w = images.shape[-2:]
-            self.detector.transform.min_size = (min(h, w),)
-            self.detector.transform.max_size = max(h, w)
         if self.training:
             if targets is None:
                 raise ValueError("MaskRCNN in train mode needs targets; call .eval() to predict")

@@ -1,19 +1,29 @@
 """``segpipe export``: a registered model to ONNX or TorchScript, with a parity check.
 
-Input of every exported model: ``images``, float32 ``B x 3 x H x W`` normalised by
-``segpipe.models.normalize``; the batch, height and width axes are dynamic.
+Input of every exported model: images normalised by ``segpipe.models.normalize``, float32.
 
-* Semantic models (fcn*, unet, deeplabv3, maskformer): output ``logits`` ``B x K x H x W``.
+* Semantic models (fcn*, unet, deeplabv3, maskformer): input ``images`` ``B x 3 x H x W``,
+  output ``logits`` ``B x K x H x W``; the batch, height and width axes are dynamic.
   ONNX uses the TorchScript-based exporter (``dynamo=False``), falling back to the dynamo
   exporter if it fails; TorchScript uses tracing.
-* Mask R-CNN: TorchScript only (``torch.jit.script`` of the torchvision detector; it returns
-  ``(losses, detections)`` with torchvision labels, i.e. segpipe class id + 1). Its ONNX graph
-  takes one image and cannot express the batch axis, so ``--format onnx`` is refused for it.
+* Mask R-CNN, TorchScript: ``torch.jit.script`` of the torchvision detector; it takes a list of
+  ``3 x H x W`` images and returns ``(losses, detections)``.
+* Mask R-CNN, ONNX: torchvision's detector traces to a graph of ONE image (no batch axis), so
+  the input is ``image`` ``3 x H x W`` (height and width dynamic) and the outputs are
+  ``boxes`` ``N x 4``, ``labels`` ``N``, ``scores`` ``N``, ``masks`` ``N x 1 x H x W`` (N
+  dynamic, possibly 0); batches run image by image. With ``native_scale=True`` (the default)
+  both formats work at the image's own scale, like the PyTorch model: its transform never
+  resizes (``segpipe.models.native_scale``). Only the TorchScript-based
+  exporter is tried: torchvision's ONNX code paths (``torchvision._is_tracing()``) are written
+  for it.
 
-Parity: the exported model and PyTorch are run on seeded sample images at batch size 1 and
-at a second batch size (and, for Mask R-CNN, on a blank image with no detections); the max
-absolute difference of every output must stay under ``--tolerance``, else the command exits
-non-zero and removes nothing but reports the differences.
+Both Mask R-CNN formats return torchvision labels, i.e. segpipe class id + 1.
+
+Parity: the exported model and PyTorch are run on seeded sample images at batch size 1, at a
+second batch size and at a non-square size, and, for Mask R-CNN, on a blank image with the
+score threshold above 1, so that both must return zero detections; the max absolute
+difference of every output must stay under ``--tolerance``, else the command exits non-zero
+and removes nothing but reports the differences.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,9 @@ from segpipe.registry import DEFAULT_REGISTRY, load
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
+DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
+# Scores are softmax probabilities: above 1 no detection can pass, whatever the image.
+NO_DETECTIONS_SCORE_THRESH = 1.01
 
 
 class ExportError(RuntimeError):
@@ -80,6 +94,21 @@ def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return worst
 
 
+class OneImageDetector(torch.nn.Module):
+    """A torchvision detector on one ``3 x H x W`` image, returning a tuple of
+    ``DETECTION_OUTPUTS`` (ONNX outputs cannot be a list of dicts). segpipe's MaskRCNN keeps
+    images at their own scale with a transform that never resizes (NativeScaleTransform), so
+    the traced graph works at any height and width, as the PyTorch model does."""
+
+    def __init__(self, detector: torch.nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        detections = self.detector([image])[0]
+        return tuple(detections[k] for k in DETECTION_OUTPUTS)
+
+
 def export_torchscript(model: torch.nn.Module, task: str, example: torch.Tensor, out: Path) -> Path:
     with atomic_path(out) as tmp, torch.no_grad():
         if task == "instance":
@@ -90,11 +119,25 @@ def export_torchscript(model: torch.nn.Module, task: str, example: torch.Tensor,
     return out
 
 
+def export_detector_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> None:
+    """Write Mask R-CNN's one-image ONNX graph (TorchScript-based exporter), traced on ``example``
+    (``3 x H x W``); the detector is copied with its current settings (e.g. score threshold)."""
+    module = OneImageDetector(model.detector).eval()
+    detections = {k: {0: "detections"} for k in DETECTION_OUTPUTS}
+    with atomic_path(out) as tmp, torch.no_grad():
+        torch.onnx.export(
+            module, (example,), str(tmp), dynamo=False, opset_version=OPSET, input_names=["image"],
+            output_names=list(DETECTION_OUTPUTS), dynamic_axes={"image": {1: "height", 2: "width"}, **detections},
+        )
+
+
 def export_onnx(model: torch.nn.Module, task: str, example: torch.Tensor, out: Path, dynamo: bool) -> None:
     """Write ONNX with the TorchScript-based (``dynamo=False``) or the dynamo exporter."""
     if task == "instance":
-        raise ExportError("mask_rcnn: ONNX export handles one image per call (no dynamic batch axis); "
-                          "use --format torchscript")
+        if dynamo:
+            raise ExportError("mask_rcnn: ONNX export uses the TorchScript-based exporter only")
+        export_detector_onnx(model, example[0], out)
+        return
     kwargs: dict[str, Any] = {"dynamo": dynamo, "input_names": ["images"], "output_names": ["logits"],
                               "opset_version": OPSET}
     if dynamo:
@@ -133,6 +176,9 @@ def runner(path: Path, fmt: str, task: str) -> Any:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run_onnx(x: torch.Tensor) -> list[np.ndarray]:
+        if task == "instance":  # the graph takes one image: batches run image by image
+            outs = [session.run(list(DETECTION_OUTPUTS), {"image": image.numpy()}) for image in x]
+            return _detections([dict(zip(DETECTION_OUTPUTS, map(torch.from_numpy, o))) for o in outs])
         return [np.asarray(o) for o in session.run(None, {"images": x.numpy()})]
 
     return run_onnx
@@ -142,7 +188,7 @@ def reference(model: torch.nn.Module, task: str) -> Any:
     def run_torch(x: torch.Tensor) -> list[np.ndarray]:
         with torch.no_grad():
             if task == "instance":
-                out = model.detector(list(x))  # torchvision labels, like the scripted detector
+                out = model.detector(list(x))  # torchvision labels, like both exports
                 return _detections(out)
             return _semantic_outputs(model(x))
 
@@ -167,7 +213,7 @@ def parity(
         row: dict[str, Any] = {"sample": name, "shape": list(x.shape)}
         try:
             if name == "blank image":
-                a, b = _without_detections(model, theirs, ours, x)
+                a, b = _without_detections(model, fmt, theirs, ours, x)
                 row["detections"] = int(a[0].shape[0])
             else:
                 a, b = ours(x), theirs(x)
@@ -180,15 +226,33 @@ def parity(
     return rows
 
 
-def _without_detections(model: torch.nn.Module, theirs: Any, ours: Any, x: torch.Tensor) -> tuple[list, list]:
-    """Both runtimes on ``x`` with the score threshold above 1, so zero detections must come out."""
-    module = theirs.module
-    saved = model.detector.roi_heads.score_thresh, module.roi_heads.score_thresh
-    model.detector.roi_heads.score_thresh = module.roi_heads.score_thresh = 1.01
+def _without_detections(model: torch.nn.Module, fmt: str, theirs: Any, ours: Any, x: torch.Tensor) -> tuple[list, list]:
+    """Both runtimes on ``x`` with the score threshold above 1, so zero detections must come out.
+
+    The scripted detector keeps the threshold as an attribute, set like PyTorch's. ONNX bakes it
+    into the graph, so a second graph is exported from the same weights with the raised
+    threshold (to a temporary directory, then discarded): it has the shipped graph's structure,
+    so it shows that zero-length outputs (empty NMS, RoI heads and mask pasting) run and agree.
+    An untrained detector scores even a blank image above the usual threshold, so no input alone
+    could be relied on to give zero detections.
+    """
+    saved = model.detector.roi_heads.score_thresh
+    model.detector.roi_heads.score_thresh = NO_DETECTIONS_SCORE_THRESH
     try:
-        return ours(x), theirs(x)
+        if fmt == "onnx":
+            with tempfile.TemporaryDirectory() as tmp:
+                graph = Path(tmp) / "no_detections.onnx"
+                export_detector_onnx(model, x[0], graph)
+                return ours(x), runner(graph, fmt, "instance")(x)
+        module = theirs.module
+        saved_module = module.roi_heads.score_thresh
+        module.roi_heads.score_thresh = NO_DETECTIONS_SCORE_THRESH
+        try:
+            return ours(x), theirs(x)
+        finally:
+            module.roi_heads.score_thresh = saved_module
     finally:
-        model.detector.roi_heads.score_thresh, module.roi_heads.score_thresh = saved
+        model.detector.roi_heads.score_thresh = saved
 
 
 def run(
@@ -215,9 +279,10 @@ def run(
         rows = parity(model, task, out, fmt, size, batch_sizes, tolerance)
     else:
         # The TorchScript-based exporter first (dynamic_axes work for every semantic arch we have);
-        # the dynamo exporter when it fails or its graph does not match PyTorch.
+        # the dynamo exporter when it fails or its graph does not match PyTorch. Mask R-CNN: the
+        # TorchScript-based one only (see the module docstring).
         errors = []
-        for dynamo in (False, True):
+        for dynamo in (False,) if task == "instance" else (False, True):
             exporter = "dynamo" if dynamo else "torchscript"
             try:
                 export_onnx(model, task, example, out, dynamo)

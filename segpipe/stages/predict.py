@@ -123,10 +123,6 @@ class Predictor:
         p = self.params
         h, w = image.shape[:2]
         if self.task == "instance":
-            # Tiles at native resolution: torchvision's transform must neither up- nor down-scale them.
-            th, tw = min(p.tile, h), min(p.tile, w)
-            self.model.detector.transform.min_size = (min(th, tw),)
-            self.model.detector.transform.max_size = max(th, tw)
             found = predict_instances(self.detect, image, self.preprocess, p.tile, p.overlap, p.batch_size,
                                       self.device, p.score_threshold)
             return paint_instances(found, h, w, background=0), found

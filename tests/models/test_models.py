@@ -323,3 +323,14 @@ def test_hungarian_match_on_mask_cost():
     assert torch.isclose(batch_dice_cost(mask_logits, targets)[1, 2], dice)
     empty_q, empty_t = hungarian_match(torch.zeros(4, 3), mask_logits, torch.zeros(0, dtype=torch.long), torch.zeros(0, 8))
     assert len(empty_q) == len(empty_t) == 0
+
+
+def test_mask_rcnn_keeps_native_scale_and_scripts():
+    """By default torchvision's transform must not resize (crops, whole images and tiles are all
+    at native resolution); with native_scale=False it resizes to min_size as torchvision does."""
+    x = [torch.rand(3, 40, 72)]
+    native = build_model("mask_rcnn", 4).eval()
+    assert native.detector.transform(x)[0].image_sizes == [(40, 72)]
+    torch.jit.script(native.detector)  # the transform survives scripting (export, deployment)
+    resized = build_model("mask_rcnn", 4, native_scale=False, min_size=80, max_size=400).eval()
+    assert resized.detector.transform(x)[0].image_sizes == [(80, 144)]

@@ -58,12 +58,6 @@ def test_parity_failure_exits_non_zero(tmp_path, registry, capsys):
     assert not json.loads(out.with_name("model.pt.parity.json").read_text())["passed"]
 
 
-def test_mask_rcnn_onnx_is_refused_with_a_reason(tmp_path):
-    ck = checkpoint(tmp_path, "mask_rcnn")
-    with pytest.raises(export.ExportError, match="use --format torchscript"):
-        export.run(ck, "onnx", tmp_path / "m.onnx")
-
-
 def test_max_abs_diff():
     import numpy as np
 
@@ -81,3 +75,26 @@ def test_mask_rcnn_torchscript_parity_including_no_detections(tmp_path):
     assert blank["detections"] == 0 and blank["passed"]
     batch3 = next(r for r in report["samples"] if r["sample"] == "batch 3")
     assert batch3["passed"]
+
+
+@pytest.mark.slow
+def test_mask_rcnn_onnx_parity_image_by_image_including_no_detections(tmp_path):
+    torch.set_num_threads(1)
+    ck = checkpoint(tmp_path, "mask_rcnn", box_detections_per_img=10)
+    out = tmp_path / "m.onnx"
+    report = export.run(ck, "onnx", out, tolerance=1e-4)
+    assert out.is_file() and report["passed"] and report["exporter"] == "torchscript"
+    samples = {r["sample"]: r for r in report["samples"]}
+    assert {"batch 1", "batch 3", "batch 1, 64 x 96", "blank image"} == set(samples)
+    assert all(r["passed"] and r["max_abs_diff"] < 1e-4 for r in samples.values())
+    assert samples["blank image"]["detections"] == 0
+    assert not list(tmp_path.glob("**/no_detections.onnx"))  # the zero-detection graph is not left behind
+
+    import onnxruntime as ort
+
+    # One image per call, at its own size: a 64 x 96 image gives 64 x 96 masks (not rescaled).
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    image = export.sample_images(1, 64, 96, seed=7)[0].numpy()
+    boxes, labels, scores, masks = session.run(None, {"image": image})
+    assert masks.shape[0] == boxes.shape[0] == 10 and masks.shape[1:] == (1, 64, 96)
