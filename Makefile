@@ -31,6 +31,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/convert.py
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/train.py
 
 clean-data:

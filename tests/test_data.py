@@ -167,7 +167,7 @@ def test_cached_train_dataset_reads_the_shards_once(tiny_shards, tmp_path):
                 assert sum(len(b["image"]) for b in batches) == n_train
                 assert batches[0]["image"].shape[1:] == (32, 32, 3)
             else:
-                with pytest.raises(Exception):
+                with pytest.raises(Exception, match="FileNotFoundError"):
                     list(ds.iter_batches(batch_size=4))
     finally:
         ray.shutdown()
