@@ -101,6 +101,7 @@ class PromoteParams:
     name: str = "segmenter"
     semantic_metric: str = "miou"
     instance_metric: str = "segm.AP"
+    mixed_metric: str = "miou_things"  # when semantic and instance models compete
     min_value: float = 0.0
     margin: float = 0.0
     protected_classes: list[str] = field(default_factory=list)

@@ -5,8 +5,10 @@ checkpoint that file names). One metric ranks everything in a run:
 
 * the task's primary metric (``semantic_metric`` / ``instance_metric``) when every candidate and
   the current champion share a task;
-* otherwise ``semantic_metric`` (mIoU by default), which evaluate writes for every model, so a
-  Mask R-CNN and a U-Net compete on the same label maps.
+* otherwise ``mixed_metric`` (``miou_things`` by default): the mean IoU over the thing classes,
+  which evaluate writes for every model and which is the same quantity for both tasks (a
+  class's IoU depends only on its own ground-truth and predicted pixels). Plain ``miou`` is not:
+  an instance model's is over things plus one merged background class.
 
 Gates, in order; a candidate must pass all of them to be promoted:
 
@@ -89,11 +91,11 @@ def primary_metric(params: PromoteParams, task: str | None) -> str:
 
 
 def ranking_metric(params: PromoteParams, tasks: list[str | None]) -> str:
-    """The one metric a run ranks on: the shared task's primary metric, else ``semantic_metric``."""
+    """The one metric a run ranks on: the shared task's primary metric, else ``mixed_metric``."""
     distinct = set(tasks)
     if len(distinct) == 1:
         return primary_metric(params, distinct.pop())
-    return params.semantic_metric
+    return params.mixed_metric
 
 
 def _class_iou(metrics: dict[str, Any], name: str) -> tuple[bool, float]:

@@ -151,12 +151,13 @@ def test_unreadable_candidates_are_reported_not_fatal(tmp_path, params):
     assert "missing key(s) 'task', 'checkpoint'" in d[1]
 
 
-def test_mixed_tasks_rank_on_the_semantic_metric(tmp_path, params):
-    seg_ap = {"segm": {"AP": 0.9}}
-    sem = candidate(tmp_path, "sem", 0.6)
-    inst = candidate(tmp_path, "inst", 0.5, task="instance", extra=seg_ap)
+def test_mixed_tasks_rank_on_thing_miou(tmp_path, params):
+    # The instance model's plain mIoU (things + one background class) is higher, but only the
+    # thing-class mean is the same quantity for both tasks.
+    sem = candidate(tmp_path, "sem", 0.3, extra={"miou_things": 0.4})
+    inst = candidate(tmp_path, "inst", 0.8, task="instance", extra={"segm": {"AP": 0.9}, "miou_things": 0.2})
     report = promote.run(params, [sem, inst], tmp_path / "registry", None)
-    assert report["metric"] == "miou"
+    assert report["metric"] == "miou_things"
     assert Path(report["candidates"][0]["eval_dir"]).name == "sem"
     assert report["candidates"][0]["decision"] == "promoted to champion"
     # Instance-only runs rank on segm.AP; NaN AP never promotes.
@@ -172,7 +173,8 @@ def test_metric_value_and_ranking_metric():
     assert metric_value(m, "flag") is None
     p = PromoteParams()
     assert ranking_metric(p, ["instance", "instance"]) == "segm.AP"
-    assert ranking_metric(p, ["instance", "semantic"]) == "miou"
+    assert ranking_metric(p, ["instance", "semantic"]) == "miou_things"
+    assert ranking_metric(replace(p, mixed_metric="mdice"), ["instance", "semantic"]) == "mdice"
     assert ranking_metric(replace(p, semantic_metric="fwiou"), ["semantic"]) == "fwiou"
 
 
