@@ -2,9 +2,12 @@
 
     .venv/bin/python benchmarks/memory.py [--images 100] [--size 512]
 
-Both commands run as subprocesses, on N and on 4N synthetic images. The peak is the largest
-sum of resident memory over the command's process tree (the convert worker pool included),
-sampled every 20 ms. Evaluation scores a randomly initialised UNet (semantic path: a confusion
+Both commands run as subprocesses, on N and on 4N synthetic images. Convert holds at most one
+shard's rows (``convert.rows_per_shard``, 32 here) before writing them, so that is what bounds
+its memory; both runs write several shards. The peak is the largest
+sum of proportional set sizes (PSS: resident memory, pages shared between processes split
+among them) over the command's process tree (the convert worker pool included), sampled every
+50 ms. Evaluation scores a randomly initialised UNet (semantic path: a confusion
 matrix accumulated image by image) on the val split. The last line gives both ratios
 (peak at 4N / peak at N); "flat" means close to 1.
 """
@@ -21,8 +24,8 @@ from pathlib import Path
 import psutil
 
 
-def peak_rss(cmd: list[str], interval: float = 0.02) -> tuple[float, int]:
-    """(wall seconds, peak bytes of the process tree's summed RSS) of ``cmd``; raises on failure."""
+def peak_pss(cmd: list[str], interval: float = 0.05) -> tuple[float, int]:
+    """(wall seconds, peak bytes of the process tree's summed PSS) of ``cmd``; raises on failure."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
@@ -32,8 +35,9 @@ def peak_rss(cmd: list[str], interval: float = 0.02) -> tuple[float, int]:
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
-                except psutil.NoSuchProcess:
+                    # PSS: pages shared by the forked workers count once, not once per process
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
         except psutil.NoSuchProcess:
             break
@@ -65,22 +69,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=100, help="N (the large run uses 4N)")
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--rows-per-shard", type=int, default=32)
     args = ap.parse_args()
     segpipe = [sys.executable, "-m", "segpipe.cli"]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         params = root / "params.yaml"
-        params.write_text("evaluate:\n  num_overlays: 0\n")
+        # Shards buffer rows_per_shard rows before writing: both runs must fill several shards, or
+        # the larger one only shows a fuller buffer, not growth with the dataset.
+        params.write_text(f"convert:\n  rows_per_shard: {args.rows_per_shard}\nevaluate:\n  num_overlays: 0\n")
         for n in (args.images, 4 * args.images):
             raw, shards = root / f"raw{n}", root / f"shards{n}"
             subprocess.run([*segpipe, "synth", "--out", str(raw / "synth"), "--images", str(n),
                             "--size", str(args.size), str(args.size), "--seed", "0"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            conv = peak_rss([*segpipe, "convert", "--format", "coco", "--input", str(raw), "--out", str(shards),
+            conv = peak_pss([*segpipe, "convert", "--format", "coco", "--input", str(raw), "--out", str(shards),
                              "--no-progress", "--params", str(params)])
             ckpt = unet_checkpoint(shards, root / f"ckpt{n}")
-            ev = peak_rss([*segpipe, "evaluate", "--model", str(ckpt), "--shards", str(shards), "--split", "val",
+            ev = peak_pss([*segpipe, "evaluate", "--model", str(ckpt), "--shards", str(shards), "--split", "val",
                            "--out", str(root / f"eval{n}"), "--params", str(params)])
             rows[n] = (conv, ev)
             print(f"N={n:>5}: convert {conv[0]:6.1f} s peak {conv[1] / 2**20:7.1f} MiB | "
