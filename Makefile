@@ -19,10 +19,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch/torchvision resolve to the pinned 2.14.1/0.29.1 wheels on local disk (see pyproject.toml).
-# --no-compile: byte-compiling torch's thousands of modules up front costs about a minute; Python
-# compiles what it imports on first use instead.
+# pip byte-compiles at install time (about a minute more): where PYTHONDONTWRITEBYTECODE is set,
+# as on CI machines, Python never caches what it compiles, and every process of the pipeline
+# (each stage, each Ray worker) would compile torch, Ray and pyarrow from source again.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,export]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,export]"
 	@touch $(STAMP)
 
 lint: install
