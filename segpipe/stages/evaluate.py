@@ -93,19 +93,24 @@ def predict_instances(model: torch.nn.Module, images: Sequence[np.ndarray], para
         outputs = model.predict_instances(x, **kwargs)
     else:
         outputs = model(x)
-    result = []
-    for im, d in zip(images, outputs):
-        h, w = im.shape[:2]
-        scores = d["scores"].float()
-        keep = scores >= params.score_threshold
-        order = scores[keep].argsort(descending=True)[: params.max_detections]
-        masks = d["masks"][keep][order][:, 0, :h, :w] > params.mask_threshold
-        boxes = d["boxes"][keep][order].float().clone()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        result.append({"labels": d["labels"][keep][order].numpy().astype(np.int64),
-                       "scores": scores[keep][order].numpy(), "boxes": boxes.numpy(), "masks": masks.numpy()})
-    return result
+    return [select_detections(d, im.shape[0], im.shape[1], params.score_threshold, params.mask_threshold,
+                              params.max_detections) for im, d in zip(images, outputs)]
+
+
+def select_detections(d: dict[str, torch.Tensor], height: int, width: int, score_threshold: float,
+                      mask_threshold: float, max_detections: int) -> dict[str, np.ndarray]:
+    """One image's raw detections (on any device) -> numpy ``labels``, ``scores``, ``boxes``
+    (clipped to the image) and binary ``masks`` cropped to ``height x width``: scores at least
+    ``score_threshold``, best first, at most ``max_detections``."""
+    scores = d["scores"].float()
+    keep = scores >= score_threshold
+    order = scores[keep].argsort(descending=True)[:max_detections]
+    masks = d["masks"][keep][order][:, 0, :height, :width] > mask_threshold
+    boxes = d["boxes"][keep][order].float().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return {"labels": d["labels"][keep][order].cpu().numpy().astype(np.int64),
+            "scores": scores[keep][order].cpu().numpy(), "boxes": boxes.cpu().numpy(), "masks": masks.cpu().numpy()}
 
 
 def render_instances(inst: dict[str, np.ndarray], height: int, width: int, none_value: int) -> np.ndarray:

@@ -114,7 +114,7 @@ def train_one_epoch(model: Any, batches: Any, optimizer: Any, scaler: Any, devic
 
 
 def validate(model: Any, batches: Any, task: str, names: list[str], thing_ids: list[int], ignore: int, device: Any,
-             score_threshold: float = 0.05, mask_threshold: float = 0.5) -> np.ndarray:
+             score_threshold: float = 0.05, mask_threshold: float = 0.5, max_detections: int = 100) -> np.ndarray:
     """Confusion matrix over the validation batches (summable across workers).
 
     Semantic models: argmax maps against all classes. Instance models: detections rendered to a
@@ -124,7 +124,7 @@ def validate(model: Any, batches: Any, task: str, names: list[str], thing_ids: l
 
     from segpipe.data import collate_targets
     from segpipe.metrics.semantic import ConfusionMatrix, ThingsVsBackground
-    from segpipe.stages.evaluate import render_instances
+    from segpipe.stages.evaluate import render_instances, select_detections
 
     model.eval()
     things = ThingsVsBackground(names, thing_ids, ignore) if task == "instance" else None
@@ -138,11 +138,8 @@ def validate(model: Any, batches: Any, task: str, names: list[str], thing_ids: l
                 if things is None:
                     cm.update(gt, out[b].argmax(0).cpu().numpy())
                     continue
-                d = out[b]
-                keep = d["scores"] >= score_threshold
-                order = d["scores"][keep].argsort(descending=True)
-                inst = {"scores": d["scores"][keep][order].cpu().numpy(), "labels": d["labels"][keep][order].cpu().numpy(),
-                        "masks": (d["masks"][keep][order][:, 0] > mask_threshold).cpu().numpy()}
+                inst = select_detections(out[b], gt.shape[0], gt.shape[1], score_threshold, mask_threshold,
+                                         max_detections)
                 things.update(cm, gt, render_instances(inst, gt.shape[0], gt.shape[1], ignore))
     return cm.mat
 
