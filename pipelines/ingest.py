@@ -8,7 +8,10 @@ A drop is a folder in the raw collection layout (docs/architecture.md)::
     DROP/classes.json              optional class table
 
 The flow runs the converter's checks on it (``segpipe validate``). A drop with more quarantined
-items than ``ingest.max_quarantined`` is rejected with the report and nothing changes. Otherwise
+items than ``ingest.max_quarantined`` is rejected with the report and nothing changes. A drop
+whose annotations name a file outside its ``images/`` folder (``../x.jpg``, an absolute path), or
+that holds a symlink leading out of the drop, is rejected whatever ``max_quarantined`` says:
+versioning it would make the collection depend on files DVC does not track. Otherwise
 it is copied to ``data/raw/NAME``, tracked with ``dvc add``, the ``.dvc`` file and ``.gitignore``
 are committed to git (only those paths), and the data is pushed when a DVC remote is configured.
 The convert stage depends on all of ``data/raw``, so the next ``dvc repro`` converts it::
@@ -31,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import commands
-from segpipe.files import atomic_dir
+from segpipe.files import atomic_dir, escape_reason
 from segpipe.params import IngestParams, ParamsError, add_params_arguments, load_section
 
 # The convert stage's input in dvc.yaml (tests/pipelines/test_ingest.py checks they agree).
@@ -84,6 +87,30 @@ def drop_layout(drop: Path) -> dict[str, Path | None]:
     if not layout["annotations"].is_file():
         raise DropRejected(f"{drop}: no annotations/instances.json (COCO instances of the images)")
     return layout
+
+
+def outside_paths(drop: Path, layout: dict[str, Path | None]) -> list[str]:
+    """What in the drop leads outside it: annotation ``file_name``s that leave ``images/`` (naming
+    the image id) and symlinks whose target is outside the drop. [] when everything stays inside.
+
+    An unreadable annotation file gives [] here: ``segpipe validate`` reports it.
+    """
+    found = []
+    try:
+        images = json.loads(layout["annotations"].read_text()).get("images", [])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        images = []
+    for img in images if isinstance(images, list) else []:
+        name = img.get("file_name") if isinstance(img, dict) else None
+        if isinstance(name, str) and (reason := escape_reason(name)) is not None:
+            found.append(f"{layout['annotations']}: image {img.get('id')!r}: file_name {name!r} {reason}")
+    root = drop.resolve()
+    for part in ("images", "masks"):
+        folder = layout[part]
+        for path in sorted(folder.rglob("*")) if folder is not None else []:
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                found.append(f"{path}: symlink to {path.resolve()}, outside the drop")
+    return found
 
 
 def accepted(report: dict[str, Any], max_quarantined: int) -> bool:
@@ -181,8 +208,9 @@ def validate_drop(drop: Path, layout: dict[str, Path | None], params_file: Path,
         if params_file.is_file():
             argv += ["--params", str(params_file)]
         done = commands.run(argv, cwd=drop, check=False, timeout_s=timeout_s)
-        if done.returncode != 0 or not report_path.is_file():
+        if not report_path.is_file():  # the converter could not read the drop at all
             return {"error": done.output.strip() or f"segpipe validate exited with status {done.returncode}"}
+        # A report with a non-zero exit (no valid image) is still the report: accepted() judges it.
         return json.loads(report_path.read_text())
 
 
@@ -261,6 +289,10 @@ def ingest_flow(drop: Path, name: str | None = None, repo: Path = Path("."),
     name = check_name(name or drop.name)
     _preflight(repo, name)
     layout = drop_layout(drop)
+    if outside := outside_paths(drop, layout):
+        more = f" (+{len(outside) - 5} more)" if len(outside) > 5 else ""
+        raise DropRejected(f"{drop}: rejected, {len(outside)} path(s) lead outside the drop (every image must lie "
+                           f"inside {layout['images']}): {'; '.join(outside[:5])}{more}")
     remote = push_remote(repo, params)
 
     report = validate_drop(drop, layout, repo / params_file, params.timeout_s)

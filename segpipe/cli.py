@@ -2,6 +2,11 @@
 
 Modules are imported only when their command runs, so ``segpipe synth`` does not pay for
 importing Ray and torch.
+
+Errors a user can cause (bad params, input, shards, checkpoints, registry entries, a full disk,
+a missing file) end the command with one line on stderr naming the file, key or argument at
+fault, and a non-zero exit status: 2 for params, 1 for the rest, 130 when interrupted. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +33,48 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Exception types that mean "the input is wrong", as (module, class name). An exception can only be
+# raised once its module is imported, so the edge looks them up in sys.modules instead of
+# importing every stage's dependencies (torch, pyarrow) for every command.
+KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
+    ("segpipe.shards", "ShardError"),
+    ("segpipe.checkpoint", "CheckpointError"),
+    ("segpipe.registry", "RegistryError"),
+    ("segpipe.metrics.semantic", "MetricsInputError"),
+    ("segpipe.stages.convert", "ConvertError"),
+    ("segpipe.stages.export", "ExportError"),
+    ("segpipe.formats.coco", "CocoError"),
+    ("segpipe.formats.pngs", "LabelPngError"),
+    ("segpipe.images", "ImageError"),
+    ("segpipe.files", "PathEscapeError"),
+    ("pipelines.ingest", "DropRejected"),
+    ("pipelines.commands", "CommandError"),
+    ("pipelines.retrain", "RetrainFailed"),
+)
+
+
+def known_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a user-caused error (see KNOWN_ERRORS) or an OSError."""
+    if isinstance(exc, OSError):
+        return True
+    for module, name in KNOWN_ERRORS:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(exc, getattr(mod, name)):
+            return True
+    return False
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """The single line a failed command ends with."""
+    if isinstance(exc, OSError):
+        from segpipe.files import describe_os_error
+
+        message = describe_os_error(exc)
+    else:
+        message = str(exc) or type(exc).__name__
+    return f"segpipe {command}: error: " + " ".join(message.split("\n")).strip()
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: segpipe COMMAND [options]   (segpipe COMMAND --help for a command's options)", ""]
@@ -50,8 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         module.main(rest)
     except ParamsError as e:
-        print(f"segpipe {name}: params error: {e}", file=sys.stderr)
+        print(f"segpipe {name}: params error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"segpipe {name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if not known_error(e):
+            raise
+        print(error_line(name, e), file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

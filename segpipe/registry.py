@@ -8,8 +8,11 @@ Layout (``docs/registry.md`` documents every field)::
         v1/ v2/ ...       copies of the registered checkpoints (model.safetensors + meta.json)
 
 Every update takes the lock, re-reads the index, changes it and writes it back by temp file +
-rename, so concurrent promotions never lose or corrupt an entry. Loading verifies the sha256
-of both checkpoint files against the index before any weight is read.
+rename, so concurrent promotions never lose or corrupt an entry. An update that fails (a full
+disk while copying or while writing the index) is rolled back: the version folders it created
+are removed, so no unindexed ``vN`` is left behind and a retry starts from the same state.
+Loading verifies the sha256 of both checkpoint files against the index before any weight is
+read, and an entry's ``path`` must name a folder inside the registry.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from typing import Any
 from filelock import FileLock
 
 from segpipe.checkpoint import META, WEIGHTS, is_checkpoint, load_meta
-from segpipe.files import atomic_dir, atomic_write_json, sha256_bytes, sha256_file
+from segpipe.files import (
+    atomic_dir,
+    atomic_write_json,
+    escape_reason,
+    remove_stale_temporaries,
+    sha256_bytes,
+    sha256_file,
+)
 
 FORMAT = "segpipe-registry/1"
 INDEX = "index.json"
@@ -79,9 +89,13 @@ def validate_index(index: Any, where: Path | str) -> None:
         for key in ("version", "path", "arch", "task", "files", "checkpoint_sha256"):
             if key not in v:
                 raise RegistryError(f"{where}: versions[{i}] lacks key {key!r}")
-        if not _VERSION.match(v["version"]) or v["version"] in seen:
+        if not isinstance(v["version"], str) or not _VERSION.match(v["version"]) or v["version"] in seen:
             raise RegistryError(f"{where}: versions[{i}]: bad or duplicate version {v['version']!r}")
         seen.add(v["version"])
+        if not isinstance(v["path"], str) or (reason := escape_reason(v["path"])) is not None:
+            raise RegistryError(f"{where}: version {v['version']}: path {v['path']!r} "
+                                f"{reason or 'is not a string'}; a folder inside the registry is expected "
+                                f"(e.g. {v['version']!r}); refusing to load from outside it")
     for alias, version in index["aliases"].items():
         if version not in seen:
             raise RegistryError(f"{where}: alias {alias!r} points to unknown version {version!r}")
@@ -179,11 +193,23 @@ def transaction(registry: Path | str, name: str = "segmenter") -> Iterator[dict[
     """
     registry = Path(registry)
     with locked(registry):
+        remove_stale_temporaries(registry / INDEX)
         index = read_index(registry, name)
         before = json.dumps(index, sort_keys=True)
-        yield index
-        if json.dumps(index, sort_keys=True) != before:
-            write_index(registry, index)
+        folders = _version_folders(registry)
+        try:
+            yield index
+            if json.dumps(index, sort_keys=True) != before:
+                write_index(registry, index)
+        except BaseException:
+            # Roll back: a version folder made by this transaction is not in the index on disk.
+            for created in sorted(_version_folders(registry) - folders):
+                shutil.rmtree(registry / created, ignore_errors=True)
+            raise
+
+
+def _version_folders(registry: Path) -> set[str]:
+    return {p.name for p in registry.iterdir() if _VERSION.match(p.name)} if registry.is_dir() else set()
 
 
 def register(
@@ -224,6 +250,8 @@ def add_version(
         return existing, False
     meta = load_meta(checkpoint)
     version = next_version(index)
+    # A vN folder that the index does not list is what a killed promotion left (it cannot roll
+    # back): atomic_dir replaces it whole, so it never blocks the next version.
     with atomic_dir(registry / version) as tmp:
         for f in CHECKPOINT_FILES:
             shutil.copy2(checkpoint / f, tmp / f)
@@ -296,7 +324,7 @@ def resolve(ref: str | Path, registry: Path | str = DEFAULT_REGISTRY) -> tuple[P
     if is_checkpoint(path):
         return path, None
     raise RegistryError(
-        f"{ref_s!r} is neither an alias ({', '.join(ALIASES)}), a version (v1, v2, ...) "
+        f"model {ref_s!r} (--model) is neither an alias ({', '.join(ALIASES)}), a version (v1, v2, ...) "
         f"nor a checkpoint directory (with {WEIGHTS} and {META})"
     )
 

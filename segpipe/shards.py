@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from segpipe.files import atomic_path, sha256_file
+from segpipe.files import atomic_path, escape_reason, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -267,11 +267,32 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     """The manifest of a shard directory (or of the directory holding a shard file's split)."""
     mpath = _manifest_path(Path(path))
     try:
-        return json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text())
     except FileNotFoundError:
         raise ShardError(f"{mpath}: manifest not found (is {path} a segpipe shard set?)") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{mpath}: manifest is not valid JSON: {e}") from None
+    check_manifest(manifest, mpath)
+    return manifest
+
+
+def check_manifest(manifest: Any, where: Path | str) -> None:
+    """Raise ShardError naming the key when ``manifest`` lacks what readers rely on, or lists a
+    shard outside its folder (a manifest is data: it must not make a reader open other files)."""
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{where}: expected a JSON object (see docs/shards.md)")
+    for key, kind in (("classes", list), ("ignore_index", int), ("splits", dict), ("shards", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise ShardError(f"{where}: key {key!r} missing or not a {kind.__name__} (see docs/shards.md)")
+    for i, c in enumerate(manifest["classes"]):
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str)):
+            raise ShardError(f"{where}: classes[{i}] needs an integer 'id' and a string 'name'")
+    for i, entry in enumerate(manifest["shards"]):
+        if not (isinstance(entry, dict) and all(k in entry for k in ("path", "split", "rows", "bytes", "sha256"))):
+            raise ShardError(f"{where}: shards[{i}] needs path, split, rows, bytes and sha256")
+        if not isinstance(entry["path"], str) or (reason := escape_reason(entry["path"])) is not None:
+            raise ShardError(f"{where}: shards[{i}]: path {entry['path']!r} {reason or 'is not a string'}; "
+                             "a path inside the shard folder is expected")
 
 
 def manifest_hash(path: Path | str) -> str:

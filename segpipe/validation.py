@@ -8,7 +8,7 @@ reaches pycocotools' C code, which crashes on some malformed RLEs and polygons.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -182,6 +182,18 @@ def check_annotation(ann: dict[str, Any], height: int, width: int, category_ids:
     if isinstance(seg, dict):
         return check_rle(seg, height, width)
     return check_polygons(seg, height, width)
+
+
+def check_class_names(classes: Iterable[tuple[int, str]]) -> str | None:
+    """Class names must be unique (metrics, reports and evaluation look classes up by name):
+    the first repeated name, with both ids, or None."""
+    first: dict[str, int] = {}
+    for cid, name in classes:
+        if name in first:
+            return (f"class ids {first[name]} and {cid} are both named {name!r}; every class needs its own name "
+                    "(rename one, or merge the two into one id)")
+        first[name] = cid
+    return None
 
 
 def check_image_size(width: int, height: int, max_pixels: int,

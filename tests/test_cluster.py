@@ -96,3 +96,44 @@ def test_training_spreads_over_two_nodes(two_node_cluster, tiny_shards, tmp_path
                             env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
     for node in nodes:
         assert node in status.stdout  # both are nodes of the cluster this test started
+
+
+# A driver that runs one task on the cluster it connects to.
+DRIVER = "import ray, sys; ray.init(address=sys.argv[1]); print('answer', ray.get(ray.remote(lambda: 41 + 1).remote()))"
+
+
+@pytest.mark.slow
+def test_ray_start_with_token_auth_refuses_a_driver_without_the_token(tmp_path):
+    """What docs/production.md tells operators to do for a `ray start` cluster: RAY_AUTH_MODE=token
+    on every node, the token in a file named by RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token, or
+    RAY_AUTH_TOKEN). A driver without the token is refused; one with it connects and runs a task."""
+    import secrets
+    import shutil
+
+    port = free_port()
+    temp = Path(f"/tmp/sa{port}")  # short: Ray's socket paths must stay under ~107 characters
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    home = tmp_path / "home"  # no ~/.ray/auth_token: only the token this test hands out exists
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    with_token = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    address = f"127.0.0.1:{port}"
+    try:
+        subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                        "--num-cpus", "1", "--temp-dir", str(temp), "--include-dashboard", "false",
+                        "--disable-usage-stats"], check=True, env=with_token, capture_output=True, timeout=180)
+        refused = subprocess.run([sys.executable, "-c", DRIVER, address], env=env, capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode != 0 and "answer" not in refused.stdout
+        assert "Unauthenticated" in refused.stderr and "Authentication token is missing or incorrect" in refused.stderr
+        connected = subprocess.run([sys.executable, "-c", DRIVER, address], env=with_token, capture_output=True,
+                                   text=True, timeout=300)
+        assert connected.returncode == 0, connected.stderr[-3000:]
+        assert "answer 42" in connected.stdout
+    finally:
+        stop(str(temp), address)
+        assert not our_processes(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)

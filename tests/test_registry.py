@@ -176,3 +176,46 @@ def test_nan_metrics_are_stored_as_null(tmp_path):
     entry, _ = register(tmp_path / "registry", ck, {"miou": math.nan, "per_class": {"worker": {"iou": math.inf}}})
     assert entry["metrics"] == {"miou": None, "per_class": {"worker": {"iou": None}}}
     assert read_index(tmp_path / "registry")["versions"][0]["metrics"]["miou"] is None
+
+
+def test_entry_path_outside_the_registry_is_refused_naming_version_and_path(tmp_path):
+    reg = tmp_path / "registry"
+    register(reg, make_checkpoint(tmp_path / "ck"), {})
+    set_alias(reg, "champion", "v1", "test")
+    outside = make_checkpoint(tmp_path / "outside", seed=1)  # a real checkpoint beside the registry
+    index = json.loads((reg / INDEX).read_text())
+    for path in ("../outside", str(outside)):
+        index["versions"][0]["path"] = path
+        (reg / INDEX).write_text(json.dumps(index))
+        with pytest.raises(RegistryError, match=f"version v1: path {path!r} .*refusing to load from outside"):
+            load("champion", registry=reg)
+
+
+def test_promote_on_a_full_disk_rolls_back_and_the_retry_succeeds(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from segpipe.cli import main
+
+    ck = make_checkpoint(tmp_path / "ck")
+    evaluated = tmp_path / "eval"
+    evaluated.mkdir()
+    (evaluated / "metrics.json").write_text(json.dumps(fake_metrics(ck)))
+    reg = tmp_path / "registry"
+    argv = ["promote", "--candidates", str(evaluated), "--registry", str(reg), "--report", str(tmp_path / "report")]
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the defaults apply
+
+    def full(self, data):  # the checkpoint copy fits; the index (written via Path.write_bytes) does not
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", full)
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+    assert e.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"segpipe promote: error: {reg / INDEX}: No space left on device (the disk is full: free space there and rerun)"
+    assert sorted(p.name for p in reg.iterdir()) == [".lock"]  # no unindexed v1, no temporaries
+
+    main(argv)
+    assert read_index(reg)["aliases"] == {"champion": "v1"} and (reg / "v1" / WEIGHTS).is_file()
+    assert load("champion", registry=reg)[1]["arch"] == "unet"

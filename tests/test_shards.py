@@ -127,3 +127,19 @@ def test_page_checksums_are_written(tmp_path):
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(ShardError, match="manifest not found"):
         read_manifest(tmp_path)
+
+
+def test_malformed_manifest_names_the_key_and_shard_paths_stay_inside(tmp_path):
+    import json
+
+    out = small_set(tmp_path, n=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for broken, match in (
+        ({**manifest, "classes": None}, "key 'classes' missing or not a list"),
+        ({**manifest, "shards": [{"path": "train/part-00000.parquet"}]}, r"shards\[0\] needs path, split, rows"),
+        ({**manifest, "shards": [{**manifest["shards"][0], "path": "../../etc/passwd"}]},
+         r"shards\[0\]: path '../../etc/passwd' climbs out of its folder"),
+    ):
+        (out / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ShardError, match=match):
+            read_manifest(out)

@@ -10,7 +10,16 @@ depth of scene folders below them):
 - 2021 (``ADE20K_2021_17_01``): ``X.jpg``, ``X_seg.png``, ``X.json`` (``annotation.object``:
   ``name``, ``name_ndx`` = the R/G class index, ``parts.part_level``, ``instance_mask``) and
   ``X/instance_NNN_*.png``. The semantic map is R/G mapped through the JSON's ``name_ndx``;
-  instances are the objects' instance PNGs.
+  instances are the visible pixels of the objects' instance PNGs. Those PNGs are amodal: 255
+  where the object is visible, 128 where it is hidden behind another one. Only the visible
+  pixels are kept (modal, as COCO's masks are, and in agreement with the semantic map); the
+  hidden extent is not stored (the shard schema has no field for it). Binary 0/1 PNGs (as
+  some exporters write) are read as visible where 1.
+
+The split is the ``training``/``validation`` folder wherever it sits below ``--input``, so the
+dataset's own root (``ADE20K_2021_17_01/`` with ``images/ADE/training/...``,
+``ADE20K_2016_07_26/`` with ``images/training/...``) and its ``training``/``validation`` folders
+themselves are all valid inputs. An image under neither gets the converter's hash split.
 
 Only whole objects (part level 0) are used: parts have no place in the shard schema. The class
 table is every object name in the dataset, sorted, ids from 0; ADE has no thing/stuff split and
@@ -26,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segpipe.files import escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
 from segpipe.formats.pngs import (
     LabelPngError,
@@ -38,6 +48,8 @@ from segpipe.formats.pngs import (
 )
 
 SPLITS = {"training": "train", "validation": "val"}
+# 2021 instance PNG values: outside the object, its hidden (occluded) extent, its visible pixels.
+OUTSIDE, OCCLUDED, VISIBLE = 0, 128, 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
@@ -106,31 +118,60 @@ def parse_json(path: Path) -> tuple[list[AdeObject], list[str]]:
         except (KeyError, TypeError) as exc:
             problems.append(f"{path}: object[{i}]: {type(exc).__name__}: {exc}")
             continue
+        if (reason := escape_reason(mask)) is not None:
+            problems.append(f"{path}: object[{i}] (id {oid}): instance_mask {mask!r} {reason}; a PNG inside "
+                            f"{path.parent} is expected (it was not read)")
+            continue
         objects.append(AdeObject(instance=oid, name=name, name_ndx=ndx, mask_path=path.parent / mask))
     return objects, problems
 
 
+def split_of(rel: Path) -> str | None:
+    """``images/ADE/training/street/1.jpg`` -> ``"train"``: the split folder nearest the image."""
+    for part in reversed(rel.parts[:-1]):
+        if part in SPLITS:
+            return SPLITS[part]
+    return None
+
+
+def visible_pixels(values: np.ndarray, path: Path) -> np.ndarray:
+    """H x W bool: the visible pixels of a 2021 instance PNG (255 of 0/128/255, or 1 of 0/1)."""
+    present = set(np.unique(values).tolist())
+    if present <= {0, 1}:
+        return values == 1
+    if present <= {OUTSIDE, OCCLUDED, VISIBLE}:
+        return values == VISIBLE
+    raise LabelPngError(f"{path}: value(s) {sorted(present - {OUTSIDE, OCCLUDED, VISIBLE})[:10]}; an ADE20K "
+                        f"instance mask holds {OUTSIDE} (outside), {OCCLUDED} (occluded) and {VISIBLE} (visible), or 0/1")
+
+
+def _images(root: Path) -> list[Path]:
+    """Every image file below ``root``; only those under a split folder when there are any (other
+    folders, e.g. a copied toolkit with demo pictures, are not the dataset)."""
+    found = []
+    for image in sorted(p for d in root.iterdir() if d.is_dir() for p in d.rglob("*")):
+        stem = image.stem
+        if image.suffix.lower() not in IMAGE_SUFFIXES or stem.endswith("_seg") or "_parts_" in stem:
+            continue
+        if stem.startswith("instance_") or (image.parent.parent / f"{image.parent.name}.json").is_file():
+            continue  # 2021 instance masks live in a folder named after their image
+        found.append(image)
+    split = [image for image in found if split_of(image.relative_to(root)) is not None]
+    return split or found
+
+
 def _index(root: Path) -> list[AdeImage]:
     items = []
-    dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if any(p.name in SPLITS for p in dirs):
-        dirs = [p for p in dirs if p.name in SPLITS]  # other folders (e.g. a copied toolkit) are not images
-    for split_dir in dirs:
-        for image in sorted(split_dir.rglob("*")):
-            stem = image.stem
-            if image.suffix.lower() not in IMAGE_SUFFIXES or stem.endswith("_seg") or "_parts_" in stem:
-                continue
-            if stem.startswith("instance_") or (image.parent.parent / f"{image.parent.name}.json").is_file():
-                continue  # 2021 instance masks live in a folder named after their image
-            atr, js = image.with_name(f"{stem}_atr.txt"), image.with_suffix(".json")
-            if js.is_file():
-                objects, problems = parse_json(js)
-                items.append(AdeImage(image, "2021", js, objects, problems))
-            elif atr.is_file():
-                objects, problems = parse_atr(atr)
-                items.append(AdeImage(image, "2017", atr, objects, problems))
-            else:
-                items.append(AdeImage(image, "", image, [], [f"{image}: no {atr.name} (2017) or {js.name} (2021)"]))
+    for image in _images(root):
+        atr, js = image.with_name(f"{image.stem}_atr.txt"), image.with_suffix(".json")
+        if js.is_file():
+            objects, problems = parse_json(js)
+            items.append(AdeImage(image, "2021", js, objects, problems))
+        elif atr.is_file():
+            objects, problems = parse_atr(atr)
+            items.append(AdeImage(image, "2017", atr, objects, problems))
+        else:
+            items.append(AdeImage(image, "", image, [], [f"{image}: no {atr.name} (2017) or {js.name} (2021)"]))
     return items
 
 
@@ -143,7 +184,7 @@ def _class_of(rg: np.ndarray, mask: np.ndarray, where: str) -> int:
 
 def _record(root: Path, item: AdeImage, class_id: dict[str, int], ignore_index: int) -> Record:
     rel = item.image.relative_to(root)
-    split = SPLITS.get(rel.parts[0], rel.parts[0])
+    split = split_of(rel)
     seg_path = item.image.with_name(f"{item.image.stem}_seg.png")
     record = Record(image_id=rel.with_suffix("").as_posix(), source=f"{item.annotation} + {seg_path}",
                     image_path=item.image, split=split, problems=list(item.problems),
@@ -185,11 +226,17 @@ def _record(root: Path, item: AdeImage, class_id: dict[str, int], ignore_index: 
                 raise LabelPngError(f"{seg_path}: R/G class index(es) {unknown[:10]} have no object in {item.annotation}")
             semantic = np.array([lut[v] for v in uniq.tolist()], dtype=dtype)[inverse.reshape(rg.shape)]
             for obj in item.objects:
-                mask = read_index_png(obj.mask_path) > 0
-                if mask.shape != rg.shape:
-                    raise LabelPngError(f"{obj.mask_path}: {mask.shape[1]} x {mask.shape[0]}, {seg_path} is {rg.shape[1]} x {rg.shape[0]}")
-                if not mask.any():
+                values = read_index_png(obj.mask_path)
+                if values.shape != rg.shape:
+                    raise LabelPngError(f"{obj.mask_path}: {values.shape[1]} x {values.shape[0]}, {seg_path} is {rg.shape[1]} x {rg.shape[0]}")
+                if not values.any():
                     raise LabelPngError(f"{obj.mask_path}: object {obj.instance} ({obj.name!r}) has an empty mask")
+                mask = visible_pixels(values, obj.mask_path)
+                if not mask.any():  # wholly hidden: nothing of it is in the picture or the semantic map
+                    record.annotation_problems.append(
+                        (obj.instance, f"{obj.mask_path}: object {obj.instance} ({obj.name!r}) has no visible pixel "
+                                       f"(only occluded ones, value {OCCLUDED}); an instance is its visible pixels"))
+                    continue
                 instances.append({"id": obj.instance, "category_id": class_id[obj.name], "iscrowd": 0,
                                   "mask": mask, "bbox": mask_bbox(mask)})
     except LabelPngError as exc:
@@ -207,7 +254,7 @@ def read(input_dir: Path) -> Source:
         return Source(name="ade20k", classes=[], ignore_index=255, records=lambda: iter(()), files=[],
                       problems=[f"{root}: not a directory"])
     items = _index(root)
-    problems = [] if items else [f"{root}: no images under training/ or validation/"]
+    problems = [] if items else [f"{root}: no ADE20K images (X.jpg with X_seg.png and X.json or X_atr.txt) below it"]
     names = sorted({o.name for item in items for o in item.objects})
     colours = label_colormap(256)
     classes = [ClassInfo(id=i, name=name, isthing=True, color=colours[(i + 1) % 256]) for i, name in enumerate(names)]

@@ -51,6 +51,9 @@ class Record:
     # optional: (annotation id, reason) for annotations the reader already dropped (e.g. a
     # duplicate id); they are quarantined and the image is kept.
     annotation_problems: list[tuple[Any, str]] = field(default_factory=list)
+    # optional: things worth knowing that do not make the image wrong (e.g. derived data that
+    # disagrees with its source of truth); listed in the manifest's "warnings", image kept.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -6,8 +6,10 @@ below, ``ignore_index`` 255. The semantic map comes from the full label ids, map
 ``labelIds`` if present, else ``instanceIds`` (which hold the label id of every pixel: ``id`` for
 pixels without an instance, ``id * 1000 + k`` for instance ``k``). ``labelTrainIds`` is used only
 when neither exists: it is derived from the label ids, and tools disagree on what they write for
-ignored pixels (255 officially, 19 in some exporters). When both exist, ``labelTrainIds`` must
-agree with the label ids wherever they give a train class.
+ignored pixels (255 officially, 19 in some exporters). When both exist, the label ids win; a
+``labelTrainIds`` that disagrees with them on train-class pixels is derived data gone stale, so it
+is a warning in the manifest (naming the file and the pixel count), and the image is kept.
+``labelIds`` and ``instanceIds`` are the sources of truth: their disagreeing is a problem.
 
 Instances come from ``instanceIds``: ``value >= 1000`` is instance ``value % 1000`` of label
 ``value // 1000``; a value below 1000 of a class with instances is a group region, kept as a
@@ -152,7 +154,9 @@ def _record(image_id: str, split: str, image: Path, gt: dict[str, Path], problem
             trained = semantic != IGNORE_INDEX
             if not np.array_equal(given[trained], semantic[trained]):
                 n = int((given[trained] != semantic[trained]).sum())
-                raise LabelPngError(f"{gt['labelTrainIds']}: {n} pixel(s) disagree with the label ids' trainIds")
+                source = gt["labelIds"] if "labelIds" in gt else gt["instanceIds"]
+                record.warnings.append(f"{gt['labelTrainIds']}: {n} pixel(s) disagree with the trainIds derived from "
+                                       f"{source.name}; the train ids were derived from {source.name}")
     except LabelPngError as exc:
         problems.append(str(exc))
         return record

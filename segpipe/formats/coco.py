@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from segpipe.files import PathEscapeError, confined, escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
+from segpipe.formats.pngs import MAX_LABEL_PIXELS
+from segpipe.images import ImageError, open_image
+from segpipe.validation import check_class_names
 
 SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
@@ -59,11 +62,13 @@ def load_label_png(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: label map file missing")
     try:
-        with Image.open(path) as im:
+        with open_image(path, MAX_LABEL_PIXELS) as im:
             if im.mode not in LABEL_MODES:
                 raise ValueError(f"{path}: label map has mode {im.mode}; expected one channel ({', '.join(LABEL_MODES)})")
             arr = np.asarray(im)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except ImageError as e:
+        raise ValueError(f"label map: {e}") from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"{path}: label map is not a readable PNG: {e}") from None
     if arr.dtype == np.int32:  # mode "I": 16-bit PNGs may open as 32-bit signed
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
@@ -106,6 +111,8 @@ def _read_classes_json(path: Path) -> list[ClassInfo]:
             classes.append(ClassInfo(int(r["id"]), str(r["name"]), bool(r.get("isthing", True)), color))  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError, AttributeError):
             raise CocoError(f"{path}: entry {k} must have an integer id, a name, isthing and an [r, g, b] color") from None
+    if reason := check_class_names((c.id, c.name) for c in classes):
+        raise CocoError(f"{path}: {reason}")
     return classes
 
 
@@ -124,6 +131,8 @@ def _classes_from_categories(files: list[Path], datas: list[dict[str, Any]]) -> 
                 raise CocoError(f"{path}: category {c['id']} is {info.name!r} but {seen[c['id']][1]} calls it "
                                 f"{seen[c['id']][0].name!r}")
             seen.setdefault(c["id"], (info, path))
+        if reason := check_class_names((cid, info.name) for cid, (info, _) in seen.items()):
+            raise CocoError(f"{path}: categories: {reason}")
     return [seen[k][0] for k in sorted(seen)]
 
 
@@ -192,14 +201,17 @@ def read(annotations: list[Path], images: Path, masks: Path | None = None) -> So
 
     for path, img, _ in entries:
         if isinstance(img, dict) and isinstance(img.get("file_name"), str):
-            for p in _candidates(images, path, img["file_name"]):
+            try:
+                cands = _candidates(images, path, img["file_name"])
+                mp = _mask_path(Path(masks), path, img["file_name"]) if masks is not None else None
+            except PathEscapeError:
+                continue  # quarantined by its record; never hashed, never read
+            for p in cands:
                 if p.is_file():
                     source_files.append(p)
                     break
-            if masks is not None:
-                mp = _mask_path(Path(masks), path, img["file_name"])
-                if mp.is_file():
-                    source_files.append(mp)
+            if mp is not None and mp.is_file():
+                source_files.append(mp)
     return Source(name="coco", classes=classes, ignore_index=ignore_index, records=records,
                   files=source_files, problems=problems, count=len(entries))
 
@@ -209,18 +221,19 @@ def _key(v: Any) -> Any:
 
 
 def _candidates(images: Path, ann_file: Path, file_name: str) -> list[Path]:
-    out = [images / file_name]
+    """Where the image may lie; PathEscapeError when ``file_name`` leaves the image folder."""
+    out = [confined(images, file_name)]
     folder = split_folder(ann_file)
-    if folder:
+    if folder and escape_reason(folder) is None:
         out.append(images / folder / file_name)
     return out
 
 
 def _mask_path(masks: Path, ann_file: Path, file_name: str) -> Path:
-    stem = Path(file_name).with_suffix(".png")
+    stem = confined(masks, file_name).relative_to(masks).with_suffix(".png")
     direct = masks / stem
     folder = split_folder(ann_file)
-    if not direct.is_file() and folder and (masks / folder / stem).is_file():
+    if not direct.is_file() and folder and escape_reason(folder) is None and (masks / folder / stem).is_file():
         return masks / folder / stem
     return direct
 
@@ -236,7 +249,11 @@ def _record(path: Path, fi: int, img: Any, split: str | None, images: Path, mask
     if not isinstance(file_name, str) or not file_name:
         return Record(image_id=image_id, source=str(path), split=split,
                       problems=[f"image {image_id} has no file_name"])
-    cands = _candidates(images, path, file_name)
+    try:
+        cands = _candidates(images, path, file_name)
+    except PathEscapeError as e:
+        return Record(image_id=image_id, source=str(path), split=split,
+                      problems=[f"image {image_id}: file_name {e}; the image was not read"])
     image_path = next((p for p in cands if p.is_file()), cands[0])
     h, w = img.get("height"), img.get("width")
     semantic = semantic_source = None

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.files import confined, escape_reason
 from segpipe.formats.base import ClassInfo
 from segpipe.formats.pngs import label_colormap
 
@@ -125,11 +126,26 @@ def parse_images(doc: dict[str, Any], path: Path) -> ImageTable:
 
 def find_image(input_dir: Path, folder: str, split: str, file_name: str) -> Path | None:
     """Where an image of a COCO JSON lies: ``images/<folder>/``, ``images/<split>/``, ``<folder>/``
-    (COCO's own ``train2017/``) or ``images/``; None when in none of them."""
-    for base in (input_dir / "images" / folder, input_dir / "images" / split, input_dir / folder, input_dir / "images"):
-        candidate = base / file_name
+    (COCO's own ``train2017/``) or ``images/``; None when in none of them.
+
+    ``file_name`` comes from the JSON: PathEscapeError (naming it) when it is absolute or climbs
+    out of the folder it is looked up in, so no file outside the dataset is ever read.
+    """
+    bases = [input_dir / "images" / folder, input_dir / "images" / split, input_dir / folder, input_dir / "images"]
+    for base in bases:
+        if escape_reason(base.relative_to(input_dir).as_posix()) is not None:
+            continue  # a JSON named e.g. panoptic_...json: no folder of its name outside the dataset
+        candidate = confined(base, file_name)
         if candidate.is_file():
             return candidate
+    return None
+
+
+def image_path_problem(json_path: Path, iid: Any, file_name: str) -> str | None:
+    """The problem of an image whose ``file_name`` leaves the dataset, naming the image id; or None."""
+    if (reason := escape_reason(file_name)) is not None:
+        return (f"{json_path}: image id {iid!r}: file_name {file_name!r} {reason}; a path inside the "
+                "dataset's image folder is expected (the image was not read)")
     return None
 
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.files import escape_reason
 from segpipe.formats import coco_files
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import LabelPngError, label_dtype, loaded, mask_bbox, read_png, rgb_to_id
+from segpipe.formats.pngs import LabelPngError, label_dtype, loaded, mask_bbox, read_id_png
 
 IGNORE_INDEX = 255
 PREFIX = "panoptic_"
@@ -91,6 +92,9 @@ def _record(
         )
     problems = list(problems)
     file_name = img["file_name"]
+    if escaped := coco_files.image_path_problem(json_path, iid, file_name):
+        return Record(image_id=coco_files.image_key(file_name), source=str(json_path), split=split,
+                      problems=[*problems, escaped])
     image_path = coco_files.find_image(input_dir, folder, split, file_name)
     if image_path is None:
         problems.append(
@@ -106,6 +110,10 @@ def _record(
     png_name = ann.get("file_name")
     if not isinstance(png_name, str) or not png_name:
         png_name = str(Path(file_name).with_suffix(".png"))
+    if (reason := escape_reason(png_name)) is not None:
+        problems.append(f"{json_path}: image id {iid!r}: annotation file_name {png_name!r} {reason}; a PNG inside "
+                        f"{json_path.with_suffix('')} is expected (it was not read)")
+        return record
     png = json_path.with_suffix("") / png_name
     record.source = f"{json_path} + {png}"
     record.semantic_source = str(png)
@@ -114,18 +122,16 @@ def _record(
         problems.append(f"{json_path}: image id {iid!r}: 'segments_info' missing or not a list")
         return record
     try:
-        rgb, mode = read_png(png)
-        if mode != "RGB":
-            raise LabelPngError(f"{png}: mode {mode!r}, a panoptic PNG is RGB (id = R + 256 G + 256^2 B)")
+        ids = read_id_png(png)
     except LabelPngError as exc:
         problems.append(str(exc))
         return record
-    if (record.height, record.width) != rgb.shape[:2]:
+    if (record.height, record.width) != ids.shape:
         problems.append(
-            f"{png}: PNG is {rgb.shape[1]} x {rgb.shape[0]} but image id {iid!r} is declared "
+            f"{png}: PNG is {ids.shape[1]} x {ids.shape[0]} but image id {iid!r} is declared "
             f"{record.width} x {record.height} in {json_path}"
         )
-    semantic, instances, seg_problems = decode_segments(rgb_to_id(rgb), segments, classes, png, IGNORE_INDEX)
+    semantic, instances, seg_problems = decode_segments(ids, segments, classes, png, IGNORE_INDEX)
     problems.extend(seg_problems)
     record.semantic = loaded(semantic)
     record.instances = instances
@@ -190,9 +196,12 @@ def read(input_dir: Path) -> Source:
 
     files = set(json_paths)
     for path, split, folder, img, _, ann, _ in jobs:
-        if img is not None and (found := coco_files.find_image(input_dir, folder, split, img["file_name"])):
+        # Paths leaving the dataset are quarantined by their record and never hashed or read.
+        if (img is not None and escape_reason(img["file_name"]) is None
+                and (found := coco_files.find_image(input_dir, folder, split, img["file_name"]))):
             files.add(found)
-        if ann is not None and isinstance(ann.get("file_name"), str) and (path.with_suffix("") / ann["file_name"]).is_file():
+        if (ann is not None and isinstance(ann.get("file_name"), str) and escape_reason(ann["file_name"]) is None
+                and (path.with_suffix("") / ann["file_name"]).is_file()):
             files.add(path.with_suffix("") / ann["file_name"])
     return Source(name="coco-panoptic", classes=classes, ignore_index=IGNORE_INDEX, records=records,
                   files=sorted(files), problems=problems, count=len(jobs))

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.files import escape_reason
 from segpipe.formats import coco_files
 from segpipe.formats.base import ClassInfo, Record, Source
 from segpipe.formats.pngs import label_dtype, loaded, mask_bbox
@@ -67,6 +68,9 @@ def _record(
     anns: list[dict[str, Any]], classes: dict[int, ClassInfo], problems: list[str],
 ) -> Record:
     problems = list(problems)
+    if escaped := coco_files.image_path_problem(path, iid, img["file_name"]):
+        return Record(image_id=coco_files.image_key(img["file_name"]), source=str(path), split=split,
+                      problems=[*problems, escaped])
     image_path = coco_files.find_image(input_dir, folder, split, img["file_name"])
     if image_path is None:
         problems.append(
@@ -141,7 +145,8 @@ def read(input_dir: Path) -> Source:
 
     files = set(json_paths)
     for _, split, folder, _, img, _, _ in jobs:
-        if found := coco_files.find_image(input_dir, folder, split, img["file_name"]):
+        if escape_reason(img["file_name"]) is None and (  # an escaping path is never hashed or read
+                found := coco_files.find_image(input_dir, folder, split, img["file_name"])):
             files.add(found)
     return Source(name="coco-stuff", classes=classes, ignore_index=IGNORE_INDEX, records=records,
                   files=sorted(files), problems=problems, count=len(jobs))

@@ -1,6 +1,7 @@
 """A folder of images and label PNGs matched by name: ``images/<path>.<ext>`` with
-``masks/<path>.png`` (or ``labels/<path>.png``). The mask value is the class id (255 = ignore);
-palette PNGs are read as indices, not colours.
+``masks/<path>.png`` (or ``labels/``, or ``annotations/`` as in ADE20K's scene-parsing release
+ADEChallengeData2016). The mask value is the class id (255 = ignore); palette PNGs are read as
+indices, not colours.
 
 Class table: ``classes.json`` (``[{"id", "name", "isthing", "color"}]``, as ``segpipe synth``
 writes it) if present, else ``labels.txt`` (one name per line, id = line number from 0), else the
@@ -23,6 +24,7 @@ from segpipe.formats.pngs import LabelPngError, colours_to_indices, label_colorm
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = {"train": "train", "val": "val", "test": "test", "training": "train", "validation": "val"}
+LABEL_FOLDERS = ("masks", "labels", "annotations")  # the first one present holds the label PNGs
 
 
 def parse_classes_json(path: Path) -> tuple[list[ClassInfo], list[str]]:
@@ -88,7 +90,7 @@ def _record(key: str, image: Path | None, mask: Path | None, colours, known: set
     if image is None:
         record.problems.append(f"{mask}: no image named {key}.* under images/")
     if mask is None:
-        record.problems.append(f"{image}: no mask named {key}.png under masks/ or labels/")
+        record.problems.append(f"{image}: no mask named {key}.png under {'/, '.join(LABEL_FOLDERS)}/")
         return record
     try:
         semantic = read_mask(mask, colours)
@@ -116,12 +118,13 @@ def _files(folder: Path, suffixes: set[str]) -> tuple[dict[str, Path], list[str]
 
 
 def read(input_dir: Path) -> Source:
-    """Parse a mask folder rooted at ``input_dir`` (holding ``images/`` and ``masks/`` or ``labels/``)."""
+    """Parse a mask folder rooted at ``input_dir`` (holding ``images/`` and ``masks/``, ``labels/`` or
+    ``annotations/``)."""
     root = Path(input_dir)
     problems: list[str] = []
-    mask_root = next((root / n for n in ("masks", "labels") if (root / n).is_dir()), None)
+    mask_root = next((root / n for n in LABEL_FOLDERS if (root / n).is_dir()), None)
     if not (root / "images").is_dir() or mask_root is None:
-        problems.append(f"{root}: expected images/ and masks/ (or labels/)")
+        problems.append(f"{root}: expected images/ and a label folder ({'/, '.join(LABEL_FOLDERS)}/)")
     images, image_problems = _files(root / "images", IMAGE_SUFFIXES) if (root / "images").is_dir() else ({}, [])
     masks, mask_problems = _files(mask_root, {".png"}) if mask_root else ({}, [])
     problems += image_problems + mask_problems

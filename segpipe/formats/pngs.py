@@ -8,12 +8,12 @@ Every failure raises ``LabelPngError`` naming the file, so a reader can turn it 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from segpipe.images import ImageTooLarge, open_image
 
 # A label map this large is a decompression bomb, not a photo (the converter's default
 # ``max_image_pixels`` is the same figure).
@@ -30,30 +30,24 @@ def read_png(path: Path) -> tuple[np.ndarray, str]:
     if not path.is_file():
         raise LabelPngError(f"{path}: file not found")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                if width * height > MAX_LABEL_PIXELS:
-                    raise LabelPngError(
-                        f"{path}: {width} x {height} pixels exceeds {MAX_LABEL_PIXELS} (decompression bomb?)"
-                    )
-                mode = im.mode
-                if mode in ("RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
-                    arr = np.asarray(im.convert("RGB"))
-                    mode = "RGB"
-                elif mode == "1":
-                    arr = np.asarray(im, dtype=np.uint8)
-                elif mode.startswith("I;16"):
-                    arr = np.asarray(im).astype(np.uint16)
-                elif mode in ("P", "L", "I"):
-                    arr = np.asarray(im)
-                else:
-                    raise LabelPngError(f"{path}: unsupported PNG mode {mode!r} for a label map")
+        with open_image(path, MAX_LABEL_PIXELS, name="", limit_name="the label-map limit") as im:
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
+                arr = np.asarray(im.convert("RGB"))
+                mode = "RGB"
+            elif mode == "1":
+                arr = np.asarray(im, dtype=np.uint8)
+            elif mode.startswith("I;16"):
+                arr = np.asarray(im).astype(np.uint16)
+            elif mode in ("P", "L", "I"):
+                arr = np.asarray(im)
+            else:
+                raise LabelPngError(f"{path}: unsupported PNG mode {mode!r} for a label map")
     except LabelPngError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except ImageTooLarge as exc:
+        raise LabelPngError(f"{path}: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise LabelPngError(f"{path}: cannot decode ({type(exc).__name__}: {exc})") from exc
     return arr, mode
 
@@ -73,6 +67,29 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     """COCO panoptic segment ids: ``R + 256 G + 256^2 B`` (H x W x 3 uint8 -> H x W int64)."""
     rgb = rgb.astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+MAX_RGB_ID = (1 << 24) - 1
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """The inverse of ``rgb_to_id``: H x W integer ids in ``[0, 2^24)`` -> H x W x 3 uint8."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"segment ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > MAX_RGB_ID):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"segment id {bad} cannot be stored as RGB (valid: 0..{MAX_RGB_ID})")
+    ids = ids.astype(np.uint32)
+    return np.stack([ids & 255, (ids >> 8) & 255, ids >> 16], axis=-1).astype(np.uint8)
+
+
+def read_id_png(path: Path) -> np.ndarray:
+    """Segment ids of an RGB-encoded id PNG (COCO panoptic), H x W int64; 0 is unlabelled."""
+    rgb, mode = read_png(path)
+    if mode != "RGB":
+        raise LabelPngError(f"{path}: mode {mode!r}, a panoptic PNG is RGB (id = R + 256 G + 256^2 B)")
+    return rgb_to_id(rgb)
 
 
 def colours_to_indices(rgb: np.ndarray, colours: Mapping[tuple[int, int, int], int], path: Path) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segpipe.files import escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
 from segpipe.formats.pngs import (
     LabelPngError,
@@ -69,6 +70,11 @@ def decode_objects(
 
 def _record(root: Path, stem: str, split: str | None, problems: list[str]) -> Record:
     problems = list(problems)
+    if (reason := escape_reason(stem)) is not None:
+        listed_in = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        problems.append(f"{listed_in}: image id {stem!r} {reason}; an id names files inside JPEGImages/ and "
+                        "SegmentationClass/ (nothing was read)")
+        return Record(image_id=stem, source=str(listed_in), split=split, problems=problems)
     image_path = root / "JPEGImages" / f"{stem}.jpg"
     class_png = root / "SegmentationClass" / f"{stem}.png"
     object_png = root / "SegmentationObject" / f"{stem}.png"
@@ -132,6 +138,8 @@ def read(input_dir: Path) -> Source:
 
     files = list(listed_files)
     for stem in stems:
+        if escape_reason(stem) is not None:
+            continue  # quarantined by its record; never hashed or read
         for p in (root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png",
                   root / "SegmentationObject" / f"{stem}.png"):
             if p.is_file():

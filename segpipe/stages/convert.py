@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import pickle
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from segpipe import shards, validation
 from segpipe.files import atomic_dir, sha256_file
 from segpipe.formats import FORMATS, get_reader
 from segpipe.formats.base import Record, Source
+from segpipe.images import ImageError, open_image
 from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
 
 BATCH = 4  # records per pool task
@@ -69,6 +71,7 @@ class Outcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     quarantine: list[dict[str, str]] = field(default_factory=list)
     image_quarantined: bool = False
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -151,12 +154,6 @@ def _entry(item: str, file: str, reason: str) -> dict[str, str]:
     return {"item": item, "file": file, "reason": reason}
 
 
-def _open_image(data: bytes) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data))
-
-
 def process_record(record: Record, ctx: Context) -> Outcome:
     """Validate one record and encode it into shard row(s). Runs in a worker process."""
     out = Outcome(image_id=record.image_id)
@@ -169,6 +166,7 @@ def process_record(record: Record, ctx: Context) -> Outcome:
         out.rows = []
         return out
 
+    out.warnings = [_entry(item, record.source, w) for w in record.warnings]
     if record.problems:
         for p in record.problems:
             out.quarantine.append(_entry(item, record.source, p))
@@ -189,11 +187,9 @@ def process_record(record: Record, ctx: Context) -> Outcome:
     if not data:
         return reject(img_file, "image file is empty (0 bytes)")
     try:
-        im = _open_image(data)
-    except Image.DecompressionBombError as e:
-        return reject(img_file, f"decompression bomb: {e}")
-    except (OSError, SyntaxError, ValueError) as e:
-        return reject(img_file, f"not a decodable image: {e}")
+        im = open_image(data, ctx.max_image_pixels)
+    except ImageError as e:
+        return reject(img_file, str(e))
     width, height = im.size
     if reason := validation.check_image_size(width, height, ctx.max_image_pixels, (record.height, record.width)):
         return reject(img_file, reason)
@@ -293,9 +289,29 @@ def tile_rows(image_id: str, base: dict[str, Any], pixels: np.ndarray, semantic:
 # --------------------------------------------------------------------------------------
 
 
-def _init_worker(max_image_pixels: int) -> None:
-    # PIL's own guard matches ours; our header check runs first and names the file.
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op).
+
+    A pool worker otherwise outlives a killed convert, blocked on a queue nobody writes to.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(max_image_pixels: int, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+    # Images are opened through segpipe.images.open_image, which checks the header first.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
@@ -357,7 +373,7 @@ def process_source(source: Source, ctx: Context, workers: int, progress: bool = 
         window: collections.deque[Future | list[Outcome]] = collections.deque()
         batch: list[Record] = []
         with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
-                                 initargs=(ctx.max_image_pixels,)) as pool:
+                                 initargs=(ctx.max_image_pixels, os.getpid())) as pool:
 
             def submit() -> None:
                 window.append(pool.submit(process_batch, batch.copy(), ctx))
@@ -433,6 +449,24 @@ def dataset_entries(source: Source) -> list[dict[str, str]]:
     return [_entry("dataset", source.name, p) for p in source.problems]
 
 
+def check_source(source: Source) -> None:
+    """Errors in the source as a whole, before any image: raise ConvertError naming them."""
+    if reason := validation.check_class_names((c.id, c.name) for c in source.classes):
+        raise ConvertError(f"{source.name} class table: {reason}")
+
+
+def nothing_converted(source: Source, images: int, quarantine: list[dict[str, str]]) -> str:
+    """The error of a run in which no image survived: how many were read, and the first reason."""
+    if not images:
+        head = f"{source.name}: no image found in the input"
+    else:
+        head = f"{source.name}: no image converted: all {images} image(s) were quarantined"
+    if quarantine:
+        e = quarantine[0]
+        head += f" (first: {e['file']}: {e['item']}: {e['reason']})"
+    return head
+
+
 def source_hash(files: list[Path]) -> str:
     """sha256 over the sorted (relative path, content sha256) of every source file."""
     files = sorted({Path(f) for f in files})
@@ -453,11 +487,14 @@ def source_hash(files: list[Path]) -> str:
 def run(params: ConvertParams, source: Source, out: Path, progress: bool = True) -> dict[str, Any]:
     """Convert ``source`` into shards at ``out`` (replaced atomically); returns the manifest."""
     check_params(params)
+    check_source(source)
     out = Path(out)
     ctx = make_context(source, params)
     quarantine = dataset_entries(source)
+    warnings_: list[dict[str, str]] = []
     if quarantine and params.strict:
         raise ConvertError(f"--strict: {quarantine[0]['reason']}")
+    images = 0
     with atomic_dir(out) as tmp:
         writers: dict[str, shards.ShardWriter] = {}
         try:
@@ -465,13 +502,18 @@ def run(params: ConvertParams, source: Source, out: Path, progress: bool = True)
                 if outcome.quarantine and params.strict:
                     e = outcome.quarantine[0]
                     raise ConvertError(f"--strict: {e['file']}: {e['item']}: {e['reason']}")
+                images += 1
                 quarantine.extend(outcome.quarantine)
+                warnings_.extend(outcome.warnings)
                 for row in outcome.rows:
                     w = writers.get(row["split"])
                     if w is None:
                         w = writers[row["split"]] = shards.ShardWriter(tmp, row["split"], params.rows_per_shard)
                     w.write(row)
             shard_list = [s for split in sorted(writers) for s in writers[split].close()]
+            if not shard_list:
+                raise ConvertError(nothing_converted(source, images, quarantine)
+                                   + "; nothing was written (segpipe validate lists every problem)")
         except BaseException:
             for w in writers.values():
                 w.abort()
@@ -487,6 +529,7 @@ def run(params: ConvertParams, source: Source, out: Path, progress: bool = True)
             "shards": shard_list,
             "source_sha256": source_hash(source.files),
             "quarantine": quarantine,
+            "warnings": warnings_,
             # workers changes how fast, never what: leave it out so the manifest stays identical.
             "params": {k: v for k, v in as_dict(params).items() if k != "workers"},
         }
@@ -543,4 +586,4 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     rows = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items()) or "no rows"
     print(f"wrote {args.out}: {rows}; {len(manifest['shards'])} shard(s); "
-          f"{len(manifest['quarantine'])} quarantined item(s)")
+          f"{len(manifest['quarantine'])} quarantined item(s); {len(manifest['warnings'])} warning(s)")

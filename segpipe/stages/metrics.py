@@ -3,9 +3,12 @@
     segpipe metrics semantic --gt DIR --pred DIR --num-classes K [--ignore-index 255]
                              [--classes classes.json] --out FILE.json
     segpipe metrics coco --gt GT.json --dt DT.json --iou-type segm|bbox --out FILE.json
+    segpipe metrics panoptic --gt GT.json [--gt-dir DIR] --pred PRED.json [--pred-dir DIR] --out FILE.json
 
 Semantic: single-channel label PNGs (mode L, P or I;16) matched by file name; images are read one
-pair at a time into a confusion matrix. COCO: pycocotools' COCOeval after validation.
+pair at a time into a confusion matrix. COCO: pycocotools' COCOeval after validation. Panoptic:
+COCO panoptic JSON + RGB segment PNGs (the PNG folders default to the JSON paths without
+``.json``, as in panopticapi), matched by image id and read one pair at a time into a ``PQStat``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from segpipe.files import atomic_write_json
+from segpipe.formats.pngs import MAX_LABEL_PIXELS, LabelPngError, read_id_png
+from segpipe.images import open_image
+from segpipe.metrics import panoptic
 from segpipe.metrics.semantic import ConfusionMatrix, MetricsInputError, compute
 
 LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
@@ -29,7 +34,7 @@ LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
 def read_label_png(path: Path) -> np.ndarray:
     """An ``H x W`` integer label map from a single-channel PNG (palette PNGs give their indices)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, MAX_LABEL_PIXELS, name="", limit_name="the label-map limit") as im:
             if im.mode not in LABEL_MODES:
                 raise MetricsInputError(
                     f"{path}: PNG mode {im.mode!r} is not a single-channel label map (expected one of {', '.join(LABEL_MODES)})")
@@ -122,6 +127,62 @@ def run_coco(gt: Path, dt: Path, iou_type: str, out: Path) -> dict[str, Any]:
     return result
 
 
+def _read_segments_png(path: Path) -> np.ndarray:
+    try:
+        return read_id_png(path)
+    except LabelPngError as e:
+        raise MetricsInputError(str(e)) from None
+
+
+def panoptic_stat(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path) -> tuple[panoptic.PQStat, list[str], list[bool]]:
+    """The ``PQStat`` over all images of a COCO panoptic ground truth and prediction (read one
+    PNG pair at a time), with the ground truth's category names and isthing flags."""
+    gt_doc, pred_doc = read_json(gt_json), read_json(pred_json)
+    ids, names, isthing = panoptic.parse_categories(gt_doc, str(gt_json))
+    pairs = panoptic.match_images(panoptic.annotations_by_image(gt_doc, str(gt_json)),
+                                  panoptic.annotations_by_image(pred_doc, str(pred_json)), str(gt_json), str(pred_json))
+    for d in (gt_dir, pred_dir):
+        if not Path(d).is_dir():
+            raise MetricsInputError(f"{d}: not a directory")
+    sizes = panoptic.declared_sizes(gt_doc)
+    stat = panoptic.PQStat(ids)
+    for iid, gt_ann, pred_ann in pairs:
+        gt_png, pred_png = Path(gt_dir) / gt_ann["file_name"], Path(pred_dir) / pred_ann["file_name"]
+        gt_map = _read_segments_png(gt_png)
+        if iid in sizes and sizes[iid] != gt_map.shape:
+            h, w = sizes[iid]
+            raise MetricsInputError(f"{gt_png}: PNG is {gt_map.shape[1]} x {gt_map.shape[0]} but image id {iid!r} "
+                                    f"is declared {w} x {h} in {gt_json}")
+        pred_map = _read_segments_png(pred_png)
+        if pred_map.shape != gt_map.shape:
+            raise MetricsInputError(f"{pred_png}: image id {iid!r}: PNG is {pred_map.shape[1]} x {pred_map.shape[0]} "
+                                    f"but the ground truth {gt_png} is {gt_map.shape[1]} x {gt_map.shape[0]}")
+        stat.update(gt_map, gt_ann["segments_info"], pred_map, pred_ann["segments_info"],
+                    where=f"image id {iid!r} ({gt_png} vs {pred_png})")
+    return stat, names, isthing
+
+
+def run_panoptic(gt_json: Path, pred_json: Path, out: Path, gt_dir: Path | None = None,
+                 pred_dir: Path | None = None) -> dict[str, Any]:
+    """Score COCO panoptic predictions; write and return ``{pq, sq, rq, pq_things, ..., rq_stuff,
+    images, per_class}``. Raises MetricsInputError when nothing could be scored."""
+    gt_json, pred_json = Path(gt_json), Path(pred_json)
+    gt_dir = Path(gt_dir) if gt_dir is not None else gt_json.with_suffix("")
+    pred_dir = Path(pred_dir) if pred_dir is not None else pred_json.with_suffix("")
+    stat, names, isthing = panoptic_stat(gt_json, gt_dir, pred_json, pred_dir)
+    if stat.images == 0:
+        raise MetricsInputError(f"{gt_json}: no images in 'annotations', nothing to score")
+    result = stat.compute(names, isthing)
+    if result["pq"] is None:
+        raise MetricsInputError(
+            f"{gt_json} vs {pred_json}: nothing to score in {stat.images} image(s): no ground-truth or "
+            "predicted segment outside void and crowd regions")
+    result = {**{k: v for k, v in result.items() if k != "per_class"}, "images": stat.images,
+              "per_class": result["per_class"]}
+    atomic_write_json(out, result)
+    return result
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="segpipe metrics", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -137,6 +198,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     c.add_argument("--dt", type=Path, required=True, help="COCO results JSON (list of detections)")
     c.add_argument("--iou-type", choices=["segm", "bbox"], required=True)
     c.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("panoptic", help="PQ, SQ, RQ of COCO panoptic PNGs + JSON")
+    p.add_argument("--gt", type=Path, required=True, help="COCO panoptic ground-truth JSON (with categories)")
+    p.add_argument("--gt-dir", type=Path, help="folder of ground-truth PNGs (default: the --gt path without .json)")
+    p.add_argument("--pred", type=Path, required=True, help="COCO panoptic prediction JSON")
+    p.add_argument("--pred-dir", type=Path, help="folder of predicted PNGs (default: the --pred path without .json)")
+    p.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
 
 
@@ -151,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise MetricsInputError(f"--ignore-index {ignore} is a class id (< --num-classes {args.num_classes})")
             result = run_semantic(args.gt, args.pred, args.num_classes, args.out, ignore, args.classes)
             print(f"miou {_fmt(result['miou'])}  pixel_acc {_fmt(result['pixel_acc'])}  -> {args.out}")
+        elif args.kind == "panoptic":
+            result = run_panoptic(args.gt, args.pred, args.out, args.gt_dir, args.pred_dir)
+            print(f"pq {_fmt(result['pq'])}  sq {_fmt(result['sq'])}  rq {_fmt(result['rq'])}  "
+                  f"({result['images']} images) -> {args.out}")
         else:
             result = run_coco(args.gt, args.dt, args.iou_type, args.out)
             print(f"{args.iou_type} AP {_fmt(result[args.iou_type]['AP'])}  -> {args.out}")

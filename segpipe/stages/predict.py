@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from segpipe.files import atomic_write_bytes, atomic_write_json
+from segpipe.images import ImageError, ImageTooLarge, open_image
 from segpipe.params import PredictParams, add_params_arguments, from_args
 from segpipe.registry import DEFAULT_REGISTRY, load
 from segpipe.tiling import Instance, paint_instances, predict_instances, predict_semantic, rle_counts
@@ -47,13 +48,15 @@ def list_images(path: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """H x W x 3 uint8; unreadable or oversized files raise naming the file."""
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    """H x W x 3 uint8. Unreadable files, and images over MAX_IMAGE_PIXELS (checked from the
+    header, before anything is decoded), raise ImageError naming the file."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, MAX_IMAGE_PIXELS, name="", limit_name="the predict limit") as im:
             return np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
-    except (OSError, Image.DecompressionBombError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image: {e}") from None
+    except ImageTooLarge as e:
+        raise ImageTooLarge(f"{path}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: cannot read image: {e}") from None
 
 
 def palette(classes: list[dict[str, Any]]) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.files import atomic_write_json
-from segpipe.shards import decode_semantic, iter_rows, read_manifest
+from segpipe.shards import ShardError, decode_semantic, iter_rows, read_manifest
 
 COLUMNS = ["split", "height", "width", "semantic", "semantic_encoding", "instances"]
 
@@ -26,7 +26,11 @@ def count_row(row: dict[str, Any], pixels: np.ndarray, instances: dict[int, list
 
 
 def compute(path: Path | str, verify: bool = True) -> dict[str, Any]:
-    """{split: {"images", "classes": {name: {id, pixels, instances, crowd}}, "ignore_pixels"}}."""
+    """{split: {"images", "classes": {name: {id, pixels, instances, crowd}}, "ignore_pixels"}}.
+
+    A shard set without rows is a ShardError: there is nothing to count, and an empty table
+    would pass for a result.
+    """
     manifest = read_manifest(path)
     classes = manifest["classes"]
     ignore = manifest["ignore_index"]
@@ -36,6 +40,9 @@ def compute(path: Path | str, verify: bool = True) -> dict[str, Any]:
         pixels, inst, n = acc.setdefault(row["split"], (np.zeros(size, np.int64), {}, [0]))
         count_row(row, pixels, inst)
         n[0] += 1
+    if not acc:
+        raise ShardError(f"{path}: the shard set has no rows (manifest splits: {manifest['splits'] or 'none'}); "
+                         "convert a dataset with at least one valid image")
     out: dict[str, Any] = {}
     for split in sorted(acc):
         pixels, inst, n = acc[split]

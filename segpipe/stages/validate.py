@@ -14,15 +14,18 @@ from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_
 from segpipe.stages.convert import (
     add_source_arguments,
     check_params,
+    check_source,
     dataset_entries,
     make_context,
+    nothing_converted,
     process_source,
     read_source,
 )
 
 
-def summarize(source_name: str, images: int, quarantine: list[dict[str, str]], images_quarantined: int) -> dict[str, Any]:
-    """The report dict: counts plus every quarantine entry (pure)."""
+def summarize(source_name: str, images: int, quarantine: list[dict[str, str]], images_quarantined: int,
+              warnings: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The report dict: counts plus every quarantine entry and warning (pure)."""
     annotations = sum(1 for e in quarantine if " annotation " in e["item"])
     return {
         "format": source_name,
@@ -31,22 +34,26 @@ def summarize(source_name: str, images: int, quarantine: list[dict[str, str]], i
         "images_quarantined": images_quarantined,
         "annotations_quarantined": annotations,
         "dataset_problems": sum(1 for e in quarantine if e["item"] == "dataset"),
-        "ok": not quarantine,
+        "ok": not quarantine and images > images_quarantined,
         "quarantine": quarantine,
+        "warnings": warnings or [],
     }
 
 
 def run(params: ConvertParams, source: Source, progress: bool = True) -> dict[str, Any]:
     """Run every check of ``segpipe convert`` on ``source`` and return the report."""
     check_params(params)
+    check_source(source)
     ctx = make_context(source, params, encode=False)
     quarantine = dataset_entries(source)
+    warnings: list[dict[str, str]] = []
     images = bad = 0
     for outcome in process_source(source, ctx, params.workers, progress):
         images += 1
         bad += outcome.image_quarantined
         quarantine.extend(outcome.quarantine)
-    return summarize(source.name, images, quarantine, bad)
+        warnings.extend(outcome.warnings)
+    return summarize(source.name, images, quarantine, bad, warnings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = from_args(args, "convert")
     try:
-        report = run(params, read_source(args), progress=not args.no_progress)
+        source = read_source(args)
+        report = run(params, source, progress=not args.no_progress)
     except ParamsError:
         raise
     except ValueError as e:
@@ -74,5 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {e['file']}: {e['item']}: {e['reason']}")
     if len(report["quarantine"]) > 20:
         print(f"  ... {len(report['quarantine']) - 20} more (see the report)")
+    for e in report["warnings"][:20]:
+        print(f"  warning: {e['file']}: {e['item']}: {e['reason']}")
+    if report["images_ok"] == 0:
+        # Nothing would convert: that is a failed validation whatever --strict says.
+        print(f"segpipe validate: error: {nothing_converted(source, report['images'], report['quarantine'])}"
+              f"{'; see ' + args.report if args.report else ''}", file=sys.stderr)
+        raise SystemExit(1)
     if (args.strict or params.strict) and not report["ok"]:
         raise SystemExit(1)

@@ -103,3 +103,87 @@ def test_end_to_end(tmp_path, year, expected):
     for image_id, s in samples.items():
         np.testing.assert_array_equal(named(s["semantic"], source.classes), want[image_id])
         assert same_masks(instance_masks(s), record_masks(records[image_id]))
+
+
+def _distributed(tmp_path: Path, year: str) -> tuple[Path, Path]:
+    """The sample laid out as ADE distributes it: (dataset root, the folder holding training/).
+
+    2016 full release: ``ADE20K_2016_07_26/images/training/<letter>/<scene>/...`` (atr files);
+    2021: ``ADE20K_2021_17_01/images/ADE/training/<scene>/...`` (JSON + instance PNGs). Either
+    has one training and one validation image, and files beside images/ that are not images.
+    """
+    import shutil
+
+    src = sample(f"ade20k{year}_dataset", "dataset")
+    if year == "2017":
+        root = tmp_path / "ADE20K_2016_07_26"
+        images = root / "images"
+        shutil.copytree(src / "training" / "street", images / "training" / "s" / "street")
+        (root / "index_ade20k.mat").write_bytes(b"MATLAB 5.0")
+    else:
+        root = tmp_path / "ADE20K_2021_17_01"
+        images = root / "images" / "ADE"
+        shutil.copytree(src / "training", images / "training")
+        (root / "objects.txt").write_text("car\nperson\n")
+    shutil.copytree(src / "validation", images / "validation")
+    return root, images
+
+
+@pytest.mark.parametrize("year", ["2017", "2020"])
+def test_split_comes_from_the_training_validation_folder_wherever_it_sits(tmp_path, year):
+    root, images = _distributed(tmp_path, year)
+    for given in (root, root / "images", images):
+        records = records_by_id(ade20k.read(given))
+        assert sorted((r.split, r.problems) for r in records.values()) == [("train", []), ("val", [])], given
+    source = ade20k.read(root)
+    manifest, samples = convert(source, tmp_path / "shards")
+    assert manifest["splits"] == {"train": 1, "val": 1} and manifest["quarantine"] == []
+    prefix = "images/training/s/street/1" if year == "2017" else "images/ADE/training/street/1"
+    assert samples[prefix]["split"] == "train"
+
+
+def _amodal_2021(tmp_path: Path) -> Path:
+    """The 2021 sample with its car instance PNG written as ADE writes them: 255 where the car is
+    visible (columns 2-4) and 128 where it is hidden behind the person (column 1)."""
+    import shutil
+
+    root = tmp_path / "ade"
+    shutil.copytree(sample("ade20k2020_dataset", "dataset"), root)
+    car = root / "training/street/1/instance_000_ADE_train_1.png"
+    visible = np.asarray(Image.open(car)) == 1
+    values = np.where(visible, 255, 0).astype(np.uint8)
+    values[:, 1] = 128
+    Image.fromarray(values).save(car)
+    return root
+
+
+def test_2021_instances_are_the_visible_pixels_only(tmp_path):
+    root = _amodal_2021(tmp_path)
+    source = ade20k.read(root)
+    one = records_by_id(source)["training/street/1"]
+    assert one.problems == [] and one.annotation_problems == []
+    car = next(i for i in one.instances if i["id"] == 0)
+    assert car["mask"][:, 2:].all() and not car["mask"][:, :2].any()  # not the hidden column 1
+    assert car["bbox"] == [2.0, 0.0, 3.0, 5.0]
+    semantic = one.semantic()
+    for inst in one.instances:  # modal: every instance pixel carries the instance's class
+        assert (semantic[inst["mask"]] == inst["category_id"]).all(), inst["id"]
+    _, samples = convert(source, tmp_path / "shards")
+    (stored,) = [m for c, _, m in instance_masks(samples["training/street/1"]) if c == car["category_id"]]
+    np.testing.assert_array_equal(stored, car["mask"])
+
+
+def test_2021_wholly_hidden_object_and_escaping_mask_path(tmp_path):
+    root = _amodal_2021(tmp_path)
+    person = root / "training/street/1/instance_001_ADE_train_1.png"
+    Image.fromarray(np.where(np.asarray(Image.open(person)) == 1, 128, 0).astype(np.uint8)).save(person)
+    one = records_by_id(ade20k.read(root))["training/street/1"]
+    assert one.problems == [] and [i["id"] for i in one.instances] == [0]
+    (aid, reason), = one.annotation_problems
+    assert aid == 1 and "no visible pixel" in reason
+    js = root / "validation/2.json"
+    doc = json.loads(js.read_text())
+    doc["annotation"]["object"][0]["instance_mask"] = "../../../secret.png"
+    js.write_text(json.dumps(doc))
+    two = records_by_id(ade20k.read(root))["validation/2"]
+    assert any("instance_mask '../../../secret.png' climbs out" in p for p in two.problems)

@@ -101,3 +101,23 @@ def test_end_to_end(tmp_path, name):
     for image_id, s in samples.items():
         np.testing.assert_array_equal(s["semantic"], want[image_id][0])
         assert same_masks(instance_masks(s), want[image_id][1])
+
+
+def test_stale_label_train_ids_are_a_warning_and_the_image_is_kept(tmp_path):
+    root = _city(tmp_path)
+    gt = root / "gtFine" / "val" / "berlin"
+    # labelIds and instanceIds (the sources of truth) agree; labelTrainIds says sidewalk (1) where
+    # the label ids say car (trainId 13) on 2 pixels.
+    Image.fromarray(np.array([[0, 1, 1]], dtype=np.uint8)).save(gt / "berlin_000000_000001_gtFine_labelTrainIds.png")
+    source = cityscapes.read(root)
+    one = records_by_id(source)["berlin_000000_000001"]
+    assert one.problems == []
+    np.testing.assert_array_equal(one.semantic(), [[0, 13, 13]])  # derived from labelIds
+    (warning,) = one.warnings
+    assert "berlin_000000_000001_gtFine_labelTrainIds.png: 2 pixel(s) disagree" in warning
+    assert "derived from berlin_000000_000001_gtFine_labelIds.png" in warning
+    manifest, samples = convert(source, tmp_path / "shards")
+    np.testing.assert_array_equal(samples["berlin_000000_000001"]["semantic"], [[0, 13, 13]])
+    assert [w["item"] for w in manifest["warnings"]] == ["image berlin_000000_000001"]
+    assert "2 pixel(s) disagree" in manifest["warnings"][0]["reason"]
+    assert all(q["item"] != "image berlin_000000_000001" for q in manifest["quarantine"])

@@ -144,3 +144,38 @@ def test_folder_of_collections_converts_every_collection(tmp_path):
         read_collections(raw)
     with pytest.raises(CocoError, match="no COCO collection"):
         read_collections(tmp_path / "shards")
+
+
+def jpeg(path: Path, size=(5, 4)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (9, 9, 9)).save(path, "JPEG")
+    return path
+
+
+@pytest.mark.parametrize("escape", ["relative", "absolute"])
+def test_file_name_leaving_the_image_folder_is_quarantined_never_read_nor_hashed(tmp_path, escape):
+    secret = jpeg(tmp_path / "secret" / "photo.jpg")
+    root = tmp_path / "drop"
+    name = "../../secret/photo.jpg" if escape == "relative" else str(secret)
+    data = {**BASE, "images": [BASE["images"][0], {"id": 8, "file_name": name, "height": 4, "width": 5}]}
+    f = write(root, data)
+    jpeg(root / "images" / "x.jpg")
+    (root / "masks").mkdir()
+    src = read([f], root / "images", root / "masks")
+    records = {r.image_id: r for r in src.records()}
+    assert records["7"].problems == [] and records["8"].image_path is None and records["8"].semantic is None
+    (problem,) = records["8"].problems
+    assert problem.startswith(f"image 8: file_name {name!r} ")
+    assert ("climbs out of its folder with '..'" if escape == "relative" else "is an absolute path") in problem
+    assert all(p.resolve() != secret.resolve() for p in src.files)
+
+
+def test_duplicate_category_names_are_an_error_naming_both_ids(tmp_path):
+    data = {**BASE, "categories": [{"id": 1, "name": "pipe"}, {"id": 2, "name": "pipe"}, {"id": 3, "name": "crane"}]}
+    f = write(tmp_path, data)
+    with pytest.raises(CocoError, match=r"instances.json: categories: class ids 1 and 2 are both named 'pipe'"):
+        read([f], tmp_path / "images")
+    (tmp_path / "classes.json").write_text(json.dumps([{"id": 3, "name": "crane"}, {"id": 4, "name": "crane"}]))
+    f.write_text(json.dumps(BASE))
+    with pytest.raises(CocoError, match=r"classes.json: class ids 3 and 4 are both named 'crane'"):
+        read([f], tmp_path / "images")

@@ -123,3 +123,21 @@ def test_end_to_end(tmp_path):
     assert sorted(samples) == ["x"] and len(manifest["quarantine"]) == 2
     np.testing.assert_array_equal(samples["x"]["semantic"], records["x"].semantic())
     assert same_masks(instance_masks(samples["x"]), record_masks(records["x"]))
+
+
+def test_file_names_leaving_the_dataset_are_problems_and_never_read(tmp_path):
+    root = _things_dataset(tmp_path)
+    Image.new("RGB", (4, 3)).save(tmp_path / "secret.jpg")
+    doc = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
+    doc["images"][1]["file_name"] = "../../secret.jpg"        # the image, from images/<folder>/
+    doc["annotations"][2]["file_name"] = "../../../secret.png"  # the PNG, from annotations/panoptic_val2017/
+    (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(doc))
+    source = coco_panoptic.read(root)
+    records = {r.image_id: r for r in source.records()}
+    assert records["x"].problems == []
+    (problem,) = records["../../secret"].problems
+    assert "image id 1: file_name '../../secret.jpg' climbs out" in problem and records["../../secret"].image_path is None
+    (problem,) = records["gone"].problems
+    assert "image id 2: annotation file_name '../../../secret.png' climbs out" in problem
+    assert records["gone"].semantic is None
+    assert all("secret" not in p.name for p in source.files)

@@ -77,3 +77,17 @@ def test_end_to_end(tmp_path):
     assert sorted(samples) == sorted(expected)
     for image_id, s in samples.items():
         np.testing.assert_array_equal(s["semantic"], expected[image_id])
+
+
+def test_file_name_leaving_the_dataset_is_a_problem_and_never_read(tmp_path):
+    good = {"size": [2, 3], "counts": [6]}
+    root = _dataset(tmp_path, [good, good])
+    Image.new("RGB", (3, 2)).save(tmp_path / "secret.jpg")
+    doc = json.loads((root / "annotations" / "stuff_val2017.json").read_text())
+    doc["images"][1]["file_name"] = str(tmp_path / "secret.jpg")
+    (root / "annotations" / "stuff_val2017.json").write_text(json.dumps(doc))
+    source = coco_stuff.read(root)
+    records = list(source.records())
+    assert records[0].problems == []
+    assert f"image id 1: file_name {str(tmp_path / 'secret.jpg')!r} is an absolute path" in records[1].problems[0]
+    assert records[1].image_path is None and all("secret" not in p.name for p in source.files)

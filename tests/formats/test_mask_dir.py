@@ -74,3 +74,20 @@ def test_end_to_end(tmp_path):
     for s in samples.values():
         np.testing.assert_array_equal(s["semantic"], LABELS)
         assert s["split"] == "train" and s["image"].shape == (3, 4, 3)
+
+
+def test_ade_challenge_layout_with_annotations_folder(tmp_path):
+    """ADEChallengeData2016 as distributed: images/{training,validation}/*.jpg and
+    annotations/{training,validation}/*.png, label 0 = "other", classes 1..150."""
+    root = tmp_path / "ADEChallengeData2016"
+    for split, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.new("RGB", (4, 3), (50, 60, 70)).save(root / "images" / split / f"{stem}.jpg")
+        Image.fromarray(np.array([[0, 1, 1, 150]] * 3, np.uint8)).save(root / "annotations" / split / f"{stem}.png")
+    (root / "sceneCategories.txt").write_text("ADE_train_00000001 street\n")
+    source = mask_dir.read(root)
+    assert source.problems == [] and [c.id for c in source.classes] == [0, 1, 150]
+    manifest, samples = convert(source, tmp_path / "shards")
+    assert manifest["quarantine"] == [] and manifest["splits"] == {"train": 1, "val": 1}
+    assert samples["training/ADE_train_00000001"]["semantic"].tolist() == [[0, 1, 1, 150]] * 3

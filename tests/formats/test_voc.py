@@ -85,3 +85,21 @@ def test_end_to_end(tmp_path):
     assert s["split"] == "train"
     np.testing.assert_array_equal(s["semantic"], palette_index(root / "SegmentationClass" / "2007_000001.png"))
     assert same_masks(instance_masks(s), record_masks(records["2007_000001"]))
+
+
+def test_listed_ids_leaving_the_dataset_are_problems_and_never_read(tmp_path):
+    root = tmp_path / "voc"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    Image.new("RGB", (4, 2)).save(root / "JPEGImages" / "good.jpg")
+    _palette_png(root / "SegmentationClass" / "good.png", np.zeros((2, 4), int))
+    Image.new("RGB", (4, 2)).save(tmp_path / "secret.jpg")
+    _palette_png(tmp_path / "secret.png", np.zeros((2, 4), int))
+    (root / "ImageSets/Segmentation/train.txt").write_text("good\n../../secret\n")
+    source = voc.read(root)
+    records = records_by_id(source)
+    assert records["good"].problems == []
+    bad = records["../../secret"]
+    assert bad.image_path is None and bad.semantic is None
+    assert "train.txt: image id '../../secret' climbs out of its folder" in bad.problems[0]
+    assert all("secret" not in p.name for p in source.files)

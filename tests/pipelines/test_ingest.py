@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.ingest import RAW, DropRejected, accepted, check_name, drop_layout, render_report
+from pipelines.ingest import (
+    RAW,
+    DropRejected,
+    accepted,
+    check_name,
+    drop_layout,
+    outside_paths,
+    render_report,
+)
 from segpipe.params import SynthParams
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -138,3 +146,46 @@ def test_ingest_refuses_an_existing_collection(tmp_path, prefect_harness, init_r
     state = ingest_flow(drop=drop, repo=repo, return_state=True)
     assert state.is_failed() and "site-c.dvc already exists" in state.message
     assert git_cmd(repo, "rev-parse", "HEAD") == head and not (repo / "data/raw/site-c").exists()
+
+
+def _escaping_drop(tmp_path: Path) -> tuple[Path, Path]:
+    """A valid drop, plus two images whose file_name reaches outside it (one relative, one absolute)."""
+    from PIL import Image
+
+    drop = make_drop(tmp_path / "drop", images=3)
+    secret = tmp_path / "secret" / "photo.jpg"
+    secret.parent.mkdir()
+    Image.new("RGB", (64, 64)).save(secret)
+    coco = json.loads((drop / "annotations/instances.json").read_text())
+    coco["images"] += [{"id": 1001, "file_name": "../../secret/photo.jpg", "height": 64, "width": 64},
+                       {"id": 1002, "file_name": str(secret), "height": 64, "width": 64}]
+    (drop / "annotations/instances.json").write_text(json.dumps(coco))
+    return drop, secret
+
+
+def test_outside_paths_names_image_ids_file_names_and_symlinks(tmp_path):
+    drop, secret = _escaping_drop(tmp_path)
+    (drop / "images" / "link.jpg").symlink_to(secret)
+    found = outside_paths(drop, drop_layout(drop))
+    assert len(found) == 3
+    assert "image 1001: file_name '../../secret/photo.jpg' climbs out of its folder" in found[0]
+    assert f"image 1002: file_name {str(secret)!r} is an absolute path" in found[1]
+    assert found[2] == f"{drop / 'images' / 'link.jpg'}: symlink to {secret}, outside the drop"
+    (drop / "images" / "link.jpg").unlink()
+    (drop / "images" / "inside.jpg").symlink_to(drop / "images" / "site_000000.jpg")  # stays inside: fine
+    assert len(outside_paths(drop, drop_layout(drop))) == 2
+
+
+@pytest.mark.slow
+def test_ingest_rejects_file_names_outside_the_drop_whatever_max_quarantined(tmp_path, prefect_harness, init_repo,
+                                                                             git_cmd):
+    from pipelines.ingest import ingest_flow
+
+    repo = init_repo(tmp_path / "repo", {"params.yaml": PARAMS + "  max_quarantined: 100\n"})
+    head = git_cmd(repo, "rev-parse", "HEAD")
+    drop, _ = _escaping_drop(tmp_path)
+    state = ingest_flow(drop=drop, name="site-x", repo=repo, return_state=True)
+    assert state.is_failed()
+    assert "rejected, 2 path(s) lead outside the drop" in state.message
+    assert "image 1001: file_name '../../secret/photo.jpg'" in state.message
+    assert git_cmd(repo, "rev-parse", "HEAD") == head and not (repo / "data").exists()

@@ -273,8 +273,10 @@ def test_bad_image_or_mask_quarantines_the_image_and_keeps_the_rest(tmp_path, ca
 
 def test_decompression_bomb_is_caught_from_the_header_by_the_params_limit(tmp_path):
     make_dataset(tmp_path / "raw", n=2)
-    m = convert(tmp_path / "raw", tmp_path / "out", max_image_pixels=W * H - 1)
-    assert len(m["quarantine"]) == 2 and all("over max_image_pixels=1279" in q["reason"] for q in m["quarantine"])
+    # Both images are over the limit: nothing converts, which is an error, not an empty shard set.
+    with pytest.raises(ConvertError, match=r"all 2 image\(s\) were quarantined .*over max_image_pixels=1279"):
+        convert(tmp_path / "raw", tmp_path / "out", max_image_pixels=W * H - 1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_duplicate_image_id_first_wins(tmp_path):
@@ -408,3 +410,148 @@ def test_params_are_checked():
 
     with pytest.raises(ParamsError, match="val_fraction"):
         run(dataclasses.replace(ConvertParams(), val_fraction=0.9, test_fraction=0.2), None, Path("x"))
+
+
+# --------------------------------------------------------------------------------------
+# Nothing silent: paths out of the dataset, duplicate class names, runs that produce nothing
+# --------------------------------------------------------------------------------------
+
+
+def _escaping(file_name_of):
+    """An edit adding image 99 whose file_name (``file_name_of(root)``) points at a real JPEG
+    outside the dataset, ``<tmp>/secret/photo.jpg``."""
+    def edit(d, root):
+        secret = root.parent / "secret" / "photo.jpg"
+        secret.parent.mkdir()
+        Image.fromarray(np.full((H, W, 3), 123, np.uint8)).save(secret)
+        d["images"].append({"id": 99, "file_name": file_name_of(root), "height": H, "width": W})
+
+    return edit
+
+
+@pytest.mark.parametrize("kind", ["relative", "absolute"])
+def test_file_name_outside_the_dataset_is_quarantined_and_its_bytes_never_stored(tmp_path, kind, capsys):
+    name_of = (lambda root: "../../secret/photo.jpg") if kind == "relative" else (
+        lambda root: str(root.parent / "secret" / "photo.jpg"))
+    make_dataset(tmp_path / "raw", n=2, edit=_escaping(name_of))
+    secret = (tmp_path / "secret" / "photo.jpg").read_bytes()
+    argv = ["--format", "coco", "--annotations", str(tmp_path / "raw/annotations/instances.json"),
+            "--images", str(tmp_path / "raw/images"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--set", "convert.workers=1"]
+    main(argv)
+    m = read_manifest(tmp_path / "out")
+    (q,) = m["quarantine"]
+    assert q["item"] == "image 99" and q["file"].endswith("instances.json")
+    assert q["reason"].startswith(f"image 99: file_name {name_of(tmp_path / 'raw')!r} ")
+    assert set(samples(tmp_path / "out")) == {"1", "2"}
+    for part in (tmp_path / "out").rglob("*.parquet"):
+        assert secret not in part.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--strict"])
+    assert e.value.code == 1 and "image 99: file_name" in capsys.readouterr().err
+
+
+def test_duplicate_class_names_are_an_error_naming_both_ids(tmp_path, capsys):
+    def edit(d, root):
+        d["categories"].append({"id": 7, "name": "worker", "isthing": True})
+
+    make_dataset(tmp_path / "raw", n=2, edit=edit)
+    (tmp_path / "raw" / "classes.json").unlink()
+    argv = ["--format", "coco", "--annotations", str(tmp_path / "raw/annotations/instances.json"),
+            "--images", str(tmp_path / "raw/images"), "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1 and not (tmp_path / "out").exists()
+    assert "categories: class ids 1 and 7 are both named 'worker'" in capsys.readouterr().err
+    # Every format gets the same check: a class table from any reader.
+    from segpipe.formats.base import ClassInfo, Source
+
+    twice = [ClassInfo(1, "pipe", True, (0, 0, 0)), ClassInfo(2, "pipe", True, (1, 1, 1))]
+    with pytest.raises(ConvertError, match="mem class table: class ids 1 and 2 are both named 'pipe'"):
+        run(ConvertParams(workers=1), Source("mem", twice, 255, lambda: iter(()), []), tmp_path / "o", progress=False)
+
+
+def test_cityscapes_set_whose_only_image_is_quarantined_exits_non_zero(tmp_path, capsys):
+    root = tmp_path / "cs"
+    for kind in ("gtFine", "leftImg8bit"):
+        (root / kind / "val" / "berlin").mkdir(parents=True)
+    Image.new("RGB", (3, 1)).save(root / "leftImg8bit/val/berlin/berlin_000000_000001_leftImg8bit.png")
+    (root / "gtFine/val/berlin/berlin_000000_000001_gtFine_labelIds.png").write_bytes(b"garbage")
+    from segpipe.cli import main as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(["convert", "--format", "cityscapes", "--input", str(root), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert e.value.code == 1 and not (tmp_path / "out").exists()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("segpipe convert: error: cityscapes: no image converted: all 1 image(s) were quarantined")
+    assert "berlin_000000_000001_gtFine_labelIds.png" in line and "nothing was written" in line
+
+
+def test_mask_dir_without_label_folder_exits_non_zero(tmp_path, capsys):
+    root = tmp_path / "md"
+    (root / "images" / "training").mkdir(parents=True)
+    Image.new("RGB", (4, 3)).save(root / "images" / "training" / "a.jpg")
+    (root / "segmentations" / "training").mkdir(parents=True)  # not a label folder segpipe knows
+    with pytest.raises(SystemExit) as e:
+        main(["--format", "mask-dir", "--input", str(root), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "mask-dir: no image converted: all 1 image(s) were quarantined" in err and "annotations/" in err
+
+
+# --------------------------------------------------------------------------------------
+# A killed convert: no orphaned workers, and its temporary output is cleaned by the next run
+# --------------------------------------------------------------------------------------
+
+SLOW_CONVERT = """
+import sys, time
+from pathlib import Path
+from segpipe.formats import coco
+from segpipe.params import ConvertParams
+from segpipe.stages import convert
+
+def slow(record, ctx):  # workers are forked after this, so they sleep instead of converting
+    time.sleep(300)
+
+convert.process_record = slow
+source = coco.read([Path(sys.argv[1])], Path(sys.argv[2]))
+convert.run(ConvertParams(workers=2), source, Path(sys.argv[3]), progress=False)
+"""
+
+
+def test_killed_convert_leaves_no_workers_and_its_temporaries_go_on_the_next_run(tmp_path):
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    make_dataset(tmp_path / "raw", n=8)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(tmp_path / "raw/annotations/instances.json"),
+                             str(tmp_path / "raw/images"), str(out)])
+    workers: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(psutil.Process(proc.pid).children()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the pool never started"
+            time.sleep(0.1)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # its temporary output
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert alive == [], f"workers outlived the killed convert: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for worker in workers:  # only when the assertion above failed: leave no orphan behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    stale = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert stale  # a SIGKILL leaves no chance to clean up...
+    convert(tmp_path / "raw", out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []  # ...the next run does
+    assert sum(read_manifest(out)["splits"].values()) == 8

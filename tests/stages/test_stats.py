@@ -44,3 +44,23 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["val"]["classes"]["ground"]["pixels"] == 34
     main([str(out), "--json", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text())["train"]["images"] == 3
+
+
+def test_empty_shard_set_is_an_error_not_an_empty_table(tmp_path, capsys):
+    import pytest
+
+    from segpipe.cli import main as cli
+    from segpipe.shards import ShardError, write_manifest
+
+    out = shard_set(tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for part in out.rglob("*.parquet"):
+        part.unlink()
+    write_manifest(out, {**manifest, "splits": {}, "shards": []})
+    with pytest.raises(ShardError, match="the shard set has no rows"):
+        compute(out)
+    with pytest.raises(SystemExit) as e:
+        cli(["stats", str(out)])
+    assert e.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"segpipe stats: error: {out}: the shard set has no rows")

@@ -46,3 +46,47 @@ def test_cli_writes_report_and_strict_fails(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--strict"])
     assert e.value.code == 1
+
+
+def test_file_name_outside_the_dataset_fails_validation(tmp_path, capsys):
+    f = dataset(tmp_path / "raw", bad_polygon=False)
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(tmp_path / "photo.jpg")
+    data = json.loads(f.read_text())
+    data["images"][2]["file_name"] = "../../photo.jpg"  # instead of the empty 2.png
+    f.write_text(json.dumps(data))
+    report = run(ConvertParams(workers=1), coco.read([f], tmp_path / "raw" / "images"), progress=False)
+    assert report["ok"] is False and report["images_quarantined"] == 1
+    (q,) = report["quarantine"]
+    assert q["item"] == "image 2" and "file_name '../../photo.jpg' climbs out of its folder" in q["reason"]
+    argv = ["--format", "coco", "--annotations", str(f), "--images", str(tmp_path / "raw" / "images"),
+            "--no-progress", "--set", "convert.workers=1", "--strict"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1 and "image 2: file_name '../../photo.jpg'" in capsys.readouterr().out
+
+
+def test_duplicate_category_names_are_an_error(tmp_path, capsys):
+    f = dataset(tmp_path / "raw")
+    data = json.loads(f.read_text())
+    data["categories"] = [{"id": 1, "name": "pipe"}, {"id": 2, "name": "pipe"}]
+    f.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        main(["--format", "coco", "--annotations", str(f), "--images", str(tmp_path / "raw" / "images"),
+              "--no-progress", "--set", "convert.workers=1"])
+    assert e.value.code == 1
+    assert "instances.json: categories: class ids 1 and 2 are both named 'pipe'" in capsys.readouterr().err
+
+
+def test_nothing_valid_fails_even_without_strict(tmp_path, capsys):
+    f = dataset(tmp_path / "raw", bad_polygon=False)
+    for i in range(3):
+        (tmp_path / "raw" / "images" / f"{i}.png").write_bytes(b"")
+    argv = ["--format", "coco", "--annotations", str(f), "--images", str(tmp_path / "raw" / "images"),
+            "--report", str(tmp_path / "report.json"), "--no-progress", "--set", "convert.workers=1"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no image converted: all 3 image(s) were quarantined" in line and "report.json" in line
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["images_ok"] == 0 and report["ok"] is False
