@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.segpipe-installed
 
 .PHONY: pipeline test install lint bench clean-data
 
+# One local Ray serves every train stage of the DAG (segpipe/cluster.py), stopped afterwards.
 pipeline: install
-	$(RUN) $(BIN)/dvc repro
+	$(RUN) $(BIN)/segpipe with-ray $(BIN)/dvc repro
 
 test: install
 	$(RUN) $(BIN)/python -m pytest

@@ -52,17 +52,15 @@ def peak_pss(cmd: list[str], interval: float = 0.05) -> tuple[float, int]:
 def unet_checkpoint(shards: Path, out: Path) -> Path:
     import torch
 
-    from segpipe.checkpoint import save_checkpoint
+    from segpipe.checkpoint import CheckpointMeta, save_checkpoint
     from segpipe.models import build_model, default_kwargs
-    from segpipe.shards import manifest_hash, read_manifest
+    from segpipe.shards import open_shards
 
-    manifest = read_manifest(shards)
-    k = max(int(c["id"]) for c in manifest["classes"]) + 1
+    s = open_shards(shards)
     torch.manual_seed(0)
-    meta = {"arch": "unet", "task": "semantic", "num_classes": k, "classes": manifest["classes"],
-            "ignore_index": manifest.get("ignore_index", 255), "model_kwargs": default_kwargs("unet"),
-            "shards_manifest_sha256": manifest_hash(shards)}
-    return save_checkpoint(out, build_model("unet", k), meta)
+    meta = CheckpointMeta(arch="unet", num_classes=s.num_classes, classes=s.classes, ignore_index=s.ignore_index,
+                          model_kwargs=default_kwargs("unet"), shards_manifest_sha256=s.manifest_sha256)
+    return save_checkpoint(out, build_model("unet", s.num_classes), meta)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ builds the deployment and prints its schedule without contacting any server::
 
     segpipe schedule --dry-run
     segpipe schedule                      # blocks; Ctrl-C stops serving (and the local server)
+    segpipe schedule --pool segpipe       # register with a work pool; `prefect worker start` runs it
 """
 
 from __future__ import annotations
@@ -41,20 +42,38 @@ def next_runs(cron: str, timezone: str, count: int, after: dt.datetime | None = 
     return [it.get_next(dt.datetime) for _ in range(count)]
 
 
-def build_deployment(params: RetrainParams, repo: Path, params_file: str = "params.yaml",
-                     overrides: list[str] | None = None) -> Any:
-    """The RunnerDeployment of ``retrain_flow`` on ``params.cron`` (not yet registered anywhere)."""
+def deployment_fields(params: RetrainParams, repo: Path, params_file: str = "params.yaml",
+                      overrides: list[str] | None = None) -> dict[str, Any]:
+    """What every retrain deployment has, served or in a work pool: name, cron schedule, parameters."""
     from prefect.schedules import Cron
 
     check_params(params)
-    return retrain_flow.to_deployment(
-        name=params.deployment,
-        schedules=[Cron(params.cron, timezone=params.timezone)],
+    repo = Path(repo).resolve()
+    return {
+        "name": params.deployment,
+        "schedules": [Cron(params.cron, timezone=params.timezone)],
         # Runs read params_file (relative to repo) at run time, with the same --set overrides.
-        parameters={"repo": str(Path(repo).resolve()), "params_file": params_file, "overrides": list(overrides or [])},
-        description=f"dvc repro of the segpipe pipeline in {Path(repo).resolve()}, then promotion",
-        tags=["segpipe", "retrain"],
-    )
+        "parameters": {"repo": str(repo), "params_file": params_file, "overrides": list(overrides or [])},
+        "description": f"dvc repro of the segpipe pipeline in {repo}, then promotion",
+        "tags": ["segpipe", "retrain"],
+    }
+
+
+def build_deployment(params: RetrainParams, repo: Path, params_file: str = "params.yaml",
+                     overrides: list[str] | None = None) -> Any:
+    """The RunnerDeployment of ``retrain_flow`` on ``params.cron`` (not yet registered anywhere)."""
+    return retrain_flow.to_deployment(**deployment_fields(params, repo, params_file, overrides))
+
+
+def deploy_to_pool(params: RetrainParams, repo: Path, pool: str, params_file: str = "params.yaml",
+                   overrides: list[str] | None = None) -> Any:
+    """Register the retrain deployment with the work pool ``pool`` instead of serving it; returns
+    its id. A worker of the pool (``prefect worker start --pool POOL``) runs each run from the
+    checkout ``repo``, which must be at that path, with its ``.venv``, on every worker's machine."""
+    fields = deployment_fields(params, repo, params_file, overrides)
+    flow = retrain_flow.from_source(source=fields["parameters"]["repo"], entrypoint="pipelines/retrain.py:retrain_flow")
+    return flow.deploy(**fields, work_pool_name=pool, build=False, push=False, print_next_steps=False,
+                       ignore_warnings=True)
 
 
 def describe(deployment: Any, api_url: str | None, count: int = 3) -> str:
@@ -126,14 +145,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="build the deployment, print its schedule and exit (no server needed)")
     parser.add_argument("--port", type=int, default=4200,
                         help="port of the local Prefect server when PREFECT_API_URL is unset (default: 4200)")
+    parser.add_argument("--pool", metavar="WORK_POOL",
+                        help="register the deployment with this work pool (its workers run it) instead of serving "
+                             "it here; needs PREFECT_API_URL")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params: RetrainParams = from_args(args, "retrain")
     deployment = build_deployment(params, args.repo, args.params, args.overrides)
     api_url = os.environ.get("PREFECT_API_URL") or None
     print(describe(deployment, api_url), flush=True)
-    if not args.dry_run:
-        serve(deployment, api_url, args.port)
+    if args.dry_run:
+        return
+    if args.pool:
+        if not api_url:
+            raise SystemExit("segpipe schedule: --pool needs PREFECT_API_URL (the server that holds the work pool)")
+        deployment_id = deploy_to_pool(params, args.repo, args.pool, args.params, args.overrides)
+        print(f"registered {deployment.flow_name}/{deployment.name} ({deployment_id}) with work pool {args.pool!r}: "
+              f"start its workers with `prefect worker start --pool {args.pool}`", flush=True)
+        return
+    serve(deployment, api_url, args.port)
 
 
 if __name__ == "__main__":

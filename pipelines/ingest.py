@@ -53,14 +53,6 @@ class DropRejected(ValueError):
 # --------------------------------------------------------------------------------------
 
 
-def check_params(p: IngestParams) -> None:
-    """Raise ParamsError naming the first invalid key of the ingest section."""
-    if p.max_quarantined < 0:
-        raise ParamsError(f"ingest.max_quarantined = {p.max_quarantined!r}: must be >= 0")
-    if p.timeout_s <= 0:
-        raise ParamsError(f"ingest.timeout_s = {p.timeout_s!r}: must be > 0 seconds")
-
-
 def check_name(name: str) -> str:
     """The collection name, or DropRejected saying what a valid one looks like."""
     if not NAME.fullmatch(name) or name.endswith(".dvc"):
@@ -285,7 +277,6 @@ def ingest_flow(drop: Path, name: str | None = None, repo: Path = Path("."),
     """
     drop, repo = Path(drop).resolve(), Path(repo).resolve()
     params: IngestParams = load_section("ingest", repo / params_file, overrides or [])
-    check_params(params)
     name = check_name(name or drop.name)
     _preflight(repo, name)
     layout = drop_layout(drop)

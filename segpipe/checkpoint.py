@@ -13,6 +13,7 @@ Every command's ``--model`` accepts such a directory.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +76,120 @@ def _int_keys(state: dict[str, Any]) -> dict[Any, Any]:
     return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in state.items()}
 
 
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``meta.json`` of a checkpoint, typed: read once by :func:`load_meta` and passed on.
+
+    ``arch``, ``num_classes`` and ``classes`` are required; every other field has its one default
+    here. ``task`` defaults to the registry's task of ``arch`` and ``thing_ids`` to the classes
+    marked ``isthing``. Keys this version does not know are kept in ``extra`` and written back, so a
+    checkpoint read and saved again loses nothing.
+    """
+
+    arch: str
+    num_classes: int
+    classes: tuple[dict[str, Any], ...]
+    task: str = ""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    ignore_index: int = 255
+    thing_ids: tuple[int, ...] | None = None
+    image_size: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    shards_manifest_sha256: str | None = None
+    needs_instances: bool | None = None
+    epoch: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: tuple[dict[str, Any], ...] = ()
+    restarts: tuple[dict[str, Any], ...] = ()
+    run: dict[str, Any] = field(default_factory=dict)
+    precision: str | None = None
+    worker_nodes: tuple[str, ...] = ()
+    attempt: str | None = None  # the training process that wrote it (resuming tells a worker failure from a rerun)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.task:
+            from segpipe.models import task_of
+
+            try:
+                object.__setattr__(self, "task", task_of(self.arch))
+            except ValueError as e:
+                raise CheckpointError(f"arch: {e}") from None
+        if self.thing_ids is None:
+            object.__setattr__(self, "thing_ids", tuple(sorted(int(c["id"]) for c in self.classes if c.get("isthing"))))
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = META) -> CheckpointMeta:
+        """Check the types of a parsed ``meta.json`` (``format`` is dropped); CheckpointError names
+        ``where`` and the key at fault."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        for key in ("arch", "num_classes", "classes"):
+            if key not in data:
+                raise CheckpointError(f"{where}: missing key {key!r}")
+        values: dict[str, Any] = {}
+        for key, kind in _KINDS.items():
+            if key not in data or (data[key] is None and key in _OPTIONAL):
+                continue
+            value = data[key]
+            if not _is_kind(value, kind):
+                raise CheckpointError(f"{where}: key {key!r} is {value!r:.80}, expected {_KIND_NAMES[kind]}")
+            values[key] = tuple(value) if kind is list else value
+        for i, c in enumerate(values["classes"]):
+            if not (isinstance(c, dict) and _is_kind(c.get("id"), int) and isinstance(c.get("name"), str)):
+                raise CheckpointError(f"{where}: classes[{i}] needs an integer 'id' and a string 'name'")
+        if values["num_classes"] < 1:
+            raise CheckpointError(f"{where}: key 'num_classes' is {values['num_classes']}, expected >= 1")
+        extra = {k: v for k, v in data.items() if k not in _KINDS and k != "format"}
+        try:
+            return cls(**values, extra=extra)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``meta.json`` object (``format`` first, then every field, then the extra keys)."""
+        out: dict[str, Any] = {"format": FORMAT}
+        for f in fields(self):
+            if f.name != "extra":
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return {**out, **self.extra}
+
+
+# The JSON type of each field (tuples are JSON lists), and the fields that may be null.
+_KINDS: dict[str, type] = {
+    "arch": str, "num_classes": int, "classes": list, "task": str, "model_kwargs": dict, "ignore_index": int,
+    "thing_ids": list, "image_size": int, "params": dict, "shards_manifest_sha256": str, "needs_instances": bool,
+    "epoch": int, "metrics": dict, "history": list, "restarts": list, "run": dict, "precision": str,
+    "worker_nodes": list, "attempt": str,
+}
+_OPTIONAL = frozenset({"thing_ids", "image_size", "shards_manifest_sha256", "needs_instances", "epoch", "precision",
+                       "attempt"})
+_KIND_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false"}
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def save_checkpoint(
     directory: Path | str,
     model: torch.nn.Module,
-    meta: dict[str, Any],
+    meta: CheckpointMeta | dict[str, Any],
     *,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     scaler: Any | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (the whole directory appears at once)."""
+    """Write a checkpoint directory atomically (the whole directory appears at once).
+
+    ``meta`` is a CheckpointMeta, or the plain dict a training worker builds (written as given,
+    with ``format``; :func:`load_meta` checks it when it is read).
+    """
     directory = Path(directory)
-    meta = {"format": FORMAT, **meta}
+    meta = meta.to_json() if isinstance(meta, CheckpointMeta) else {"format": FORMAT, **meta}
     with atomic_dir(directory) as tmp:
         save_file(_state_dict(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
         atomic_write_json(tmp / META, meta)
@@ -103,20 +206,25 @@ def save_checkpoint(
     return directory
 
 
-def load_meta(directory: Path | str) -> dict[str, Any]:
+def write_meta(directory: Path | str, meta: CheckpointMeta) -> None:
+    """Replace the ``meta.json`` of an existing checkpoint directory (atomically)."""
+    atomic_write_json(Path(directory) / META, meta.to_json())
+
+
+def load_meta(directory: Path | str) -> CheckpointMeta:
+    """The checkpoint's ``meta.json``, checked: CheckpointError names the file and the key at fault."""
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise CheckpointError(f"{directory}: not a segpipe checkpoint (needs {WEIGHTS} and {META})")
+    path = directory / META
     try:
-        meta = json.loads((directory / META).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{directory / META}: not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    for key in ("arch", "num_classes", "classes"):
-        if key not in meta:
-            raise CheckpointError(f"{directory / META}: missing key {key!r}")
-    return meta
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    return CheckpointMeta.from_json(data, str(path))
 
 
 def class_table_difference(expected: list[dict[str, Any]], found: list[dict[str, Any]]) -> str | None:
@@ -125,37 +233,31 @@ def class_table_difference(expected: list[dict[str, Any]], found: list[dict[str,
     b = {int(c["id"]): c["name"] for c in found}
     if a == b:
         return None
-    only_a = sorted(set(a) - set(b))
-    only_b = sorted(set(b) - set(a))
-    renamed = sorted(i for i in set(a) & set(b) if a[i] != b[i])
-    parts = []
-    if only_a:
-        parts.append(f"ids only in the data: {only_a}")
-    if only_b:
-        parts.append(f"ids only in the checkpoint: {only_b}")
-    if renamed:
-        parts.append("different names: " + ", ".join(f"{i}: {a[i]!r} vs {b[i]!r}" for i in renamed[:5]))
-    return "; ".join(parts)
+    renamed = [f"{i}: {a[i]!r} vs {b[i]!r}" for i in sorted(set(a) & set(b)) if a[i] != b[i]]
+    differences = (("ids only in the data", sorted(set(a) - set(b))),
+                   ("ids only in the checkpoint", sorted(set(b) - set(a))))
+    parts = [f"{what}: {ids}" for what, ids in differences if ids]
+    return "; ".join(parts + ["different names: " + ", ".join(renamed[:5])] * bool(renamed))
 
 
-def check_classes(directory: Path | str, meta: dict[str, Any], classes: list[dict[str, Any]]) -> None:
+def check_classes(directory: Path | str, meta: CheckpointMeta, classes: list[dict[str, Any]]) -> None:
     """Refuse a checkpoint whose class table differs from the data's."""
-    diff = class_table_difference(classes, meta["classes"])
+    diff = class_table_difference(classes, list(meta.classes))
     if diff:
         raise CheckpointError(f"{directory}: the checkpoint's class table differs from the data's ({diff})")
 
 
-def build_from_meta(meta: dict[str, Any]) -> torch.nn.Module:
+def build_from_meta(meta: CheckpointMeta) -> torch.nn.Module:
     from segpipe.models import build_model
 
-    return build_model(meta["arch"], meta["num_classes"], **meta.get("model_kwargs", {}))
+    return build_model(meta.arch, meta.num_classes, **meta.model_kwargs)
 
 
 def load_model(
     directory: Path | str,
     map_location: str | torch.device = "cpu",
     classes: list[dict[str, Any]] | None = None,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> tuple[torch.nn.Module, CheckpointMeta]:
     """Build the architecture named in ``meta.json`` and load its safetensors weights (eval mode).
 
     With ``classes``, a checkpoint trained on a different class table is refused.
@@ -169,7 +271,7 @@ def load_model(
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{directory / WEIGHTS}: weights do not fit {meta['arch']!r} "
+            f"{directory / WEIGHTS}: weights do not fit {meta.arch!r} "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     model.to(map_location).eval()

@@ -1,4 +1,5 @@
-"""The ``segpipe`` command: one sub-command per stage, each in its own module.
+"""The ``segpipe`` command: one sub-command per module, the DVC stages in ``segpipe/stages/``
+(synth, convert, train, evaluate, promote), the other commands in ``segpipe/commands/``.
 
 Modules are imported only when their command runs, so ``segpipe synth`` does not pay for
 importing Ray and torch.
@@ -17,19 +18,20 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("segpipe.stages.synth", "generate procedural construction-site scenes (COCO layout)"),
     "convert": ("segpipe.stages.convert", "compile annotations into checksummed Parquet shards"),
-    "validate": ("segpipe.stages.validate", "run the converter's checks and write the report only"),
-    "stats": ("segpipe.stages.stats", "per-class pixel and instance counts per split of a shard set"),
+    "validate": ("segpipe.commands.validate", "run the converter's checks and write the report only"),
+    "stats": ("segpipe.commands.stats", "per-class pixel and instance counts per split of a shard set"),
     "train": ("segpipe.stages.train", "train an architecture with Ray Train on Parquet shards"),
     "evaluate": ("segpipe.stages.evaluate", "evaluate a checkpoint on a split; write DVC metrics and plots"),
-    "metrics": ("segpipe.stages.metrics", "score label PNGs or COCO results made by any system"),
+    "metrics": ("segpipe.commands.metrics", "score label PNGs or COCO results made by any system"),
     "promote": ("segpipe.stages.promote", "promote evaluated candidates into the model registry by rules"),
-    "predict": ("segpipe.stages.predict", "run a model on images of any size (sliding window)"),
-    "export": ("segpipe.stages.export", "export a model to ONNX or TorchScript with a parity check"),
-    "report": ("segpipe.stages.report", "write reports/summary.md from evaluations and the promotion"),
+    "predict": ("segpipe.commands.predict", "run a model on images of any size (sliding window), in this process or on Ray"),
+    "export": ("segpipe.commands.export", "export a model to ONNX or TorchScript with a parity check"),
+    "report": ("segpipe.commands.report", "write reports/summary.md from evaluations and the promotion"),
     "ingest": ("pipelines.ingest", "validate a drop of site imagery and version it under data/raw (Prefect flow)"),
     "retrain": ("pipelines.retrain", "run the pipeline's stages as a Prefect flow, then promote"),
     "schedule": ("pipelines.deploy", "serve the Prefect retrain flow on its cron schedule"),
-    "params": ("segpipe.stages.params_check", "validate params.yaml (and --set overrides)"),
+    "params": ("segpipe.commands.params", "validate params.yaml (and --set overrides)"),
+    "with-ray": ("segpipe.cluster", "run a command (e.g. dvc repro) against a local Ray started for it"),
 }
 
 
@@ -42,11 +44,14 @@ KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
     ("segpipe.registry", "RegistryError"),
     ("segpipe.metrics.semantic", "MetricsInputError"),
     ("segpipe.stages.convert", "ConvertError"),
-    ("segpipe.stages.export", "ExportError"),
+    ("segpipe.commands.export", "ExportError"),
+    ("segpipe.stages.train", "TrainError"),
     ("segpipe.formats.coco", "CocoError"),
     ("segpipe.formats.pngs", "LabelPngError"),
     ("segpipe.images", "ImageError"),
     ("segpipe.files", "PathEscapeError"),
+    ("segpipe.files", "LocalPathError"),
+    ("segpipe.storage", "StorageError"),
     ("pipelines.ingest", "DropRejected"),
     ("pipelines.commands", "CommandError"),
     ("pipelines.retrain", "RetrainFailed"),

@@ -2,9 +2,10 @@
 
 The pure functions (``augment``, ``center_crop``, ``encode_targets``, ``collate_targets``) carry
 the logic and are unit-tested; ``build_train_dataset`` is the thin Ray Data edge used by the train
-stage: ``read_parquet`` -> ``map_batches(prepare_arrow_batch)`` streams decoded, augmented,
+stage: verified shard tables -> ``map_batches(prepare_arrow_batch)`` streams decoded, augmented,
 fixed-size batches to the training workers. ``validation_batches`` prepares a worker's share of
-the (small, unaugmented) val split once.
+the (small, unaugmented) val split once. Every shard is checked against the manifest's size and
+sha256 before a row of it is used (``segpipe.shards.read_shard``).
 
 A prepared batch is a dict of numpy arrays, all pixel-aligned so that every geometric
 augmentation applies to image and labels alike:
@@ -19,11 +20,12 @@ augmentation applies to image and labels alike:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from segpipe.shards import ShardSet
 
 MAX_INSTANCES = 64  # per image after cropping; more are dropped, largest kept
 MIN_INSTANCE_PIXELS = 4  # instances cropped below this are dropped from targets
@@ -36,6 +38,7 @@ class AugmentConfig:
     hflip: bool = True
     photometric: float = 0.2
     ignore_index: int = 255
+    instances: bool = True  # decode instance masks (models that train on semantic maps only do not)
 
 
 def _resize(arr: np.ndarray, h: int, w: int, nearest: bool) -> np.ndarray:
@@ -53,8 +56,9 @@ def instance_map_from_masks(masks: list[np.ndarray], shape: tuple[int, int]) -> 
     return out
 
 
-def encode_targets(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(semantic uint8, instance_map int16, labels int32, crowd uint8) from a decoded shard sample."""
+def encode_targets(sample: dict[str, Any], instances: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(semantic uint8, instance_map int16, labels int32, crowd uint8) from a decoded shard sample;
+    without ``instances`` the map is empty and no mask is decoded."""
     from pycocotools import mask as mask_utils  # RLEs in shards were validated by the converter
 
     h, w = sample["semantic"].shape
@@ -63,7 +67,7 @@ def encode_targets(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.n
         if sem.max(initial=0) > 255:
             raise ValueError(f"image {sample['image_id']}: label ids above 255 are not supported for training")
         sem = sem.astype(np.uint8)
-    insts = sample.get("instances") or []
+    insts = (sample.get("instances") or []) if instances else []
     masks = [mask_utils.decode(inst["segmentation"]) for inst in insts]
     labels = np.array([int(i["category_id"]) for i in insts], dtype=np.int32)
     crowd = np.array([int(bool(i.get("iscrowd", 0))) for i in insts], dtype=np.uint8)
@@ -94,17 +98,21 @@ def augment(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random scale around the native resolution, random crop (padding with ignore), horizontal
     flip and photometric jitter. Scales stay near 1 so that evaluation and prediction at native
-    resolution see objects at the sizes the model trained on."""
-    h, w = sem.shape
+    resolution see objects at the sizes the model trained on.
+
+    Scaling by ``s`` then cropping ``size`` pixels is done as cropping a ``size / s`` window and
+    scaling only that window: the same result for a fraction of the resizing work.
+    """
     s = rng.uniform(*cfg.scale_range)
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    image, sem, inst = _resize(image, nh, nw, False), _resize(sem, nh, nw, True), _resize(inst, nh, nw, True)
     size = cfg.size
-    image, sem, inst = _pad_to(image, sem, inst, size, cfg.ignore_index)
+    win = max(1, round(size / s))
+    image, sem, inst = _pad_to(image, sem, inst, win, cfg.ignore_index)
     ph, pw = sem.shape
-    y = int(rng.integers(0, ph - size + 1))
-    x = int(rng.integers(0, pw - size + 1))
-    image, sem, inst = image[y : y + size, x : x + size], sem[y : y + size, x : x + size], inst[y : y + size, x : x + size]
+    y = int(rng.integers(0, ph - win + 1))
+    x = int(rng.integers(0, pw - win + 1))
+    image, sem, inst = image[y : y + win, x : x + win], sem[y : y + win, x : x + win], inst[y : y + win, x : x + win]
+    image, sem = _resize(image, size, size, False), _resize(sem, size, size, True)
+    inst = _resize(inst, size, size, True) if inst.any() else np.zeros((size, size), dtype=inst.dtype)
     if cfg.hflip and rng.random() < 0.5:
         image, sem, inst = image[:, ::-1], sem[:, ::-1], inst[:, ::-1]
     if cfg.photometric > 0:
@@ -148,7 +156,7 @@ def prepare_rows(rows: list[dict[str, Any]], cfg: AugmentConfig, train: bool, rn
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "semantic", "instance_map", "instance_label", "instance_crowd")}
     for row in rows:
         sample = decode_row(row)
-        sem, inst, labels, crowd = encode_targets(sample)
+        sem, inst, labels, crowd = encode_targets(sample, cfg.instances)
         image = sample["image"]
         if train:
             image, sem, inst = augment(image, sem, inst, cfg, rng)
@@ -222,29 +230,33 @@ def masks_to_boxes(masks: Any) -> Any:
     return torch.stack([x1, y1, x2, y2], 1).float()
 
 
-def build_train_dataset(shards: str | Path, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5,
+def build_train_dataset(shards: ShardSet, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5,
                         cache: bool = True) -> Any:
-    """The Ray Data pipeline over the train split: read, decode and augment, streamed per epoch.
+    """The Ray Data pipeline over the train split: verified shards, then decode and augment per epoch.
 
-    With ``cache`` the encoded rows are read once into Ray's object store (spilled to disk when it
-    is full) and only decoding and augmentation run again each epoch; without it every epoch
-    re-reads the Parquet files, which on a small split costs more than the decoding (see
-    docs/benchmarks.md). Turn it off when the encoded train split is far larger than the cluster's
-    object store.
+    With ``cache`` the driver reads and verifies each train shard once and puts its encoded rows in
+    Ray's object store (spilled to disk when full; reachable from every node, so workers need no
+    shared disk), and only decoding and augmentation run again each epoch. Without it, read tasks
+    verify and read the shards again every epoch: for train splits far larger than the object store.
+    Shards may lie on an object store (``shards.root`` a URI): read tasks, and the workers'
+    validation reads, then reach it with their own node's credentials (``AWS_*``).
     """
+    import ray
     import ray.data
 
-    from segpipe.shards import read_manifest, shard_files
+    from segpipe.shards import read_shard
 
-    manifest = read_manifest(shards)
-    if not manifest.get("splits", {}).get("train"):
-        raise ValueError(f"{shards}: no train shards (splits in manifest: {manifest.get('splits')})")
+    files = shards.files_of("train") if shards.rows("train") else []
+    if not files:
+        raise ValueError(f"{shards.root}: no train shards (splits in manifest: {shards.splits})")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one progress line per epoch comes from the train loop
-    files = [str(p) for p in shard_files(shards, "train")]
-    rows = ray.data.read_parquet(files, num_cpus=read_cpus)
     if cache:
-        rows = rows.materialize()
+        rows = ray.data.from_arrow_refs([ray.put(read_shard(shards, f)) for f in files])
+    else:
+        rows = ray.data.from_items([{"index": i} for i in range(len(files))]).map_batches(
+            _read_shards, fn_kwargs={"shards": shards.to_dict()}, batch_size=1, batch_format="pyarrow",
+            num_cpus=read_cpus)
     return rows.map_batches(
         prepare_arrow_batch,
         fn_kwargs={"cfg": cfg, "train": True},
@@ -254,20 +266,49 @@ def build_train_dataset(shards: str | Path, cfg: AugmentConfig, batch_size: int,
     )
 
 
-def validation_batches(shards: str | Path, cfg: AugmentConfig, batch_size: int, rank: int = 0,
+def warm_up_decoders(read_cpus: float = 0.5, count: int = 1) -> list[Any]:
+    """Start ``count`` Ray worker processes that import what decoding needs, without waiting.
+
+    Ray Data's map tasks reuse idle workers of the job, so the first epoch's first batch then
+    skips a worker's start and imports (seconds on 2 cores), which overlap the trainer's own start.
+    Returns the task refs (the caller may drop them).
+    """
+    import ray
+
+    return [ray.remote(num_cpus=read_cpus)(_import_decoders).remote() for _ in range(count)]
+
+
+def _import_decoders() -> None:
+    import pyarrow  # noqa: F401
+    import pycocotools.mask  # noqa: F401
+
+    import segpipe.data  # noqa: F401
+    import segpipe.shards  # noqa: F401
+
+
+def _read_shards(batch: Any, shards: dict[str, Any]) -> Any:
+    """Ray Data read task: the verified shards whose indices ``batch`` holds, as one table."""
+    import pyarrow as pa
+
+    from segpipe.shards import ShardSet, read_shard
+
+    s = ShardSet.from_dict(shards)
+    files = s.files_of("train")
+    return pa.concat_tables([read_shard(s, files[int(i)]) for i in batch.column("index").to_pylist()])
+
+
+def validation_batches(shards: ShardSet, cfg: AugmentConfig, batch_size: int, rank: int = 0,
                        world: int = 1) -> list[dict[str, np.ndarray]]:
-    """This worker's share (every ``world``-th row) of the val split, prepared once.
+    """This worker's share (every ``world``-th row) of the val split, verified and prepared once.
 
     Validation sets are small and unaugmented, so each worker decodes its share a single time
     and reuses it every epoch instead of re-running a Ray Data pipeline per epoch; confusion
     matrices are then summed across workers.
     """
-    import pyarrow.parquet as pq
+    from segpipe.shards import read_shard
 
-    from segpipe.shards import read_manifest, shard_files
-
-    if not read_manifest(shards).get("splits", {}).get("val"):
+    if not shards.rows("val"):
         return []
-    rows = [r for f in shard_files(shards, "val") for r in pq.read_table(f).to_pylist()][rank::world]
+    rows = [r for f in shards.files_of("val") for r in read_shard(shards, f).to_pylist()][rank::world]
     rng = np.random.default_rng(0)  # unused by validation; prepare_rows takes one
     return [prepare_rows(rows[i : i + batch_size], cfg, False, rng) for i in range(0, len(rows), batch_size)]

@@ -8,6 +8,8 @@ the leftovers of writers on this host that are no longer alive. An OSError witho
 
 ``confined(root, name)`` is the one rule for a path that comes from data (an annotation's
 ``file_name``, a registry entry's ``path``): relative, and never climbing out of its root.
+``check_local(path)`` is the one rule for a local path that came from a URI: ``Path("s3://b/k")``
+is ``s3:/b/k``, and nothing is ever written under a folder named like a URI scheme.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def sha256_bytes(data: bytes) -> str:
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
-    path = Path(path)
+    path = check_local(path)
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
@@ -84,7 +86,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
 
     Temporaries that killed writers of ``path`` left behind are removed first.
     """
-    path = Path(path)
+    path = check_local(path)
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
@@ -211,3 +213,34 @@ def confined(root: Path | str, name: str) -> Path:
     if reason is not None:
         raise PathEscapeError(f"{name!r} {reason}; a path relative to {root} and inside it is expected")
     return Path(root) / name
+
+
+# --------------------------------------------------------------------------------------
+# Local paths that were URIs
+# --------------------------------------------------------------------------------------
+
+# A scheme of two or more characters (one letter is a Windows drive), then ':' and a '/' or nothing.
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?:/|$)")
+
+
+class LocalPathError(ValueError):
+    """A URI, or a URI turned into a local path, where a local path is needed."""
+
+
+def uri_scheme(text: str) -> str | None:
+    """The scheme of the URI ``text`` (``s3`` of ``s3://b/k``), also of one that went through
+    ``Path`` (``s3:/b/k``); None for a local path."""
+    m = _URI.match(text)
+    return m.group(1) if m else None
+
+
+def check_local(path: Path | str) -> Path:
+    """``path`` as a Path, unless a part of it is named like a URI scheme (``s3:``, ``gs:``,
+    ``file:``): what ``Path("s3://bucket/key")`` becomes. LocalPathError then, so that no local
+    folder named after a scheme is ever created."""
+    path = Path(path)
+    for part in path.parts:
+        if _URI.match(part) and part.endswith(":"):
+            raise LocalPathError(f"{path}: a URI turned into a local path (folder {part!r}); this takes a local "
+                                 "path, or a URI where the command accepts one (s3://..., gs://..., file://...)")
+    return path

@@ -30,7 +30,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from segpipe.checkpoint import META, WEIGHTS, is_checkpoint, load_meta
+from segpipe.checkpoint import META, WEIGHTS, CheckpointMeta, is_checkpoint, load_meta
 from segpipe.files import (
     atomic_dir,
     atomic_write_json,
@@ -262,13 +262,13 @@ def add_version(
     entry = {
         "version": version,
         "path": version,
-        "arch": meta["arch"],
-        "task": meta.get("task"),
+        "arch": meta.arch,
+        "task": meta.task,
         "checkpoint_sha256": hashes[WEIGHTS],
         "files": hashes,
         "metrics": finite_or_null(metrics),
-        "shards_manifest_sha256": metrics.get("shards_manifest_sha256", meta.get("shards_manifest_sha256")),
-        "params_sha256": params_sha256(meta.get("params")),
+        "shards_manifest_sha256": metrics.get("shards_manifest_sha256", meta.shards_manifest_sha256),
+        "params_sha256": params_sha256(meta.params),
         "git_commit": git_commit(),
         "created": _now(),
         "source": source or {"checkpoint": str(checkpoint)},
@@ -341,17 +341,23 @@ def verify(directory: Path | str, expected: dict[str, str]) -> None:
             raise RegistryError(f"{path}: sha256 {actual} does not match the registry's {sha}; refusing to load")
 
 
-def load(ref: str | Path, registry: Path | str = DEFAULT_REGISTRY, map_location: str = "cpu") -> tuple[Any, dict[str, Any]]:
+def checkpoint_dir(ref: str | Path, registry: Path | str = DEFAULT_REGISTRY) -> Path:
+    """The checkpoint directory of ``champion`` | ``vN`` | CHECKPOINT_DIR, its files' sha256
+    verified against the registry first (a plain directory has no recorded hashes)."""
+    directory, expected = resolve(ref, registry)
+    if expected is not None:
+        verify(directory, expected)
+    return directory
+
+
+def load(ref: str | Path, registry: Path | str = DEFAULT_REGISTRY, map_location: str = "cpu") -> tuple[Any, CheckpointMeta]:
     """Load ``champion`` | ``vN`` | CHECKPOINT_DIR as (model in eval mode, meta), verifying sha256 first.
 
     Weights are read with safetensors, so nothing is unpickled.
     """
     from segpipe.checkpoint import load_model
 
-    directory, expected = resolve(ref, registry)
-    if expected is not None:
-        verify(directory, expected)
-    return load_model(directory, map_location=map_location)
+    return load_model(checkpoint_dir(ref, registry), map_location=map_location)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The shard format: Parquet schema, row encoding, the shard writer and the public reader.
 
 A shard set is ``OUT/<split>/part-NNNNN.parquet`` plus ``OUT/manifest.json``; the schema is
-documented in ``docs/shards.md``. Every later stage reads shards through this module only::
+documented in ``docs/shards.md``. ``OUT`` is a local folder or an object-store URI
+(``s3://bucket/shards``, see ``segpipe.storage``). Every later stage reads shards through this
+module only::
 
-    for sample in iter_samples("data/shards", split="train"):
+    for sample in iter_samples("data/shards", split="train"):   # or "s3://bucket/shards"
         sample["image"]      # H x W x 3 uint8
         sample["semantic"]   # H x W uint8/uint16, ignore_index where unlabelled
         sample["instances"]  # [{"category_id", "iscrowd", "bbox", "segmentation": RLE}]
@@ -11,10 +13,13 @@ documented in ``docs/shards.md``. Every later stage reads shards through this mo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from segpipe import storage
 from segpipe.files import atomic_path, escape_reason, sha256_file
+from segpipe.storage import Location, Staging
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -179,17 +186,27 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+def new_set(out: Location) -> AbstractContextManager[Staging]:
+    """Where to write a shard set that replaces ``out`` whole or not at all: write the shards
+    (``ShardWriter(staging.path, ..., send=staging.send)``), then the manifest into
+    ``staging.path``. The manifest is the commit: on an object store it is uploaded last, after
+    every shard, and the old one is deleted before the first (see ``segpipe.storage.output_dir``)."""
+    return storage.output_dir(out, MANIFEST)
+
+
 class ShardWriter:
     """Writes rows of one split to ``OUT/<split>/part-NNNNN.parquet``, ``rows_per_shard`` each.
 
-    Each shard is written under a temporary name and renamed when complete. Rows are buffered
-    into row groups of ``row_group_rows`` so memory stays bounded by one row group.
+    Each shard is written under a temporary name and renamed when complete, then handed to
+    ``send`` (``Staging.send`` uploads it to an object store). Rows are buffered into row groups
+    of ``row_group_rows`` so memory stays bounded by one row group.
     """
 
-    def __init__(self, out: Path, split: str, rows_per_shard: int, row_group_rows: int = 64):
+    def __init__(self, out: Path, split: str, rows_per_shard: int, row_group_rows: int = 64,
+                 send: Callable[[Path], None] | None = None):
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-        self.out, self.split = Path(out), split
+        self.out, self.split, self.send = Path(out), split, send
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = max(1, min(row_group_rows, rows_per_shard))
         self.shards: list[dict[str, Any]] = []
@@ -253,6 +270,8 @@ class ShardWriter:
         )
         self._writer = self._ctx = self._tmp = None
         self._rows_in_shard = 0
+        if self.send is not None:
+            self.send(path)
 
     def _path(self, index: int) -> Path:
         return self.out / self.split / f"part-{index:05d}.parquet"
@@ -263,20 +282,155 @@ class ShardWriter:
 # --------------------------------------------------------------------------------------
 
 
-def read_manifest(path: Path | str) -> dict[str, Any]:
-    """The manifest of a shard directory (or of the directory holding a shard file's split)."""
-    mpath = _manifest_path(Path(path))
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard as the manifest lists it; ``path`` is relative to the set's root."""
+
+    path: str
+    split: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard set as its manifest describes it: read once (:func:`open_shards`) and handed down
+    to every stage and Ray worker that reads it, instead of re-parsing ``manifest.json``.
+
+    ``to_dict``/``from_dict`` carry it across process boundaries (Ray's train loop config) as
+    plain JSON values; nothing is unpickled. ``root`` is an absolute local path or an
+    object-store URI; each process resolves it with its own configuration (``AWS_*``).
+    """
+
+    root: str
+    manifest_sha256: str
+    classes: tuple[dict[str, Any], ...]
+    ignore_index: int
+    splits: dict[str, int]
+    files: tuple[ShardFile, ...]
+    class_pixels: dict[str, tuple[int, ...]]
+
+    @property
+    def num_classes(self) -> int:
+        """Logits per pixel: the largest class id + 1 (ids need not be contiguous)."""
+        return max(int(c["id"]) for c in self.classes) + 1
+
+    @property
+    def thing_ids(self) -> list[int]:
+        return sorted(int(c["id"]) for c in self.classes if c.get("isthing"))
+
+    def files_of(self, split: str) -> list[ShardFile]:
+        """The shards of ``split`` in manifest order; ShardError naming the splits there are."""
+        if split not in self.splits:
+            raise ShardError(f"{self.root}: no split {split!r}; splits: {', '.join(self.splits) or '(none)'}")
+        return [f for f in self.files if f.split == split]
+
+    def rows(self, split: str) -> int:
+        return int(self.splits.get(split, 0))
+
+    def location_of(self, file: ShardFile) -> Location:
+        return storage.resolve(self.root, "shards").child(file.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "manifest_sha256": self.manifest_sha256, "classes": list(self.classes),
+                "ignore_index": self.ignore_index, "splits": dict(self.splits),
+                "files": [vars(f) for f in self.files],
+                "class_pixels": {k: list(v) for k, v in self.class_pixels.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardSet:
+        return cls(root=d["root"], manifest_sha256=d["manifest_sha256"], classes=tuple(d["classes"]),
+                   ignore_index=int(d["ignore_index"]), splits=dict(d["splits"]),
+                   files=tuple(ShardFile(**f) for f in d["files"]),
+                   class_pixels={k: tuple(v) for k, v in d.get("class_pixels", {}).items()})
+
+
+def open_shards(path: Path | str | Location) -> ShardSet:
+    """Read and check a shard set's manifest once; the sha256 of its bytes identifies the set.
+
+    ``path`` is the set's folder (a local path or an object-store URI) or, locally, one of its
+    shard files. Without a valid manifest there is no set: a folder whose shards are still being
+    written, or whose write failed, has none (the manifest is written last)."""
+    root = _set_location(path)
+    data = _manifest_bytes(root, path)
+    manifest = _parse_manifest(data, root.child(MANIFEST))
+    return ShardSet(
+        root=root.uri, manifest_sha256=hashlib.sha256(data).hexdigest(), classes=tuple(manifest["classes"]),
+        ignore_index=int(manifest["ignore_index"]), splits={k: int(v) for k, v in manifest["splits"].items()},
+        files=tuple(ShardFile(path=e["path"], split=e["split"], rows=int(e["rows"]), bytes=int(e["bytes"]),
+                              sha256=e["sha256"]) for e in manifest["shards"]),
+        class_pixels={k: tuple(int(x) for x in v) for k, v in (manifest.get("class_pixels") or {}).items()},
+    )
+
+
+def verify_split(shards: ShardSet, split: str) -> None:
+    """Check every shard of ``split`` against the manifest (size and sha256) without parsing it."""
+    import pyarrow.fs
+
+    for f in shards.files_of(split):
+        where = shards.location_of(f)
+        try:
+            found = storage.info(where)
+            if found.type == pyarrow.fs.FileType.NotFound:
+                raise ShardError(f"{where}: shard listed in the manifest is missing")
+            size = found.size
+            if size != f.bytes or storage.sha256(where) != f.sha256:
+                raise ShardError(f"{where}: checksum does not match the manifest (corrupt or modified shard; "
+                                 f"{size} bytes, manifest says {f.bytes})")
+        except FileNotFoundError:
+            raise ShardError(f"{where}: shard listed in the manifest is missing") from None
+        except OSError as e:
+            raise ShardError(f"{where}: cannot read shard: {e}") from None
+
+
+def read_shard(shards: ShardSet, file: ShardFile, columns: list[str] | None = None) -> pa.Table:
+    """One shard as a Table, verified first: present, of the recorded size and sha256, and with
+    valid Parquet page checksums. Every failure is a ShardError naming the file."""
+    where = shards.location_of(file)
     try:
-        manifest = json.loads(mpath.read_text())
+        data = storage.read_bytes(where)
     except FileNotFoundError:
-        raise ShardError(f"{mpath}: manifest not found (is {path} a segpipe shard set?)") from None
+        raise ShardError(f"{where}: shard listed in the manifest is missing") from None
+    except OSError as e:
+        raise ShardError(f"{where}: cannot read shard: {e}") from None
+    if len(data) != file.bytes or hashlib.sha256(data).hexdigest() != file.sha256:
+        raise ShardError(f"{where}: checksum does not match the manifest (corrupt or modified shard; "
+                         f"{len(data)} bytes, manifest says {file.bytes})")
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{where}: cannot read shard: {e}") from None
+
+
+def read_manifest(path: Path | str | Location) -> dict[str, Any]:
+    """The manifest of a shard set (its folder, local or a URI, or locally one of its shard files)."""
+    root = _set_location(path)
+    return _parse_manifest(_manifest_bytes(root, path), root.child(MANIFEST))
+
+
+def _manifest_bytes(root: Location, given: Any) -> bytes:
+    where = root.child(MANIFEST)
+    try:
+        return storage.read_bytes(where)
+    except FileNotFoundError:
+        unfinished = not root.local and storage.exists(root.child(storage.WRITING))
+        why = "a write to it is unfinished or still running" if unfinished else f"is {given} a segpipe shard set?"
+        raise ShardError(f"{where}: manifest not found ({why})") from None
+    except OSError as e:
+        raise ShardError(f"{where}: cannot read the manifest: {e}") from None
+
+
+def _parse_manifest(data: bytes, where: Location) -> dict[str, Any]:
+    try:
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{mpath}: manifest is not valid JSON: {e}") from None
-    check_manifest(manifest, mpath)
+        raise ShardError(f"{where}: manifest is not valid JSON: {e}") from None
+    check_manifest(manifest, where)
     return manifest
 
 
-def check_manifest(manifest: Any, where: Path | str) -> None:
+def check_manifest(manifest: Any, where: Path | str | Location) -> None:
     """Raise ShardError naming the key when ``manifest`` lacks what readers rely on, or lists a
     shard outside its folder (a manifest is data: it must not make a reader open other files)."""
     if not isinstance(manifest, dict):
@@ -295,17 +449,15 @@ def check_manifest(manifest: Any, where: Path | str) -> None:
                              "a path inside the shard folder is expected")
 
 
-def manifest_hash(path: Path | str) -> str:
+def manifest_hash(path: Path | str | Location) -> str:
     """sha256 of ``manifest.json``: identifies the exact shard set a model was trained on."""
-    mpath = _manifest_path(Path(path))
-    if not mpath.is_file():
-        raise ShardError(f"{mpath}: manifest not found")
-    return sha256_file(mpath)
+    root = _set_location(path)
+    return hashlib.sha256(_manifest_bytes(root, path)).hexdigest()
 
 
 def shard_files(path: Path | str, split: str | None = None) -> list[Path]:
-    """The shard files of a set (of one split, or all), in manifest order."""
-    root = _root(Path(path))
+    """The shard files of a local set (of one split, or all), in manifest order."""
+    root = _root(storage.require_local(path, "shard_files"))
     manifest = read_manifest(root)
     if split is not None and split not in manifest["splits"]:
         raise ShardError(f"{root}: no split {split!r}; splits: {', '.join(manifest['splits']) or '(none)'}")
@@ -325,28 +477,53 @@ def verify_shard(path: Path, manifest: dict[str, Any], root: Path) -> None:
         raise ShardError(f"{path}: checksum does not match the manifest (corrupt or modified shard)")
 
 
-def iter_rows(path: Path | str, verify: bool = True, split: str | None = None,
+def iter_rows(path: Path | str | Location | ShardSet, verify: bool = True, split: str | None = None,
               columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw rows (column dicts) of a shard file or directory, one row group in memory at a time."""
-    path = Path(path)
-    root = _root(path)
-    files = [path] if path.is_file() else shard_files(root, split)
-    manifest = read_manifest(root) if verify else None
+    """Raw rows (column dicts) of a shard set (a ShardSet, its folder or its URI) or of one local
+    shard file.
+
+    ``verify`` checks each shard's size and sha256 against the manifest before reading it (see
+    :func:`read_shard`); Parquet page checksums are verified regardless.
+    """
+    if not isinstance(path, ShardSet):
+        where = storage.resolve(path, "shards")
+        if where.local and where.local_path().is_file():
+            yield from _file_rows(where.local_path(), verify, split, columns)
+            return
+    shards = path if isinstance(path, ShardSet) else open_shards(where)
+    files = shards.files_of(split) if split is not None else list(shards.files)
     for f in files:
-        if manifest is not None:
-            verify_shard(f, manifest, root)
-        try:
-            pf = pq.ParquetFile(f, page_checksum_verification=True)
-            for g in range(pf.num_row_groups):
-                table = pf.read_row_group(g, columns=columns)
-                for row in table.to_pylist():
-                    if split is None or row.get("split", split) == split:
-                        yield row
-        except (OSError, pa.ArrowException) as e:
-            raise ShardError(f"{f}: cannot read shard: {e}") from None
+        if verify:
+            table = read_shard(shards, f, columns)
+        else:
+            where = shards.location_of(f)
+            try:
+                table = pq.read_table(where.path, filesystem=where.fs, columns=columns,
+                                      page_checksum_verification=True)
+            except FileNotFoundError:
+                raise ShardError(f"{where}: shard listed in the manifest is missing") from None
+            except (OSError, pa.ArrowException) as e:
+                raise ShardError(f"{where}: cannot read shard: {e}") from None
+        yield from table.to_pylist()
 
 
-def iter_samples(path: Path | str, verify: bool = True, split: str | None = None) -> Iterator[dict[str, Any]]:
+def _file_rows(path: Path, verify: bool, split: str | None, columns: list[str] | None) -> Iterator[dict[str, Any]]:
+    """Rows of one shard file, one row group in memory at a time."""
+    root = _root(path)
+    if verify:
+        verify_shard(path, read_manifest(root), root)
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        for g in range(pf.num_row_groups):
+            for row in pf.read_row_group(g, columns=columns).to_pylist():
+                if split is None or row.get("split", split) == split:
+                    yield row
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: cannot read shard: {e}") from None
+
+
+def iter_samples(path: Path | str | Location | ShardSet, verify: bool = True,
+                 split: str | None = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of a shard file or directory (see the module docstring).
 
     ``verify`` checks each shard's sha256 against the manifest before reading it; Parquet
@@ -365,14 +542,21 @@ def _root(path: Path) -> Path:
     raise ShardError(f"{path}: no such shard file or directory")
 
 
-def _manifest_path(path: Path) -> Path:
-    if path.name == MANIFEST:
-        return path
-    return _root(path) / MANIFEST if path.exists() else path / MANIFEST
+def _set_location(path: Path | str | Location) -> Location:
+    """The folder of the shard set ``path`` names: its folder (local or a URI), its local
+    ``manifest.json``, or one of its local shard files."""
+    where = storage.resolve(path, "shards")
+    if not where.local:
+        return where
+    local = where.local_path()
+    if local.is_file():
+        return storage.resolve(local.parent if local.name == MANIFEST else _root(local), "shards")
+    return where
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write ``manifest.json`` atomically, with stable key order and no timestamps."""
+    """Write ``manifest.json`` atomically, with stable key order and no timestamps (into a set's
+    ``Staging.path``: on an object store it is uploaded last, see :func:`new_set`)."""
     with atomic_path(Path(out) / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
 

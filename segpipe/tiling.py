@@ -1,4 +1,7 @@
-"""Sliding-window prediction for images larger than a model's tile, in pure torch.
+"""Sliding-window geometry for images larger than a model's tile, in pure torch.
+
+What runs the model (padding, thresholds, detection selection) is ``segpipe.inference``, which
+calls these with functions of a batch of tiles; this module only cuts tiles, blends and merges.
 
 Semantic: tiles overlap by ``overlap`` pixels; each tile's softmax probabilities are weighted
 by a window that ramps linearly from ~0 to 1 across every side that has a neighbouring tile
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 Preprocess = Callable[[np.ndarray], Tensor]  # H x W x 3 uint8 -> 3 x H x W float (normalised)
@@ -57,21 +59,26 @@ def ramp(length: int, overlap: int, before: bool, after: bool) -> Tensor:
     return w
 
 
-def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        # Replicate rather than zeros: a black band would change predictions near the edge.
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    return x
+@dataclass(frozen=True)
+class Window:
+    """How an image is cut for a model: square tiles of ``tile`` pixels overlapping by at least
+    ``overlap``, ``batch_size`` tiles per model call, on ``device``."""
+
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+    device: str | torch.device = "cpu"
+
+    def starts(self, height: int, width: int) -> tuple[list[int], list[int]]:
+        """The first rows and first columns of the tiles covering a ``height x width`` image."""
+        return tile_starts(height, self.tile, self.overlap), tile_starts(width, self.tile, self.overlap)
 
 
-def _run_semantic(model: Callable[[Tensor], Tensor], batch: Tensor, multiple: int) -> Tensor:
-    h, w = batch.shape[-2:]
-    logits = model(_pad_to_multiple(batch, multiple))
-    if isinstance(logits, dict):  # torchvision segmentation models return {"out": ...}
-        logits = logits["out"]
-    return logits[..., :h, :w].float().softmax(dim=1)
+def _probabilities(logits_fn: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
+    probs = logits_fn(batch).float().softmax(dim=1)
+    if probs.shape[-2:] != batch.shape[-2:]:
+        raise ValueError(f"logits of {tuple(probs.shape)} for tiles of {tuple(batch.shape)}: expected the tile size")
+    return probs
 
 
 @dataclass(frozen=True)
@@ -84,26 +91,17 @@ class Strip:
 
 
 @torch.inference_mode()
-def iter_semantic_strips(
-    model: Callable[[Tensor], Tensor],
-    image: np.ndarray,
-    preprocess: Preprocess,
-    tile: int = 512,
-    overlap: int = 64,
-    batch_size: int = 4,
-    device: str | torch.device = "cpu",
-    multiple: int = 32,
-) -> Iterator[Strip]:
+def iter_semantic_strips(logits_fn: Callable[[Tensor], Tensor], image: np.ndarray, preprocess: Preprocess,
+                         window: Window = Window()) -> Iterator[Strip]:
     """Blend sliding-window softmax probabilities over ``image`` (H x W x 3 uint8), yielding final strips.
 
-    ``model`` maps a B x 3 x h x w float batch to B x K x h x w logits; tiles are padded to a
-    multiple of ``multiple`` (replicate) because strided models need it, and cropped back.
+    ``logits_fn`` maps a B x 3 x h x w batch of tiles (on the window's device) to B x K x h x w logits.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be H x W x 3, got shape {image.shape}")
     height, width = image.shape[:2]
-    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    th, tw = min(tile, height), min(tile, width)
+    (ys, xs), overlap, batch_size = window.starts(height, width), window.overlap, window.batch_size
+    th, tw = min(window.tile, height), min(window.tile, width)
     wx = [ramp(tw, overlap, i > 0, i < len(xs) - 1) for i in range(len(xs))]
     acc: Tensor | None = None  # K x th x W, covering image rows [ys[r], ys[r] + th)
     weight = torch.zeros(th, width)
@@ -113,8 +111,8 @@ def iter_semantic_strips(
         tiles = [preprocess(image[y:y + th, x:x + tw]) for x in xs]
         outputs = []
         for b in range(0, len(tiles), batch_size):
-            batch = torch.stack(tiles[b:b + batch_size]).to(device)
-            outputs.append(_run_semantic(model, batch, multiple).cpu())
+            batch = torch.stack(tiles[b:b + batch_size]).to(window.device)
+            outputs.append(_probabilities(logits_fn, batch).cpu())
         probs = torch.cat(outputs)  # len(xs) x K x th x tw
         if acc is None or acc.shape[0] != probs.shape[1]:
             acc = torch.zeros(probs.shape[1], th, width)
@@ -134,17 +132,8 @@ def iter_semantic_strips(
         carry = None if last else (acc[:, done:].clone(), weight[done:].clone())
 
 
-def predict_semantic(
-    model: Callable[[Tensor], Tensor],
-    image: np.ndarray,
-    preprocess: Preprocess,
-    tile: int = 512,
-    overlap: int = 64,
-    batch_size: int = 4,
-    device: str | torch.device = "cpu",
-    multiple: int = 32,
-    return_probs: bool = False,
-) -> Tensor:
+def predict_semantic(logits_fn: Callable[[Tensor], Tensor], image: np.ndarray, preprocess: Preprocess,
+                     window: Window = Window(), return_probs: bool = False) -> Tensor:
     """Sliding-window prediction of one image: H x W int64 labels, or K x H x W probabilities.
 
     Labels need memory for one row of tiles only; ``return_probs`` keeps the whole K x H x W.
@@ -152,7 +141,7 @@ def predict_semantic(
     height, width = image.shape[:2]
     labels = torch.empty(height, width, dtype=torch.int64)
     strips = []
-    for s in iter_semantic_strips(model, image, preprocess, tile, overlap, batch_size, device, multiple):
+    for s in iter_semantic_strips(logits_fn, image, preprocess, window):
         if return_probs:
             strips.append(s.probs)
         else:
@@ -175,6 +164,12 @@ class Instance:
     y0: int
     mask: np.ndarray  # h x w bool
     cut: bool = False  # touches an inner tile border, so it may be a truncated piece
+    bbox: tuple[float, float, float, float] | None = None  # the model's box (x1 y1 x2 y2); None: the mask's
+
+    def shifted(self, dx: int, dy: int) -> Instance:
+        """The same detection ``dx``, ``dy`` pixels to the right and down."""
+        bbox = None if self.bbox is None else (self.bbox[0] + dx, self.bbox[1] + dy, self.bbox[2] + dx, self.bbox[3] + dy)
+        return Instance(self.label, self.score, self.x0 + dx, self.y0 + dy, self.mask, self.cut, bbox)
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -186,13 +181,15 @@ class Instance:
         return int(self.mask.sum())
 
 
-def crop_instance(label: int, score: float, mask: np.ndarray, dx: int, dy: int) -> Instance | None:
-    """An Instance from a full-tile binary mask, cropped to its tight box; None when empty."""
+def crop_instance(label: int, score: float, mask: np.ndarray, dx: int = 0, dy: int = 0,
+                  bbox: tuple[float, float, float, float] | None = None) -> Instance | None:
+    """An Instance from a full-size binary mask, cropped to its tight box and moved by ``dx``,
+    ``dy``; None when the mask is empty."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if rows.size == 0:
         return None
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    return Instance(label, score, int(x0 + dx), int(y0 + dy), mask[y0:y1, x0:x1].copy())
+    return Instance(label, score, int(x0), int(y0), mask[y0:y1, x0:x1].copy(), bbox=bbox).shifted(dx, dy)
 
 
 def overlap_stats(a: Instance, b: Instance) -> tuple[int, float]:
@@ -233,72 +230,31 @@ def merge_instances(instances: list[Instance], iou: float = 0.5, containment: fl
 
 
 @torch.inference_mode()
-def predict_instances(
-    detect: Callable[[Tensor], list[dict[str, Tensor]]],
-    image: np.ndarray,
-    preprocess: Preprocess,
-    tile: int = 512,
-    overlap: int = 64,
-    batch_size: int = 4,
-    device: str | torch.device = "cpu",
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
-    iou: float = 0.5,
-) -> list[Instance]:
+def predict_instances(detect: Callable[[Tensor], list[list[Instance]]], image: np.ndarray, preprocess: Preprocess,
+                      window: Window = Window(), iou: float = 0.5) -> list[Instance]:
     """Sliding-window instance prediction, merged across tiles.
 
-    ``detect`` maps a B x 3 x h x w batch to torchvision-style dicts (``labels``, ``scores``,
-    ``masks`` N x 1 x h x w probabilities). Only binary crops are kept per detection, so memory
+    ``detect`` maps a B x 3 x h x w batch of tiles (on the window's device) to each tile's
+    selected detections in tile coordinates. Only binary crops are kept per detection, so memory
     grows with the detected area, not with the image.
     """
     height, width = image.shape[:2]
-    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    th, tw = min(tile, height), min(tile, width)
+    ys, xs = window.starts(height, width)
+    th, tw = min(window.tile, height), min(window.tile, width)
     found: list[Instance] = []
     positions = [(y, x) for y in ys for x in xs]
-    for b in range(0, len(positions), batch_size):
-        chunk = positions[b:b + batch_size]
-        batch = torch.stack([preprocess(image[y:y + th, x:x + tw]) for y, x in chunk]).to(device)
-        for (y, x), out in zip(chunk, detect(batch)):
-            keep = out["scores"] >= score_threshold
-            masks = (out["masks"][keep][:, 0] >= mask_threshold).cpu().numpy()
-            for label, score, mask in zip(out["labels"][keep].tolist(), out["scores"][keep].tolist(), masks):
-                inst = crop_instance(int(label), float(score), mask, x, y)
-                if inst is None:
-                    continue
+    for b in range(0, len(positions), window.batch_size):
+        chunk = positions[b:b + window.batch_size]
+        batch = torch.stack([preprocess(image[y:y + th, x:x + tw]) for y, x in chunk]).to(window.device)
+        for (y, x), tile_found in zip(chunk, detect(batch)):
+            for inst in tile_found:
+                inst = inst.shifted(x, y)
                 x0, y0, x1, y1 = inst.box
                 # Cut by a border that is inside the image: another tile sees beyond it.
                 inst.cut = (x0 == x and x > 0) or (y0 == y and y > 0) or (x1 == x + tw and x1 < width) or (
                     y1 == y + th and y1 < height)
                 found.append(inst)
     return merge_instances(found, iou=iou)
-
-
-def paint_instances(instances: list[Instance], height: int, width: int, background: int = 0) -> np.ndarray:
-    """A label map from instances: higher scores painted last so they win overlaps."""
-    out = np.full((height, width), background, dtype=np.int64)
-    for d in sorted(instances, key=lambda d: d.score):
-        x0, y0, x1, y1 = d.box
-        out[y0:y1, x0:x1][d.mask] = d.label
-    return out
-
-
-def rle_counts(inst: Instance, height: int, width: int) -> list[int]:
-    """Uncompressed COCO RLE counts (column-major runs, starting with background) of one instance."""
-    ys, xs = np.nonzero(inst.mask)
-    idx = np.sort((xs + inst.x0).astype(np.int64) * height + (ys + inst.y0))
-    if idx.size == 0:
-        return [height * width]
-    breaks = np.flatnonzero(np.diff(idx) != 1)
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    counts: list[int] = []
-    pos = 0
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        counts += [s - pos, e - s]
-        pos = e
-    counts.append(height * width - pos)
-    return counts
 
 
 def tile_count(height: int, width: int, tile: int, overlap: int) -> int:
@@ -311,7 +267,6 @@ def window_memory_bytes(num_classes: int, width: int, tile: int) -> int:
 
 
 __all__ = [
-    "Instance", "Strip", "crop_instance", "iter_semantic_strips", "merge_instances", "paint_instances",
-    "predict_instances", "predict_semantic", "ramp", "rle_counts", "tile_count", "tile_starts",
-    "window_memory_bytes",
+    "Instance", "Strip", "Window", "crop_instance", "iter_semantic_strips", "merge_instances", "predict_instances",
+    "predict_semantic", "ramp", "tile_count", "tile_starts", "window_memory_bytes",
 ]

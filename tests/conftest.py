@@ -1,7 +1,15 @@
-"""Shared fixtures: tiny synthetic raw data and shards, built once per test session."""
+"""Shared fixtures: tiny synthetic raw data and shards, built once per test session, and a real S3
+server (moto) with a fresh bucket per test."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,3 +35,162 @@ def tiny_shards(tiny_raw, tmp_path_factory) -> Path:
     source = get_reader("coco")([tiny_raw / "annotations" / "instances.json"], tiny_raw / "images", tiny_raw / "masks")
     convert.run(ConvertParams(val_fraction=0.25, workers=1), source, out, progress=False)
     return out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def copy_repo():
+    """``copy_repo(dst)``: the files git knows (tracked, or untracked and not ignored) copied to
+    ``dst``, as a fresh clone would have them."""
+    import shutil
+
+    def copy(dst: Path) -> Path:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+        for f in files:
+            src = REPO / f
+            if src.is_file():
+                (dst / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst / f)
+        return dst
+
+    return copy
+
+
+# --------------------------------------------------------------------------------------
+# A real S3 server: moto in server mode, on loopback
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3:
+    """A bucket on the test S3 server, and the standard variables that point a client at it."""
+
+    endpoint: str
+    bucket: str
+    env: dict[str, str]
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def fs(self):
+        import pyarrow.fs
+
+        return pyarrow.fs.S3FileSystem(endpoint_override=self.endpoint, access_key=S3_KEYS[0], secret_key=S3_KEYS[1],
+                                       region="us-east-1", allow_bucket_creation=True)
+
+    def files(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (relative to it), sorted."""
+        import pyarrow.fs
+
+        base = "/".join([self.bucket, prefix]).rstrip("/")
+        found = self.fs().get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True, recursive=True))
+        return sorted(i.path[len(base) + 1:] for i in found if i.type == pyarrow.fs.FileType.File)
+
+    def read(self, key: str) -> bytes:
+        with self.fs().open_input_stream(f"{self.bucket}/{key}") as f:
+            return f.read()
+
+
+S3_KEYS = ("testing", "testing")  # moto accepts any key pair
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """moto's S3 server (``moto_server``, a process of its own) on a free loopback port; its URL."""
+    from segpipe.cluster import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                    break
+            except urllib.error.HTTPError:  # it answers: it is up
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3(s3_server, tmp_path_factory, monkeypatch) -> S3:
+    """A new bucket on the S3 server, with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    and AWS_DEFAULT_REGION pointing at it (and no profile of the machine's ~/.aws in the way)."""
+    import uuid
+
+    empty = tmp_path_factory.mktemp("aws")
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": S3_KEYS[0], "AWS_SECRET_ACCESS_KEY": S3_KEYS[1],
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(empty / "config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(empty / "credentials")}
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bucket = S3(s3_server, f"segpipe-{uuid.uuid4().hex[:10]}", env)
+    bucket.fs().create_dir(bucket.bucket)
+    return bucket
+
+
+# Three classes of site imagery: a stuff class and two things.
+SITE_CLASSES = (
+    {"id": 0, "name": "ground", "isthing": False, "color": [40, 40, 40]},
+    {"id": 1, "name": "worker", "isthing": True, "color": [255, 0, 0]},
+    {"id": 2, "name": "excavator", "isthing": True, "color": [0, 255, 0]},
+)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A factory of real checkpoints of registered architectures with seeded random weights:
+    ``tiny_checkpoint(arch, **builder_kwargs)`` -> the checkpoint directory.
+
+    ``shards=DIR`` takes the class table, ignore index and manifest hash from a shard set (else
+    SITE_CLASSES); ``out`` is the directory (default ``tmp_path / arch``), ``image_size`` the
+    training crop recorded in the meta (what export samples by default). ``detects_things=True``
+    biases a Mask R-CNN towards the thing classes and positive mask logits, so that its random
+    detections are things with masks (as a trained one's are), not empty stuff.
+    """
+    import torch
+
+    from segpipe.checkpoint import CheckpointMeta, save_checkpoint
+    from segpipe.models import build_model, default_kwargs
+    from segpipe.shards import open_shards
+
+    def make(arch: str, *, shards: Path | None = None, out: Path | None = None, seed: int = 0,
+             image_size: int = 64, detects_things: bool = False, **kwargs) -> Path:
+        s = open_shards(shards) if shards is not None else None
+        classes = tuple(s.classes) if s else SITE_CLASSES
+        num_classes = max(int(c["id"]) for c in classes) + 1
+        torch.manual_seed(seed)
+        model = build_model(arch, num_classes, **kwargs)
+        if detects_things:
+            heads = model.detector.roi_heads
+            torch.nn.init.constant_(heads.mask_predictor.mask_fcn_logits.bias, 3.0)
+            with torch.no_grad():  # torchvision's label is the class id + 1
+                heads.box_predictor.cls_score.bias[[int(c["id"]) + 1 for c in classes if c["isthing"]]] += 5.0
+        meta = CheckpointMeta(arch=arch, num_classes=num_classes, classes=classes,
+                              model_kwargs={**default_kwargs(arch), **kwargs},
+                              ignore_index=s.ignore_index if s else 255, image_size=image_size,
+                              params={"seed": seed}, epoch=1,
+                              shards_manifest_sha256=s.manifest_sha256 if s else "x" * 64)
+        return save_checkpoint(out or tmp_path / arch, model, meta)
+
+    return make

@@ -88,7 +88,7 @@ def test_predict_with_a_model_path_that_is_no_model(tmp_path, capsys, monkeypatc
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch):
-    from segpipe.stages import params_check
+    from segpipe.commands import params as params_check
 
     def bug(argv):
         raise TypeError("a bug, not the user's fault")

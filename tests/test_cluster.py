@@ -1,101 +1,191 @@
-"""A real two-node Ray cluster on loopback: `ray start` a head and a worker node, train with two
-workers through RAY_ADDRESS, check that the workers ran on both nodes, and stop only those nodes."""
+"""A real Ray cluster on loopback whose nodes share no disk: `ray start` a head and a worker node,
+each with its own --temp-dir and working directory, the driver in a third folder, and the shards,
+checkpoints and trained model only on an S3 server (moto). A 2-worker job spreads over both nodes;
+the worker node is killed mid-run and another one started, and the job resumes from the S3
+checkpoint. Only the processes these tests started are stopped."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from segpipe.checkpoint import load_meta
+from segpipe.cluster import auth_env, free_port, processes_of, ray_executable, stop_processes
 
-RAY = str(Path(sys.executable).with_name("ray"))
+RAY = ray_executable()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def our_processes(marker: str) -> list[int]:
-    """PIDs whose command line mentions ``marker``, plus all their descendants (Ray's agents
-    rename themselves, e.g. ``ray::DashboardAgent``, so only the tree finds them)."""
-    import psutil
-
-    pids: set[int] = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
-                pids.add(proc.pid)
-                pids.update(c.pid for c in proc.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    pids.discard(os.getpid())
-    return sorted(pids)
+# A driver that prints every node of the cluster it connects to (dead ones too) with its plasma
+# socket, which lies in the node's own --temp-dir.
+NODES = ("import json, ray, sys; ray.init(address=sys.argv[1], logging_level='error'); "
+         "print(json.dumps({n['NodeID']: n['ObjectStoreSocketName'] for n in ray.nodes()}))")
 
 
-def stop(*markers: str) -> None:
-    """Terminate only the processes of the cluster this test started (never `ray stop`)."""
-    import psutil
+@dataclass
+class Cluster:
+    """Nodes started with `ray start`, each in a folder of its own under ``root``."""
 
-    pids = sorted({p for m in markers for p in our_processes(m)})
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)
-    for proc in alive:
-        proc.kill()
+    address: str
+    env: dict[str, str]
+    root: Path
+    temps: dict[str, Path] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> Path:
+        """`ray start` node ``name`` with working directory ROOT/name and a temp dir of its own; returns that."""
+        cwd = self.root / name
+        cwd.mkdir()
+        # short: Ray's socket paths must stay under ~107 characters
+        temp = self.temps[name] = Path(tempfile.mkdtemp(prefix=f"sp{name[:2]}", dir="/tmp"))
+        subprocess.run([RAY, "start", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+                        "--temp-dir", str(temp), *args], cwd=cwd, env=self.env, check=True, capture_output=True,
+                       timeout=180)
+        return temp
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of node ``name``: a machine that dies, not one that stops."""
+        for pid in processes_of(str(self.temps[name])):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def node_temps(self) -> dict[str, Path]:
+        """{node id: its temp dir} of every node the cluster has known, dead ones too."""
+        out = subprocess.run([sys.executable, "-c", NODES, self.address], env=self.env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        sockets = json.loads(out.strip().splitlines()[-1])
+        return {node: next(t for t in self.temps.values() if socket.startswith(f"{t}/"))
+                for node, socket in sockets.items()}
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path_factory):
+def cluster(s3, tmp_path):
+    """A head node; the test starts the worker nodes. Every node has the AWS_* variables of the S3
+    server (Ray workers inherit their node's environment, not the driver's) and token auth on."""
     port = free_port()
-    temp = Path(f"/tmp/sp{port}")  # short: Ray's socket paths must stay under ~107 characters
-    base = [RAY, "start", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    # Token authentication stays on; the worker node must be told to use it too.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    address = f"127.0.0.1:{port}"
+    env = auth_env({k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    c = Cluster(f"127.0.0.1:{port}", env, tmp_path / "nodes")
+    c.root.mkdir()
     try:
-        subprocess.run([*base, "--head", "--port", str(port), "--temp-dir", str(temp),
-                        "--include-dashboard", "false", "--resources", '{"node_a": 1}'],
-                       check=True, env=env, capture_output=True, timeout=180)
-        subprocess.run([*base, "--address", address, "--resources", '{"node_b": 1}'],
-                       check=True, env=env, capture_output=True, timeout=180)
-        yield address
+        c.start("head", "--head", "--port", str(port), "--include-dashboard", "false")
+        yield c
     finally:
-        stop(str(temp), f"127.0.0.1:{port}")
-        assert not our_processes(str(temp))
+        stop_processes(*map(str, c.temps.values()), c.address)
+        assert not [p for t in c.temps.values() for p in processes_of(str(t))]
+        for temp in c.temps.values():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+PARAMS = textwrap.dedent("""\
+    train:
+      architectures: [fcn32s]
+      epochs: 6
+      budget_s: 0
+      batch_size: 2
+      image_size: 64
+      workers: 2
+      cpus_per_worker: 1.0
+      threads: 1
+      placement_strategy: STRICT_SPREAD
+      num_to_keep: 2
+      max_failures: 2
+      overrides: {{}}
+      storage_path: {storage}
+    """)
+
+
+def checkpoint_metas(s3, prefix: str) -> dict[str, dict]:
+    """{checkpoint folder: its meta.json} of every checkpoint now under ``prefix`` on S3."""
+    metas = {}
+    for key in s3.files(prefix):
+        if key.endswith("/meta.json") and "/checkpoint_" in f"/{key}":
+            try:
+                metas[key.rsplit("/", 1)[0]] = json.loads(s3.read(f"{prefix}/{key}"))
+            except (OSError, ValueError):  # deleted (num_to_keep) or half-listed meanwhile
+                continue
+    return metas
+
+
+def registered_checkpoint(s3, prefix: str) -> bool:
+    """Whether Ray Train's checkpoint manager has recorded a checkpoint on S3 (so a restart resumes from it)."""
+    for key in s3.files(prefix):
+        if key.endswith("checkpoint_manager_snapshot.json"):
+            try:
+                return bool(json.loads(s3.read(f"{prefix}/{key}")).get("latest_checkpoint_result"))
+            except (OSError, ValueError):
+                return False
+    return False
 
 
 @pytest.mark.slow
-def test_training_spreads_over_two_nodes(two_node_cluster, tiny_shards, tmp_path):
-    # The driver runs as its own process, as `dvc repro` would run it, with only RAY_ADDRESS set.
+def test_two_nodes_without_a_shared_disk_spread_and_resume_from_s3_after_losing_a_node(cluster, s3, tiny_raw, tmp_path):
+    from segpipe.formats.coco import read_collections
+    from segpipe.params import ConvertParams
+    from segpipe.stages import convert
+
+    shards = s3.uri("shards")
+    convert.run(ConvertParams(val_fraction=0.25, workers=1), read_collections(tiny_raw), shards, progress=False)
+    cluster.start("worker", "--address", cluster.address)
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.format(storage=s3.uri("ray")))
+    driver = tmp_path / "driver"  # the driver's working directory: no node runs here
+    driver.mkdir()
+    # The driver runs as its own process, as `dvc repro` would run it, with RAY_ADDRESS and AWS_* set.
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    env["RAY_ADDRESS"] = two_node_cluster
-    cmd = [sys.executable, "-m", "segpipe", "train", "--arch", "fcn32s", "--shards", str(tiny_shards),
-           "--out", str(tmp_path / "out"), "--params", str(tmp_path / "none.yaml")]
-    (tmp_path / "none.yaml").write_text(
-        "train:\n  epochs: 1\n  batch_size: 4\n  image_size: 48\n  workers: 2\n  cpus_per_worker: 1.0\n"
-        "  threads: 1\n  placement_strategy: STRICT_SPREAD\n  num_to_keep: 1\n"
-        f"  storage_path: {tmp_path / 'storage'}\n")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
-    meta = load_meta(tmp_path / "out" / "checkpoint")
-    nodes = meta["worker_nodes"]
-    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes  # one worker on each node
-    status = subprocess.run([RAY, "status", "--address", two_node_cluster], capture_output=True, text=True,
-                            env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
-    for node in nodes:
-        assert node in status.stdout  # both are nodes of the cluster this test started
+    env["RAY_ADDRESS"] = cluster.address
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "segpipe", "train", "--arch", "fcn32s", "--shards", shards,
+                                 "--out", s3.uri("models/fcn32s"), "--params", str(params)],
+                                cwd=driver, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seen: dict[str, dict] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while not registered_checkpoint(s3, "ray"):
+            assert proc.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-5000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.5)
+        seen.update(checkpoint_metas(s3, "ray"))
+        cluster.kill("worker")  # mid-run: a checkpoint is on S3, more epochs are to come
+        cluster.start("worker2", "--address", cluster.address)
+        while proc.poll() is None:  # the checkpoints of the resumed run, before the finished run deletes them
+            seen.update(checkpoint_metas(s3, "ray"))
+            assert time.monotonic() < deadline + 400, log.read_text()[-5000:]
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-5000:]
+    assert "resumed from the checkpoint of epoch" in text, text[-5000:]
+
+    temps = cluster.node_temps()
+    before = [m for m in seen.values() if not m.get("restarts")]
+    after = [m for m in seen.values() if m.get("restarts")]
+    assert before and after, sorted(seen)
+    # one worker on each node, before and after the worker node was replaced
+    assert {temps[n] for n in before[0]["worker_nodes"]} == {cluster.temps["head"], cluster.temps["worker"]}
+    assert {temps[n] for n in after[0]["worker_nodes"]} == {cluster.temps["head"], cluster.temps["worker2"]}
+    resumed = after[0]["restarts"][0]["resumed_from_epoch"]
+    assert resumed >= 1 and f"resumed from the checkpoint of epoch {resumed}" in text  # not from epoch 0
+
+    # finished: the model is on S3, committed by its metrics.json, and nothing was written to any local folder
+    metrics = json.loads(s3.read("models/fcn32s/metrics.json"))
+    assert metrics["epochs"] == 6 and metrics["restarts"] >= 1
+    assert "model.safetensors" in " ".join(s3.files("models/fcn32s/checkpoint"))
+    for folder in (driver, *(cluster.root / name for name in cluster.temps)):
+        assert list(folder.iterdir()) == [], folder
 
 
 # A driver that runs one task on the cluster it connects to.
@@ -108,7 +198,6 @@ def test_ray_start_with_token_auth_refuses_a_driver_without_the_token(tmp_path):
     on every node, the token in a file named by RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token, or
     RAY_AUTH_TOKEN). A driver without the token is refused; one with it connects and runs a task."""
     import secrets
-    import shutil
 
     port = free_port()
     temp = Path(f"/tmp/sa{port}")  # short: Ray's socket paths must stay under ~107 characters
@@ -134,6 +223,6 @@ def test_ray_start_with_token_auth_refuses_a_driver_without_the_token(tmp_path):
         assert connected.returncode == 0, connected.stderr[-3000:]
         assert "answer 42" in connected.stdout
     finally:
-        stop(str(temp), address)
-        assert not our_processes(str(temp))
+        stop_processes(str(temp), address)
+        assert not processes_of(str(temp))
         shutil.rmtree(temp, ignore_errors=True)

@@ -151,23 +151,23 @@ def test_cached_train_dataset_reads_the_shards_once(tiny_shards, tmp_path):
     import ray
 
     from segpipe.data import AugmentConfig, build_train_dataset
-    from segpipe.shards import read_manifest
+    from segpipe.shards import open_shards
 
-    n_train = read_manifest(tiny_shards)["splits"]["train"]
     cfg = AugmentConfig(size=32)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
     try:
         for cache in (True, False):
             shards = tmp_path / f"shards-{cache}"
             shutil.copytree(tiny_shards, shards)
-            ds = build_train_dataset(shards, cfg, batch_size=4, cache=cache)
+            shard_set = open_shards(shards)
+            ds = build_train_dataset(shard_set, cfg, batch_size=4, cache=cache)
             shutil.rmtree(shards / "train")
             if cache:
                 batches = list(ds.iter_batches(batch_size=4))
-                assert sum(len(b["image"]) for b in batches) == n_train
+                assert sum(len(b["image"]) for b in batches) == shard_set.rows("train")
                 assert batches[0]["image"].shape[1:] == (32, 32, 3)
             else:
-                with pytest.raises(Exception, match="FileNotFoundError"):
+                with pytest.raises(Exception, match="shard listed in the manifest is missing"):
                     list(ds.iter_batches(batch_size=4))
     finally:
         ray.shutdown()

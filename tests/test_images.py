@@ -60,7 +60,7 @@ def test_open_image_opens_without_decoding_under_the_limit(tmp_path):
 
 
 def test_predict_refuses_the_441_megapixel_png(tmp_path):
-    predict = pytest.importorskip("segpipe.stages.predict")
+    predict = pytest.importorskip("segpipe.commands.predict")
     path = tmp_path / "site.png"
     path.write_bytes(png_header(*BOMB))
     err = refused_quickly(lambda: predict.read_image(path))

@@ -107,3 +107,52 @@ def test_from_args_defaults_without_file(tmp_path, monkeypatch):
     add_params_arguments(ap)
     args = ap.parse_args(["--set", "synth.images=5"])
     assert from_args(args, "synth").images == 5
+
+
+def test_params_yaml_states_exactly_the_dataclass_defaults():
+    """One source of defaults: params.yaml repeats them for users, and may not drift."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(raw) == set(SECTIONS)
+    for name, cls in SECTIONS.items():
+        assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}, f"{name}: params.yaml lists other keys"
+        assert load_section(name, REPO / "params.yaml") == cls(), f"{name}: params.yaml differs from {cls.__name__}"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("convert:\n  val_fraction: 2\n", "convert.val_fraction"),
+    ("convert:\n  val_fraction: 0.6\n  test_fraction: 0.5\n", "convert.test_fraction"),
+    ("train:\n  epochs: 0\n", "train.epochs"),
+    ("train:\n  lr: 0\n", "train.lr"),
+    ("train:\n  image_size: 16\n", "train.image_size"),
+    ("train:\n  budget_s: -1\n", "train.budget_s"),
+    ("train:\n  warmup: 1.0\n", "train.warmup"),
+    ("train:\n  precision: fp8\n", "train.precision"),
+    ("evaluate:\n  score_threshold: 1.5\n", "evaluate.score_threshold"),
+    ("predict:\n  overlap: 600\n", "predict.overlap"),
+    ("synth:\n  images: 0\n", "synth.images"),
+    ("retrain:\n  retries: -1\n", "retrain.retries"),
+    ("ingest:\n  timeout_s: 0\n", "ingest.timeout_s"),
+])
+def test_ranges_are_checked_on_load_naming_file_and_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ParamsError) as e:
+        load_section(key.split(".")[0], path)
+    assert f"{path}: {key} = " in str(e.value)
+
+
+def test_ranges_are_checked_for_per_architecture_overrides_and_set(tmp_path):
+    from segpipe.stages.train import params_for
+
+    with pytest.raises(ParamsError, match=r"train\.overrides\.unet\.budget_s = -5"):
+        params_for(TrainParams(overrides={"unet": {"budget_s": -5}}), "unet")
+    with pytest.raises(ParamsError, match=r"\(with --set\): convert\.val_fraction = 2"):
+        load_section("convert", write(tmp_path, "convert: {}\n"), ["convert.val_fraction=2"])
+
+
+def test_segpipe_params_rejects_out_of_range_values_and_non_mapping_sections(tmp_path, capsys):
+    for text, needle in (("convert:\n  val_fraction: 2\n", "convert.val_fraction = 2"), ("train: 5\n", "'train' is 5")):
+        with pytest.raises(SystemExit) as e:
+            cli_main(["params", "--params", str(write(tmp_path, text))])
+        assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -25,19 +23,8 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
     return proc.stdout + proc.stderr
 
 
-def copy_repo(dst: Path) -> None:
-    """The files git knows (tracked, or untracked and not ignored), as a fresh clone would have."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
-    for f in files:
-        src = REPO / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-
-
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> Path:
+def tiny_repo(tmp_path_factory, copy_repo) -> Path:
     root = tmp_path_factory.mktemp("repo")
     copy_repo(root)
     params = yaml.safe_load((root / "params.yaml").read_text())

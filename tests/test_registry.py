@@ -92,7 +92,7 @@ def test_load_by_alias_version_and_directory(tmp_path):
     register(reg, ck, {})
     set_alias(reg, "champion", "v1", "test")
     model, meta = load("champion", registry=reg)
-    assert meta["arch"] == "unet" and not model.training
+    assert meta.arch == "unet" and not model.training
     ref = dict(model.state_dict())
     for other in (load("v1", registry=reg)[0], load(ck)[0]):
         for k, v in other.state_dict().items():
@@ -218,4 +218,4 @@ def test_promote_on_a_full_disk_rolls_back_and_the_retry_succeeds(tmp_path, caps
 
     main(argv)
     assert read_index(reg)["aliases"] == {"champion": "v1"} and (reg / "v1" / WEIGHTS).is_file()
-    assert load("champion", registry=reg)[1]["arch"] == "unet"
+    assert load("champion", registry=reg)[1].arch == "unet"

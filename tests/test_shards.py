@@ -14,15 +14,19 @@ from segpipe.shards import (
     iter_rows,
     iter_samples,
     manifest_hash,
+    open_shards,
     read_manifest,
+    read_shard,
     semantic_dtype,
     shard_files,
+    verify_split,
 )
 from segpipe.stages.convert import run
 
 
-def small_set(tmp_path, n=5, class_ids=(1, 2), ignore=255):
-    """A shard set built from in-memory records (image bytes, label maps, mask instances)."""
+def small_source(tmp_path, n=5, class_ids=(1, 2), ignore=255, fail_after=None):
+    """In-memory records (image files, label maps, mask instances); reading record ``fail_after``
+    raises, as a source that breaks mid-conversion."""
     rng = np.random.default_rng(1)
     recs = []
     for i in range(n):
@@ -37,9 +41,21 @@ def small_set(tmp_path, n=5, class_ids=(1, 2), ignore=255):
                            semantic=lambda s=sem: s,
                            instances=[{"id": i, "category_id": class_ids[1], "iscrowd": 0, "mask": m}]))
     classes = [ClassInfo(c, f"c{c}", True, (c % 256, 0, 0)) for c in class_ids]
-    src = Source("mem", classes, ignore, lambda: iter(recs), [], count=n)
-    run(ConvertParams(workers=1, rows_per_shard=2), src, tmp_path / "out", progress=False)
-    return tmp_path / "out"
+
+    def records():
+        for i, r in enumerate(recs):
+            if i == fail_after:
+                raise OSError(f"{r.image_path}: read error")
+            yield r
+
+    return Source("mem", classes, ignore, records, [], count=n)
+
+
+def small_set(tmp_path, n=5, class_ids=(1, 2), ignore=255, out=None):
+    """A shard set built from in-memory records, at ``out`` (a folder or a URI; default tmp_path/out)."""
+    out = tmp_path / "out" if out is None else out
+    run(ConvertParams(workers=1, rows_per_shard=2), small_source(tmp_path, n, class_ids, ignore), out, progress=False)
+    return out
 
 
 def test_semantic_roundtrip_uint8_and_uint16():
@@ -143,3 +159,53 @@ def test_malformed_manifest_names_the_key_and_shard_paths_stay_inside(tmp_path):
         (out / "manifest.json").write_text(json.dumps(broken))
         with pytest.raises(ShardError, match=match):
             read_manifest(out)
+
+
+# ----------------------------------------------------------------------------- on moto's S3 server
+
+
+def test_shard_set_on_s3_reads_like_a_local_one(s3, tmp_path):
+    local = small_set(tmp_path)
+    uri = small_set(tmp_path, out=s3.uri("shards"))
+    assert s3.files("shards") == ["manifest.json", "train/part-00000.parquet", "train/part-00001.parquet",
+                                  "val/part-00000.parquet"]
+    assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))  # nothing local named after a scheme
+    # the same input gives the same manifest, wherever it is written
+    assert manifest_hash(uri) == manifest_hash(local) and read_manifest(uri) == read_manifest(local)
+    shards = open_shards(uri)
+    assert shards.root == uri and shards.location_of(shards.files_of("val")[0]).uri == f"{uri}/val/part-00000.parquet"
+    verify_split(shards, "train")
+    ids = [s["image_id"] for s in iter_samples(uri)]
+    assert ids == [s["image_id"] for s in iter_samples(local)] == ["im0", "im1", "im2", "im3", "im4"]
+    assert len(list(iter_rows(uri, verify=False, split="val", columns=["image_id"]))) == 2
+
+
+def test_shard_set_on_s3_is_verified_on_read(s3, tmp_path):
+    uri = small_set(tmp_path, out=s3.uri("shards"))
+    shards = open_shards(uri)
+    key = f"{s3.bucket}/shards/val/part-00000.parquet"
+    data = bytearray(s3.read("shards/val/part-00000.parquet"))
+    data[len(data) // 3] ^= 0xFF
+    with s3.fs().open_output_stream(key) as f:
+        f.write(bytes(data))
+    with pytest.raises(ShardError, match=f"{uri}/val/part-00000.parquet: checksum does not match the manifest"):
+        verify_split(shards, "val")
+    with pytest.raises(ShardError, match="checksum does not match the manifest"):
+        list(iter_samples(uri, split="val"))
+    s3.fs().delete_file(key)
+    with pytest.raises(ShardError, match=f"{uri}/val/part-00000.parquet: shard listed in the manifest is missing"):
+        read_shard(shards, shards.files_of("val")[0])
+    with pytest.raises(ShardError, match=f"{uri}/val/part-00000.parquet: shard listed in the manifest is missing"):
+        verify_split(shards, "val")
+
+
+def test_no_partial_shard_set_is_ever_visible_on_s3(s3, tmp_path):
+    uri = s3.uri("shards")
+    small_set(tmp_path, n=5, out=uri)
+    with pytest.raises(OSError, match="read error"):  # a conversion that breaks after some shards were uploaded
+        run(ConvertParams(workers=1, rows_per_shard=1), small_source(tmp_path, fail_after=3), uri, progress=False)
+    with pytest.raises(ShardError, match=f"{uri}/manifest.json: manifest not found \\(a write to it is unfinished"):
+        open_shards(uri)
+    small_set(tmp_path, n=2, out=uri)  # the next conversion replaces it whole; stale shards are deleted
+    assert s3.files("shards") == ["manifest.json", "train/part-00000.parquet"]
+    assert [s["image_id"] for s in iter_samples(uri)] == ["im0", "im1"]

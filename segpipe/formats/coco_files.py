@@ -1,11 +1,13 @@
-"""The parts that COCO-family JSON files (panoptic, stuff) share: loading a JSON file without
-crashing on a bad one, its split from the file name, its category and image tables, and where
-its images lie. Every problem is returned as a message naming the file and the id at fault."""
+"""The parts that COCO-family JSON files (panoptic, stuff) share: finding and loading the JSON
+files without crashing on a bad one, their splits from the file names, their category and image
+tables, where their images lie, and the image half of every record. Every problem is returned as
+a message naming the file and the id at fault."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from segpipe.files import confined, escape_reason
-from segpipe.formats.base import ClassInfo
-from segpipe.formats.pngs import label_colormap
+from segpipe.formats.base import ClassInfo, Record, Source
+from segpipe.formats.pngs import label_colormap, loaded
 
 _YEAR = re.compile(r"(19|20)\d\d$")
 
@@ -36,6 +38,138 @@ def load_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(doc, dict):
         return None, f"{path}: top level is {type(doc).__name__}, expected an object"
     return doc, None
+
+
+@dataclass
+class JsonFile:
+    """One readable ``<prefix><split>.json``: its split, the folder name its images use, its image
+    table and its ``annotations`` (empty, with a problem recorded, when missing or not a list)."""
+
+    path: Path
+    split: str
+    folder: str
+    images: ImageTable
+    annotations: list[Any]
+
+
+@dataclass
+class JsonFiles:
+    """The ``annotations/<prefix>*.json`` files of a dataset: every path found, the readable ones,
+    their class tables merged into one, and every problem of the files and tables."""
+
+    paths: list[Path]
+    files: list[JsonFile]
+    classes: list[ClassInfo]
+    problems: list[str]
+
+    @property
+    def by_id(self) -> dict[int, ClassInfo]:
+        return {c.id: c for c in self.classes}
+
+
+def read_json_files(input_dir: Path, prefix: str, ignore_index: int) -> JsonFiles:
+    """Load every ``annotations/<prefix>*.json`` of ``input_dir``, index its images and merge the
+    category tables (stuff unless a category says ``isthing``); no file at all is a problem
+    naming the folder."""
+    paths = sorted((input_dir / "annotations").glob(f"{prefix}*.json"))
+    problems = [] if paths else [f"{input_dir / 'annotations'}: no {prefix}*.json file"]
+    files, tables = [], []
+    for path in paths:
+        doc, problem = load_json(path)
+        if doc is None:
+            problems.append(problem)
+            continue
+        table, cat_problems = parse_categories(doc, path, default_isthing=False)
+        problems.extend(cat_problems)
+        tables.append((path, table))
+        split, folder = split_from_name(path.stem, prefix)
+        images = parse_images(doc, path)
+        problems.extend(images.file_problems)
+        annotations = doc.get("annotations")
+        if not isinstance(annotations, list):
+            problems.append(f"{path}: 'annotations' missing or not a list")
+            annotations = []
+        files.append(JsonFile(path, split, folder, images, annotations))
+    classes, merge_problems = merge_classes(tables, ignore_index)
+    return JsonFiles(paths, files, classes, problems + merge_problems)
+
+
+@dataclass
+class Job:
+    """One image id of a JSON file, indexed, to become a record: its ``images`` entry (None when
+    only annotations name it), what the reader gathered for it, and the problems found so far."""
+
+    file: JsonFile
+    iid: Any
+    img: dict[str, Any] | None
+    annotations: Any
+    problems: list[str]
+
+
+def image_record(input_dir: Path, job: Job) -> tuple[Record, bool]:
+    """The record of ``job``'s image with its image file found, and whether to go on reading its
+    annotations: False when its ``file_name`` leaves the dataset (quarantined, never read)."""
+    json_path, split, folder, iid, file_name = job.file.path, job.file.split, job.file.folder, job.iid, job.img["file_name"]
+    key = image_key(file_name)
+    if escaped := image_path_problem(json_path, iid, file_name):
+        return Record(image_id=key, source=str(json_path), split=split, problems=[*job.problems, escaped]), False
+    problems = list(job.problems)
+    image_path = find_image(input_dir, folder, split, file_name)
+    if image_path is None:
+        problems.append(
+            f"{json_path}: image id {iid!r}: {file_name} not found in images/{folder}/, images/{split}/, {folder}/ or images/"
+        )
+    return Record(image_id=key, source=str(json_path), image_path=image_path, split=split,
+                  height=job.img.get("height"), width=job.img.get("width"), problems=problems), True
+
+
+def records(jobs: list[Job], make: Callable[[Job], Record]) -> Iterator[Record]:
+    """``make(job)`` of every job, an image id seen before getting a problem naming the file it was
+    first seen in (image ids must be unique across all files)."""
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        record = make(job)
+        if record.image_id in seen:
+            record.problems.append(f"{job.file.path}: image id {record.image_id!r} also in {seen[record.image_id]}")
+        seen.setdefault(record.image_id, job.file.path)
+        yield record
+
+
+def source_files(input_dir: Path, found: JsonFiles, jobs: list[Job]) -> set[Path]:
+    """The JSON files and every image file a record reads, for the source hash. An image whose
+    ``file_name`` leaves the dataset is quarantined by its record and never hashed or read."""
+    files = set(found.paths)
+    for job in jobs:
+        if job.img is not None and escape_reason(job.img["file_name"]) is None and (
+                image := find_image(input_dir, job.file.folder, job.file.split, job.img["file_name"])):
+            files.add(image)
+    return files
+
+
+def read_source(name: str, input_dir: Path, prefix: str, ignore_index: int,
+                jobs_of: Callable[[JsonFile, list[str]], list[Job]],
+                make: Callable[[Path, Job, dict[int, ClassInfo]], Record],
+                own_file: Callable[[Job], Path | None] = lambda job: None) -> Source:
+    """A reader's Source: its JSON files indexed up front (cheap: JSON and stat only, so file-level
+    problems are known before the first record and the source hash covers exactly the files the
+    records use), ``jobs_of`` (the reader's grouping of a file's annotations per image, adding
+    file-level problems), and ``make`` building each record lazily; ``own_file`` names a file of
+    the reader's own a job's record reads (hashed too)."""
+    found = read_json_files(input_dir, prefix, ignore_index)
+    jobs = [job for f in found.files for job in jobs_of(f, found.problems)]
+    by_id = found.by_id
+    files = source_files(input_dir, found, jobs) | {p for job in jobs if (p := own_file(job)) is not None}
+    return Source(name=name, classes=found.classes, ignore_index=ignore_index,
+                  records=lambda: records(jobs, lambda job: make(input_dir, job, by_id)),
+                  files=sorted(files), problems=found.problems, count=len(jobs))
+
+
+def labelled(record: Record, semantic: np.ndarray, instances: list[dict[str, Any]], problems: list[str]) -> Record:
+    """``record`` with its decoded label map, thing instances and the problems found decoding them."""
+    record.problems.extend(problems)
+    record.semantic = loaded(semantic)
+    record.instances = instances
+    return record
 
 
 def _is_int(v: Any) -> bool:

@@ -8,7 +8,6 @@ thing segments also become instances with their pixel mask. Stuff lives in the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from segpipe.files import escape_reason
 from segpipe.formats import coco_files
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import LabelPngError, label_dtype, loaded, mask_bbox, read_id_png
+from segpipe.formats.pngs import LabelPngError, label_dtype, mask_bbox, read_id_png
 
 IGNORE_INDEX = 255
 PREFIX = "panoptic_"
@@ -79,31 +78,19 @@ def decode_segments(
     return lut[inverse], instances, problems
 
 
-def _record(
-    input_dir: Path, json_path: Path, split: str, folder: str, img: dict[str, Any] | None, iid: Any,
-    ann: dict[str, Any] | None, classes: dict[int, ClassInfo], problems: list[str],
-) -> Record:
-    if img is None:
+def _record(input_dir: Path, job: coco_files.Job, classes: dict[int, ClassInfo]) -> Record:
+    json_path, iid, ann = job.file.path, job.iid, job.annotations
+    if job.img is None:
         # An annotation for an image id the JSON does not list: keep it visible in the quarantine.
         name = ann.get("file_name") if ann and isinstance(ann.get("file_name"), str) else f"image_{iid}"
         return Record(
-            image_id=coco_files.image_key(name), source=str(json_path), split=split,
-            problems=[*problems, f"{json_path}: annotation for image id {iid!r}, which is not in 'images'"],
+            image_id=coco_files.image_key(name), source=str(json_path), split=job.file.split,
+            problems=[*job.problems, f"{json_path}: annotation for image id {iid!r}, which is not in 'images'"],
         )
-    problems = list(problems)
-    file_name = img["file_name"]
-    if escaped := coco_files.image_path_problem(json_path, iid, file_name):
-        return Record(image_id=coco_files.image_key(file_name), source=str(json_path), split=split,
-                      problems=[*problems, escaped])
-    image_path = coco_files.find_image(input_dir, folder, split, file_name)
-    if image_path is None:
-        problems.append(
-            f"{json_path}: image id {iid!r}: {file_name} not found in images/{folder}/, images/{split}/, {folder}/ or images/"
-        )
-    record = Record(
-        image_id=coco_files.image_key(file_name), source=str(json_path), image_path=image_path, split=split,
-        height=img.get("height"), width=img.get("width"), problems=problems,
-    )
+    record, readable = coco_files.image_record(input_dir, job)
+    if not readable:
+        return record
+    problems, file_name = record.problems, job.img["file_name"]
     if ann is None:
         problems.append(f"{json_path}: image id {iid!r} has no entry in 'annotations'")
         return record
@@ -131,77 +118,36 @@ def _record(
             f"{png}: PNG is {ids.shape[1]} x {ids.shape[0]} but image id {iid!r} is declared "
             f"{record.width} x {record.height} in {json_path}"
         )
-    semantic, instances, seg_problems = decode_segments(ids, segments, classes, png, IGNORE_INDEX)
-    problems.extend(seg_problems)
-    record.semantic = loaded(semantic)
-    record.instances = instances
-    return record
+    return coco_files.labelled(record, *decode_segments(ids, segments, classes, png, IGNORE_INDEX))
+
+
+def _jobs(f: coco_files.JsonFile, problems: list[str]) -> list[coco_files.Job]:
+    """One job per image id of the file: its entry in ``images`` and in ``annotations`` (either may
+    be missing: the record says so)."""
+    anns: dict[Any, dict[str, Any]] = {}
+    ann_problems: dict[Any, list[str]] = {}
+    for i, ann in enumerate(f.annotations):
+        iid = ann.get("image_id") if isinstance(ann, dict) else None
+        if not (_is_int(iid) or isinstance(iid, str)):
+            problems.append(f"{f.path}: annotations[{i}] has no integer or string 'image_id'")
+        elif iid in anns:
+            ann_problems.setdefault(iid, []).append(f"{f.path}: image id {iid!r} has two entries in 'annotations'")
+        else:
+            anns[iid] = ann
+    images = f.images
+    return [coco_files.Job(f, iid, images.by_id.get(iid), anns.get(iid),
+                           images.problems.get(iid, []) + ann_problems.get(iid, []))
+            for iid in [*images.by_id, *(a for a in anns if a not in images.by_id)]]
+
+
+def _segment_png(job: coco_files.Job) -> Path | None:
+    """The segment PNG a record reads, unless its name leaves the dataset (then it is never read)."""
+    png = job.annotations.get("file_name") if job.annotations is not None else None
+    if isinstance(png, str) and escape_reason(png) is None and (job.file.path.with_suffix("") / png).is_file():
+        return job.file.path.with_suffix("") / png
+    return None
 
 
 def read(input_dir: Path) -> Source:
     """Parse a COCO panoptic dataset rooted at ``input_dir`` (holding ``annotations/``)."""
-    input_dir = Path(input_dir)
-    json_paths = sorted((input_dir / "annotations").glob(f"{PREFIX}*.json"))
-    problems: list[str] = []
-    if not json_paths:
-        problems.append(f"{input_dir / 'annotations'}: no {PREFIX}*.json file")
-    docs: list[tuple[Path, dict[str, Any]]] = []
-    tables = []
-    for path in json_paths:
-        doc, problem = coco_files.load_json(path)
-        if doc is None:
-            problems.append(problem)
-            continue
-        table, cat_problems = coco_files.parse_categories(doc, path, default_isthing=False)
-        problems.extend(cat_problems)
-        tables.append((path, table))
-        docs.append((path, doc))
-    classes, merge_problems = coco_files.merge_classes(tables, IGNORE_INDEX)
-    problems.extend(merge_problems)
-    by_id = {c.id: c for c in classes}
-
-    # Index every file up front (cheap: JSON and stat only), so file-level problems are known
-    # before the first record and the source hash covers exactly the files the records use.
-    jobs: list[tuple[Path, str, str, dict[str, Any] | None, Any, dict[str, Any] | None, list[str]]] = []
-    for path, doc in docs:
-        split, folder = coco_files.split_from_name(path.stem, PREFIX)
-        images = coco_files.parse_images(doc, path)
-        problems.extend(images.file_problems)
-        anns: dict[Any, dict[str, Any]] = {}
-        ann_problems: dict[Any, list[str]] = {}
-        raw = doc.get("annotations")
-        if not isinstance(raw, list):
-            problems.append(f"{path}: 'annotations' missing or not a list")
-            raw = []
-        for i, ann in enumerate(raw):
-            iid = ann.get("image_id") if isinstance(ann, dict) else None
-            if not (_is_int(iid) or isinstance(iid, str)):
-                problems.append(f"{path}: annotations[{i}] has no integer or string 'image_id'")
-            elif iid in anns:
-                ann_problems.setdefault(iid, []).append(f"{path}: image id {iid!r} has two entries in 'annotations'")
-            else:
-                anns[iid] = ann
-        for iid in [*images.by_id, *(a for a in anns if a not in images.by_id)]:
-            jobs.append((path, split, folder, images.by_id.get(iid), iid, anns.get(iid),
-                         images.problems.get(iid, []) + ann_problems.get(iid, [])))
-
-    def records() -> Iterator[Record]:
-        seen: dict[str, Path] = {}
-        for path, split, folder, img, iid, ann, job_problems in jobs:
-            record = _record(input_dir, path, split, folder, img, iid, ann, by_id, job_problems)
-            if record.image_id in seen:
-                record.problems.append(f"{path}: image id {record.image_id!r} also in {seen[record.image_id]}")
-            seen.setdefault(record.image_id, path)
-            yield record
-
-    files = set(json_paths)
-    for path, split, folder, img, _, ann, _ in jobs:
-        # Paths leaving the dataset are quarantined by their record and never hashed or read.
-        if (img is not None and escape_reason(img["file_name"]) is None
-                and (found := coco_files.find_image(input_dir, folder, split, img["file_name"]))):
-            files.add(found)
-        if (ann is not None and isinstance(ann.get("file_name"), str) and escape_reason(ann["file_name"]) is None
-                and (path.with_suffix("") / ann["file_name"]).is_file()):
-            files.add(path.with_suffix("") / ann["file_name"])
-    return Source(name="coco-panoptic", classes=classes, ignore_index=IGNORE_INDEX, records=records,
-                  files=sorted(files), problems=problems, count=len(jobs))
+    return coco_files.read_source("coco-panoptic", Path(input_dir), PREFIX, IGNORE_INDEX, _jobs, _record, _segment_png)

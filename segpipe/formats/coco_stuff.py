@@ -9,16 +9,14 @@ height x width) and decoded in numpy, never by pycocotools. Stuff categories car
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segpipe.files import escape_reason
 from segpipe.formats import coco_files
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import label_dtype, loaded, mask_bbox
+from segpipe.formats.pngs import label_dtype, mask_bbox
 
 IGNORE_INDEX = 255
 PREFIX = "stuff_"
@@ -63,90 +61,38 @@ def paint_semantic(
     return semantic, instances, problems
 
 
-def _record(
-    input_dir: Path, path: Path, split: str, folder: str, iid: Any, img: dict[str, Any],
-    anns: list[dict[str, Any]], classes: dict[int, ClassInfo], problems: list[str],
-) -> Record:
-    problems = list(problems)
-    if escaped := coco_files.image_path_problem(path, iid, img["file_name"]):
-        return Record(image_id=coco_files.image_key(img["file_name"]), source=str(path), split=split,
-                      problems=[*problems, escaped])
-    image_path = coco_files.find_image(input_dir, folder, split, img["file_name"])
-    if image_path is None:
-        problems.append(
-            f"{path}: image id {iid!r}: {img['file_name']} not found in images/{folder}/, images/{split}/, {folder}/ or images/"
-        )
-    record = Record(image_id=coco_files.image_key(img["file_name"]), source=str(path), image_path=image_path,
-                    split=split, height=img.get("height"), width=img.get("width"), problems=problems)
+def _record(input_dir: Path, job: coco_files.Job, classes: dict[int, ClassInfo]) -> Record:
+    record, readable = coco_files.image_record(input_dir, job)
+    if not readable:
+        return record
     if not (isinstance(record.height, int) and isinstance(record.width, int) and record.height > 0 and record.width > 0):
         return record  # the size problem is already recorded by parse_images
-    semantic, instances, paint_problems = paint_semantic(
-        anns, record.height, record.width, classes, f"{path}: image id {iid!r}", IGNORE_INDEX
-    )
-    problems.extend(paint_problems)
-    record.semantic = loaded(semantic)
-    record.instances = instances
-    return record
+    return coco_files.labelled(record, *paint_semantic(
+        job.annotations, record.height, record.width, classes, f"{job.file.path}: image id {job.iid!r}", IGNORE_INDEX))
+
+
+def _jobs(f: coco_files.JsonFile, problems: list[str]) -> list[coco_files.Job]:
+    """One job per image of the file, with its annotations (an annotation of an image the file
+    does not list, or a duplicate annotation id, is a problem)."""
+    per_image: dict[Any, list[dict[str, Any]]] = {iid: [] for iid in f.images.by_id}
+    ann_ids: set[Any] = set()
+    for i, ann in enumerate(f.annotations):
+        if not isinstance(ann, dict):
+            problems.append(f"{f.path}: annotations[{i}] is not an object")
+            continue
+        aid, iid = ann.get("id"), ann.get("image_id")
+        if iid not in per_image:
+            problems.append(f"{f.path}: annotation id {aid!r} refers to image id {iid!r}, which is not in 'images'")
+            continue
+        if aid in ann_ids:
+            f.images.problems.setdefault(iid, []).append(f"{f.path}: duplicate annotation id {aid!r}")
+            continue
+        ann_ids.add(aid)
+        per_image[iid].append(ann)
+    return [coco_files.Job(f, iid, img, per_image[iid], f.images.problems.get(iid, []))
+            for iid, img in f.images.by_id.items()]
 
 
 def read(input_dir: Path) -> Source:
     """Parse a COCO-Stuff dataset rooted at ``input_dir`` (holding ``annotations/stuff_*.json``)."""
-    input_dir = Path(input_dir)
-    json_paths = sorted((input_dir / "annotations").glob(f"{PREFIX}*.json"))
-    problems: list[str] = []
-    if not json_paths:
-        problems.append(f"{input_dir / 'annotations'}: no {PREFIX}*.json file")
-    tables = []
-    jobs = []
-    for path in json_paths:
-        doc, problem = coco_files.load_json(path)
-        if doc is None:
-            problems.append(problem)
-            continue
-        table, cat_problems = coco_files.parse_categories(doc, path, default_isthing=False)
-        problems.extend(cat_problems)
-        tables.append((path, table))
-        split, folder = coco_files.split_from_name(path.stem, PREFIX)
-        images = coco_files.parse_images(doc, path)
-        problems.extend(images.file_problems)
-        per_image: dict[Any, list[dict[str, Any]]] = {iid: [] for iid in images.by_id}
-        ann_ids: set[Any] = set()
-        raw = doc.get("annotations")
-        if not isinstance(raw, list):
-            problems.append(f"{path}: 'annotations' missing or not a list")
-            raw = []
-        for i, ann in enumerate(raw):
-            if not isinstance(ann, dict):
-                problems.append(f"{path}: annotations[{i}] is not an object")
-                continue
-            aid, iid = ann.get("id"), ann.get("image_id")
-            if iid not in per_image:
-                problems.append(f"{path}: annotation id {aid!r} refers to image id {iid!r}, which is not in 'images'")
-                continue
-            if aid in ann_ids:
-                images.problems.setdefault(iid, []).append(f"{path}: duplicate annotation id {aid!r}")
-                continue
-            ann_ids.add(aid)
-            per_image[iid].append(ann)
-        for iid, img in images.by_id.items():
-            jobs.append((path, split, folder, iid, img, per_image[iid], images.problems.get(iid, [])))
-    classes, merge_problems = coco_files.merge_classes(tables, IGNORE_INDEX)
-    problems.extend(merge_problems)
-    by_id = {c.id: c for c in classes}
-
-    def records() -> Iterator[Record]:
-        seen: dict[str, Path] = {}
-        for path, split, folder, iid, img, anns, job_problems in jobs:
-            record = _record(input_dir, path, split, folder, iid, img, anns, by_id, job_problems)
-            if record.image_id in seen:
-                record.problems.append(f"{path}: image id {record.image_id!r} also in {seen[record.image_id]}")
-            seen.setdefault(record.image_id, path)
-            yield record
-
-    files = set(json_paths)
-    for _, split, folder, _, img, _, _ in jobs:
-        if escape_reason(img["file_name"]) is None and (  # an escaping path is never hashed or read
-                found := coco_files.find_image(input_dir, folder, split, img["file_name"])):
-            files.add(found)
-    return Source(name="coco-stuff", classes=classes, ignore_index=IGNORE_INDEX, records=records,
-                  files=sorted(files), problems=problems, count=len(jobs))
+    return coco_files.read_source("coco-stuff", Path(input_dir), PREFIX, IGNORE_INDEX, _jobs, _record)

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from numbers import Real
 from typing import Any
 
@@ -91,6 +91,16 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _new_id(entry: Any, what: str, seen: Collection[Any], source: str) -> Any:
+    """The integer ``id`` of a ground-truth ``images`` / ``categories`` entry, not in ``seen``."""
+    eid = entry.get("id") if isinstance(entry, dict) else None
+    if not _is_int(eid):
+        raise MetricsInputError(f"{source}: {what} {entry!r:.80} has no integer 'id'")
+    if eid in seen:
+        raise MetricsInputError(f"{source}: duplicate {what} id {eid}")
+    return eid
+
+
 def _check_segmentation(seg: Any, h: int, w: int, where: str) -> None:
     """A polygon list or an RLE dict of an ``h x w`` image, safe for pycocotools."""
     if isinstance(seg, list):
@@ -149,11 +159,7 @@ def validate_ground_truth(gt: Any, iou_type: str, source: str = "ground truth") 
             raise MetricsInputError(f"{source}: missing or non-list {key!r}")
     sizes: dict[Any, tuple[int, int]] = {}
     for img in gt["images"]:
-        iid = img.get("id") if isinstance(img, dict) else None
-        if not _is_int(iid):
-            raise MetricsInputError(f"{source}: image {img!r:.80} has no integer 'id'")
-        if iid in sizes:
-            raise MetricsInputError(f"{source}: duplicate image id {iid}")
+        iid = _new_id(img, "image", sizes, source)
         h, w = img.get("height"), img.get("width")
         if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
             raise MetricsInputError(f"{source}: image id {iid}: height/width must be positive integers, got {h!r}/{w!r}")
@@ -161,11 +167,7 @@ def validate_ground_truth(gt: Any, iou_type: str, source: str = "ground truth") 
     cats: set[Any] = set()
     cat_names: set[str] = set()
     for cat in gt["categories"]:
-        cid = cat.get("id") if isinstance(cat, dict) else None
-        if not _is_int(cid):
-            raise MetricsInputError(f"{source}: category {cat!r:.80} has no integer 'id'")
-        if cid in cats:
-            raise MetricsInputError(f"{source}: duplicate category id {cid}")
+        cid = _new_id(cat, "category", cats, source)
         if not isinstance(cat.get("name"), str):
             raise MetricsInputError(f"{source}: category id {cid} has no 'name'")
         if cat["name"] in cat_names:

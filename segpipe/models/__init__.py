@@ -27,22 +27,31 @@ from segpipe.models import deeplabv3, fcn, mask_rcnn, maskformer, unet
 TASKS = ("semantic", "instance")
 
 
+OUTPUTS = ("semantic", "instances", "panoptic")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A builder ``(num_classes, **kwargs) -> nn.Module`` and the task of what it outputs in eval mode."""
+    """A builder ``(num_classes, **kwargs) -> nn.Module``, the task of what it returns in eval mode,
+    the outputs it can produce (``semantic`` label maps, ``instances`` through
+    ``predict_instances(images, score_threshold, mask_threshold, max_detections)``), and whether
+    it trains faster in ``channels_last`` memory format under mixed precision (measured on CPU with
+    bf16 autocast: see docs/benchmarks.md)."""
 
     builder: Callable[..., nn.Module]
     task: str
+    outputs: frozenset[str]
+    channels_last: bool = False
 
 
 MODELS: dict[str, ModelSpec] = {
-    "fcn32s": ModelSpec(fcn.fcn32s, "semantic"),
-    "fcn16s": ModelSpec(fcn.fcn16s, "semantic"),
-    "fcn8s": ModelSpec(fcn.fcn8s, "semantic"),
-    "unet": ModelSpec(unet.unet, "semantic"),
-    "deeplabv3": ModelSpec(deeplabv3.deeplabv3, "semantic"),
-    "maskformer": ModelSpec(maskformer.maskformer, "semantic"),  # also has predict_instances()
-    "mask_rcnn": ModelSpec(mask_rcnn.mask_rcnn, "instance"),
+    "fcn32s": ModelSpec(fcn.fcn32s, "semantic", frozenset({"semantic"}), channels_last=True),
+    "fcn16s": ModelSpec(fcn.fcn16s, "semantic", frozenset({"semantic"}), channels_last=True),
+    "fcn8s": ModelSpec(fcn.fcn8s, "semantic", frozenset({"semantic"}), channels_last=True),
+    "unet": ModelSpec(unet.unet, "semantic", frozenset({"semantic"}), channels_last=True),
+    "deeplabv3": ModelSpec(deeplabv3.deeplabv3, "semantic", frozenset({"semantic"})),
+    "maskformer": ModelSpec(maskformer.maskformer, "semantic", frozenset({"semantic", "instances"}), channels_last=True),
+    "mask_rcnn": ModelSpec(mask_rcnn.mask_rcnn, "instance", frozenset({"instances"}), channels_last=True),
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,6 +67,11 @@ def _spec(name: str) -> ModelSpec:
 def task_of(name: str) -> str:
     """``"semantic"`` or ``"instance"``: what the model ``name`` returns in eval mode."""
     return _spec(name).task
+
+
+def spec_of(name: str) -> ModelSpec:
+    """The registry entry of ``name``; an unknown name raises listing the valid names."""
+    return _spec(name)
 
 
 def _keyword_parameters(name: str) -> dict[str, inspect.Parameter]:
@@ -100,7 +114,11 @@ def normalize(images: Tensor | np.ndarray, layout: str = "bhwc") -> Tensor:
     """
     if layout not in ("bhwc", "bchw"):
         raise ValueError(f"layout must be 'bhwc' or 'bchw', got {layout!r}")
-    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if isinstance(images, np.ndarray):
+        # decoded images are often read-only views, which torch.from_numpy warns about; copy those
+        x = torch.from_numpy(np.array(images) if not images.flags.writeable else np.ascontiguousarray(images))
+    else:
+        x = images
     if not isinstance(x, Tensor):
         raise TypeError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
     if x.ndim == 3:
@@ -124,4 +142,4 @@ def normalize(images: Tensor | np.ndarray, layout: str = "bhwc") -> Tensor:
     return ((x - mean) / std).contiguous()
 
 
-__all__ = ["MODELS", "ModelSpec", "TASKS", "build_model", "default_kwargs", "normalize", "task_of"]
+__all__ = ["MODELS", "OUTPUTS", "ModelSpec", "TASKS", "build_model", "default_kwargs", "normalize", "spec_of", "task_of"]

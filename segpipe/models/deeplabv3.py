@@ -54,9 +54,12 @@ class DeepLabV3(SemanticModel):
         aux_loss: bool = False,
         aux_weight: float = 0.4,
         ignore_index: int = 255,
+        class_weights: Sequence[float] | None = None,
+        dice_weight: float = 0.0,
         backbone_weights: str | None = None,
     ) -> None:
-        super().__init__(num_classes, ignore_index, aux_weight if aux_loss else 0.0)
+        super().__init__(num_classes, ignore_index, aux_weight if aux_loss else 0.0, class_weights=class_weights,
+                         dice_weight=dice_weight)
         if backbone not in RESNETS:
             raise ValueError(f"deeplabv3 backbone must be one of {', '.join(RESNETS)}, got {backbone!r}")
         if output_stride not in (8, 16):
@@ -93,10 +96,14 @@ def deeplabv3(
     aux_loss: bool = False,
     aux_weight: float = 0.4,
     ignore_index: int = 255,
+    class_weights: Sequence[float] | None = None,
+    dice_weight: float = 0.0,
     backbone_weights: str | None = None,
 ) -> DeepLabV3:
     """DeepLabV3 on a dilated ResNet (``resnet18`` ... ``resnet101``); 256 ASPP channels in the paper."""
     return DeepLabV3(
-        num_classes, backbone, output_stride, atrous_rates, aspp_channels, aux_loss, aux_weight, ignore_index,
-        backbone_weights,
+        num_classes, backbone=backbone, output_stride=output_stride, atrous_rates=atrous_rates,
+        aspp_channels=aspp_channels, aux_loss=aux_loss, aux_weight=aux_weight, ignore_index=ignore_index,
+        class_weights=class_weights, dice_weight=dice_weight,
+        backbone_weights=backbone_weights,
     )

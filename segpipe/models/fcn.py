@@ -9,6 +9,8 @@ begins from FCN-32s' output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,9 +53,11 @@ class FCN(SemanticModel):
         head_channels: int = 256,
         dropout: float = 0.1,
         ignore_index: int = 255,
+        class_weights: Sequence[float] | None = None,
+        dice_weight: float = 0.0,
         backbone_weights: str | None = None,
     ) -> None:
-        super().__init__(num_classes, ignore_index)
+        super().__init__(num_classes, ignore_index, class_weights=class_weights, dice_weight=dice_weight)
         if skips not in (0, 1, 2):
             raise ValueError(f"skips must be 0, 1 or 2, got {skips}")
         self.skips = skips
@@ -108,10 +112,14 @@ def fcn32s(
     head_channels: int = 256,
     dropout: float = 0.1,
     ignore_index: int = 255,
+    class_weights: Sequence[float] | None = None,
+    dice_weight: float = 0.0,
     backbone_weights: str | None = None,
 ) -> FCN:
     """FCN-32s: scores on the stride-32 features, one 32x learned upsampling."""
-    return FCN(num_classes, 0, backbone, head_channels, dropout, ignore_index, backbone_weights)
+    return FCN(num_classes, 0, backbone=backbone, head_channels=head_channels, dropout=dropout,
+               ignore_index=ignore_index, class_weights=class_weights, dice_weight=dice_weight,
+        backbone_weights=backbone_weights)
 
 
 def fcn16s(
@@ -120,10 +128,14 @@ def fcn16s(
     head_channels: int = 256,
     dropout: float = 0.1,
     ignore_index: int = 255,
+    class_weights: Sequence[float] | None = None,
+    dice_weight: float = 0.0,
     backbone_weights: str | None = None,
 ) -> FCN:
     """FCN-16s: FCN-32s fused with scores on the stride-16 features, then 16x upsampling."""
-    return FCN(num_classes, 1, backbone, head_channels, dropout, ignore_index, backbone_weights)
+    return FCN(num_classes, 1, backbone=backbone, head_channels=head_channels, dropout=dropout,
+               ignore_index=ignore_index, class_weights=class_weights, dice_weight=dice_weight,
+        backbone_weights=backbone_weights)
 
 
 def fcn8s(
@@ -132,7 +144,11 @@ def fcn8s(
     head_channels: int = 256,
     dropout: float = 0.1,
     ignore_index: int = 255,
+    class_weights: Sequence[float] | None = None,
+    dice_weight: float = 0.0,
     backbone_weights: str | None = None,
 ) -> FCN:
     """FCN-8s: FCN-16s fused again with scores on the stride-8 features, then 8x upsampling."""
-    return FCN(num_classes, 2, backbone, head_channels, dropout, ignore_index, backbone_weights)
+    return FCN(num_classes, 2, backbone=backbone, head_channels=head_channels, dropout=dropout,
+               ignore_index=ignore_index, class_weights=class_weights, dice_weight=dice_weight,
+        backbone_weights=backbone_weights)

@@ -276,6 +276,8 @@ class MaskFormer(nn.Module):
 
     def layer_loss(self, class_logits: Tensor, mask_logits: Tensor, segs: list[Segments],
                    sampled: list[tuple[Tensor, Tensor]], num_masks: int) -> dict[str, Tensor]:
+        # losses in fp32 whatever the autocast precision of the forward pass
+        class_logits, mask_logits = class_logits.float(), mask_logits.float()
         b, q, _ = class_logits.shape
         target_classes = torch.full((b, q), self.num_classes, dtype=torch.long, device=class_logits.device)
         # 0 x the mask logits keeps every parameter in the graph when nothing matches (DDP needs that)
@@ -307,13 +309,14 @@ class MaskFormer(nn.Module):
 
     @torch.no_grad()
     def predict_instances(
-        self, images: Tensor, score_threshold: float = 0.05, max_detections: int = 100, mask_threshold: float = 0.5
+        self, images: Tensor, score_threshold: float, mask_threshold: float, max_detections: int
     ) -> list[dict[str, Tensor]]:
         """Thing instances per image, like Mask R-CNN's eval output: ``boxes`` (x1 y1 x2 y2),
         ``labels``, ``scores``, ``masks`` (N x 1 x H x W probabilities), best first.
 
         As in Mask2Former, candidates are the top (query, thing class) pairs by class
-        probability; score = class probability x mean mask probability inside the mask.
+        probability; score = class probability x mean mask probability inside the mask (the
+        pixels at or above ``mask_threshold``, as ``segpipe.inference`` binarises masks).
         """
         check_images(images)
         was_training = self.training
@@ -334,7 +337,7 @@ class MaskFormer(nn.Module):
             top, idx = probs.flatten().topk(k)
             query, label = idx // len(things), things[idx % len(things)]
             masks = F.interpolate(ml[query][:, None], size=(h, w), mode="bilinear", align_corners=False).sigmoid()
-            binary = masks[:, 0] > mask_threshold
+            binary = masks[:, 0] >= mask_threshold
             area = binary.flatten(1).sum(1)
             mask_score = (masks[:, 0] * binary).flatten(1).sum(1) / area.clamp(min=1)
             scores = top * mask_score
@@ -379,7 +382,8 @@ def maskformer(
     dec_layers=6, nheads=8, dim_feedforward=2048, conv_dim=256, mask_dim=256``. ``thing_ids``
     are the class ids segmented per instance (the others are stuff); empty means all stuff."""
     return MaskFormer(
-        num_classes, backbone, num_queries, hidden_dim, dec_layers, nheads, dim_feedforward, dropout, conv_dim,
-        mask_dim, thing_ids, no_object_weight, class_weight, mask_weight, dice_weight, num_points, ignore_index,
-        backbone_weights,
+        num_classes, backbone=backbone, num_queries=num_queries, hidden_dim=hidden_dim, dec_layers=dec_layers,
+        nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout, conv_dim=conv_dim, mask_dim=mask_dim,
+        thing_ids=thing_ids, no_object_weight=no_object_weight, class_weight=class_weight, mask_weight=mask_weight,
+        dice_weight=dice_weight, num_points=num_points, ignore_index=ignore_index, backbone_weights=backbone_weights,
     )

@@ -6,6 +6,8 @@ output has the input's size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,9 +73,11 @@ class UNet(SemanticModel):
         depth: int = 4,
         upsample: str = "bilinear",
         ignore_index: int = 255,
+        class_weights: Sequence[float] | None = None,
+        dice_weight: float = 0.0,
         backbone_weights: str | None = None,
     ) -> None:
-        super().__init__(num_classes, ignore_index)
+        super().__init__(num_classes, ignore_index, class_weights=class_weights, dice_weight=dice_weight)
         if upsample not in ("bilinear", "transpose"):
             raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         if depth < 1 or base_channels < 1:
@@ -99,8 +103,13 @@ def unet(
     depth: int = 4,
     upsample: str = "bilinear",
     ignore_index: int = 255,
+    class_weights: Sequence[float] | None = None,
+    dice_weight: float = 0.0,
     backbone_weights: str | None = None,
 ) -> UNet:
     """U-Net with ``depth`` poolings and ``base_channels * 2**i`` channels at level ``i``
-    (64 and 4 in the paper). ``backbone_weights`` loads the encoder (a U-Net encoder's state dict)."""
-    return UNet(num_classes, base_channels, depth, upsample, ignore_index, backbone_weights)
+    (64 and 4 in the paper). ``backbone_weights`` loads the encoder (a U-Net encoder's state dict);
+    ``class_weights`` weight the cross-entropy per class."""
+    return UNet(num_classes, base_channels=base_channels, depth=depth, upsample=upsample, ignore_index=ignore_index,
+                class_weights=class_weights, dice_weight=dice_weight,
+        backbone_weights=backbone_weights)

@@ -20,7 +20,6 @@ import hashlib
 import io
 import os
 import pickle
-import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -33,11 +32,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segpipe import shards, validation
-from segpipe.files import atomic_dir, sha256_file
+from segpipe import shards, storage, validation
+from segpipe.files import sha256_file
 from segpipe.formats import FORMATS, get_reader
 from segpipe.formats.base import Record, Source
 from segpipe.images import ImageError, open_image
+from segpipe.lifetime import die_with_parent
 from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
 
 BATCH = 4  # records per pool task
@@ -132,6 +132,17 @@ def instance_struct(inst_id: Any, category_id: int, iscrowd: int, rle: dict[str,
         "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
         "size": [int(v) for v in rle["size"]],
     }
+
+
+PIXELS_KEY = "_class_pixels"  # per-row class pixel counts, summed into the manifest, never stored
+
+
+def class_pixels(semantic: np.ndarray, class_ids: frozenset[int], ignore_index: int) -> list[int]:
+    """Pixels of each class id ``0 .. max(class_ids)`` in a label map; the ignore index is not counted."""
+    n = max(class_ids) + 1
+    flat = semantic.ravel()
+    counts = np.bincount(flat[(flat < n) & (flat != ignore_index)].astype(np.int64), minlength=n)
+    return counts[:n].tolist()
 
 
 def _stable_int(value: Any) -> int:
@@ -250,7 +261,8 @@ def process_record(record: Record, ctx: Context) -> Outcome:
         sem_bytes, sem_enc = shards.encode_semantic(semantic, dtype)
         out.rows.append({**base, "image_id": record.image_id, "height": height, "width": width, "image": data,
                          "image_format": image_format, "semantic": sem_bytes, "semantic_encoding": sem_enc,
-                         "instances": structs, "tile_x": 0, "tile_y": 0})
+                         "instances": structs, "tile_x": 0, "tile_y": 0,
+                         PIXELS_KEY: class_pixels(semantic, ctx.class_ids, ctx.ignore_index)})
         return out
     out.rows.extend(tile_rows(record.image_id, base, pixels, semantic, structs, ctx))
     return out
@@ -281,31 +293,13 @@ def tile_rows(image_id: str, base: dict[str, Any], pixels: np.ndarray, semantic:
                     tile_structs.append(t)
             yield {**base, "image_id": f"{image_id}@{x},{y}", "height": th, "width": tw, "image": buf.getvalue(),
                    "image_format": "PNG", "semantic": sem_bytes, "semantic_encoding": sem_enc,
-                   "instances": tile_structs, "tile_x": x, "tile_y": y}
+                   "instances": tile_structs, "tile_x": x, "tile_y": y,
+                   PIXELS_KEY: class_pixels(semantic[y:y + th, x:x + tw], ctx.class_ids, ctx.ignore_index)}
 
 
 # --------------------------------------------------------------------------------------
 # Streaming through the pool
 # --------------------------------------------------------------------------------------
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op).
-
-    A pool worker otherwise outlives a killed convert, blocked on a queue nobody writes to.
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _init_worker(max_image_pixels: int, parent_pid: int | None = None) -> None:
@@ -430,20 +424,6 @@ def make_context(source: Source, params: ConvertParams, encode: bool = True) -> 
     )
 
 
-def check_params(params: ConvertParams) -> None:
-    """Reject parameter values that cannot work, naming the key."""
-    if not (0 <= params.val_fraction and 0 <= params.test_fraction and params.val_fraction + params.test_fraction <= 1):
-        raise ParamsError("convert.val_fraction and convert.test_fraction must be >= 0 and sum to at most 1")
-    if params.rows_per_shard < 1:
-        raise ParamsError(f"convert.rows_per_shard must be >= 1, got {params.rows_per_shard}")
-    if params.workers < 0:
-        raise ParamsError(f"convert.workers must be >= 0 (0 = all cores), got {params.workers}")
-    if params.tile_size < 0 or (params.tile_size and not 0 <= params.tile_overlap < params.tile_size):
-        raise ParamsError("convert.tile_size must be >= 0 and convert.tile_overlap in [0, tile_size)")
-    if params.max_image_pixels < 1:
-        raise ParamsError("convert.max_image_pixels must be >= 1")
-
-
 def dataset_entries(source: Source) -> list[dict[str, str]]:
     """Dataset-level reader problems as quarantine entries."""
     return [_entry("dataset", source.name, p) for p in source.problems]
@@ -484,18 +464,20 @@ def source_hash(files: list[Path]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def run(params: ConvertParams, source: Source, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Convert ``source`` into shards at ``out`` (replaced atomically); returns the manifest."""
-    check_params(params)
+def run(params: ConvertParams, source: Source, out: Path | str | storage.Location,
+        progress: bool = True) -> dict[str, Any]:
+    """Convert ``source`` into shards at ``out``, a local folder or an object-store URI, replaced
+    whole or not at all (see ``shards.new_set``); returns the manifest."""
     check_source(source)
-    out = Path(out)
+    out = storage.resolve(out, "--out")
     ctx = make_context(source, params)
     quarantine = dataset_entries(source)
     warnings_: list[dict[str, str]] = []
     if quarantine and params.strict:
         raise ConvertError(f"--strict: {quarantine[0]['reason']}")
     images = 0
-    with atomic_dir(out) as tmp:
+    pixels: dict[str, np.ndarray] = {}
+    with shards.new_set(out) as staging:
         writers: dict[str, shards.ShardWriter] = {}
         try:
             for outcome in process_source(source, ctx, params.workers, progress):
@@ -506,9 +488,12 @@ def run(params: ConvertParams, source: Source, out: Path, progress: bool = True)
                 quarantine.extend(outcome.quarantine)
                 warnings_.extend(outcome.warnings)
                 for row in outcome.rows:
+                    counts = np.asarray(row.pop(PIXELS_KEY), dtype=np.int64)
+                    pixels[row["split"]] = pixels.get(row["split"], 0) + counts
                     w = writers.get(row["split"])
                     if w is None:
-                        w = writers[row["split"]] = shards.ShardWriter(tmp, row["split"], params.rows_per_shard)
+                        w = writers[row["split"]] = shards.ShardWriter(staging.path, row["split"],
+                                                                       params.rows_per_shard, send=staging.send)
                     w.write(row)
             shard_list = [s for split in sorted(writers) for s in writers[split].close()]
             if not shard_list:
@@ -526,6 +511,8 @@ def run(params: ConvertParams, source: Source, out: Path, progress: bool = True)
             "ignore_index": source.ignore_index,
             "semantic_encoding": f"zstd-{ctx.dtype}",
             "splits": {split: sum(s["rows"] for s in shard_list if s["split"] == split) for split in sorted(writers)},
+            # labelled pixels per class id, per split: class weights for training, stats at a glance
+            "class_pixels": {split: pixels[split].tolist() for split in sorted(pixels)},
             "shards": shard_list,
             "source_sha256": source_hash(source.files),
             "quarantine": quarantine,
@@ -533,26 +520,28 @@ def run(params: ConvertParams, source: Source, out: Path, progress: bool = True)
             # workers changes how fast, never what: leave it out so the manifest stays identical.
             "params": {k: v for k, v in as_dict(params).items() if k != "workers"},
         }
-        shards.write_manifest(tmp, manifest)
+        shards.write_manifest(staging.path, manifest)
     return manifest
 
 
 def read_source(args: argparse.Namespace) -> Source:
-    """The Source named by the CLI arguments (``--format`` and its inputs)."""
+    """The Source named by the CLI arguments (``--format`` and its inputs, local paths: the
+    format readers open files by path)."""
     reader = get_reader(args.format)
+    local = storage.require_local
     if args.format == "coco" and args.input and not args.annotations:
         from segpipe.formats.coco import read_collections
 
-        return read_collections(Path(args.input))
+        return read_collections(local(args.input, "--input"))
     if args.format == "coco":
         if not args.annotations or not args.images:
             raise SystemExit("segpipe: --format coco needs --input DIR (a collection, or a folder of them) "
                              "or --annotations FILE (repeatable) and --images DIR")
-        return reader([Path(a) for a in args.annotations], Path(args.images),
-                      Path(args.masks) if args.masks else None)
+        return reader([local(a, "--annotations") for a in args.annotations], local(args.images, "--images"),
+                      local(args.masks, "--masks") if args.masks else None)
     if not args.input:
         raise SystemExit(f"segpipe: --format {args.format} needs --input DIR (the dataset's root folder)")
-    return reader(Path(args.input))
+    return reader(local(args.input, "--input"))
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -569,7 +558,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="segpipe convert", description=__doc__.split("\n")[0])
     add_source_arguments(parser)
-    parser.add_argument("--out", required=True, help="output shard folder (replaced atomically)")
+    parser.add_argument("--out", required=True,
+                        help="output shard folder, or a URI (s3://bucket/shards, gs://..., file://...); replaced whole")
     parser.add_argument("--strict", action="store_true", help="any bad item is an error (default: params)")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
@@ -577,13 +567,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.strict:
         params = dataclasses.replace(params, strict=True)
     try:
+        out = storage.resolve(args.out, "--out")
         source = read_source(args)
-        manifest = run(params, source, Path(args.out), progress=not args.no_progress)
+        manifest = run(params, source, out, progress=not args.no_progress)
     except ParamsError:
         raise
     except ValueError as e:  # ConvertError, CocoError, ShardError: user-caused, already named
         print(f"segpipe convert: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     rows = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items()) or "no rows"
-    print(f"wrote {args.out}: {rows}; {len(manifest['shards'])} shard(s); "
+    print(f"wrote {out}: {rows}; {len(manifest['shards'])} shard(s); "
           f"{len(manifest['quarantine'])} quarantined item(s); {len(manifest['warnings'])} warning(s)")

@@ -1,11 +1,15 @@
 """``segpipe evaluate``: score a checkpoint on one split of a shard set; write DVC metrics and plots.
 
-    segpipe evaluate --model CKPT --shards DIR [--split val] --out DIR [--params params.yaml] [--set ...]
+    segpipe evaluate --model CKPT --shards DIR [--split val] --out DIR [--device cpu] [--params params.yaml] [--set ...]
+    segpipe evaluate --baselines --shards DIR --out DIR
 
-Samples stream from the shards in batches; each image is evaluated at its own resolution (a
-batch is padded to a multiple of 32 and the outputs cropped back). The confusion matrix is
-accumulated image by image; detections are written to ``detections.json`` as they come. Output
-(``DIR`` is replaced whole)::
+Label maps and detections come from ``segpipe.inference``, the code ``segpipe predict`` serves
+with: each image whole, at its own resolution, in fp32. The split is cut into chunks of whole
+batches inside one shard (:func:`plan_chunks`), and ``evaluate.engine`` runs them in this process
+(``local``) or on a Ray Data actor pool (``ray``, for large splits; the same numbers, since every
+chunk is scored by the same :class:`ChunkScorer` in the same batches). Each chunk returns its
+confusion matrix (summed), its COCO ground truth and detections, and its overlays. Output
+(``DIR`` is replaced whole; every file is written once, at the end)::
 
     metrics.json        DVC metrics: checkpoint path + sha256, shard manifest sha256, split, arch,
                         task, semantic metrics, and segm / bbox COCO stats for instance-capable models
@@ -21,15 +25,15 @@ Conventions (instance models rendered to label maps, nulls, ...) are in docs/met
 from __future__ import annotations
 
 import argparse
-import inspect
+import base64
+import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from segpipe.files import atomic_dir, atomic_write_json, atomic_write_text
@@ -41,11 +45,15 @@ from segpipe.metrics.semantic import (
     compute,
     mean_over,
 )
-from segpipe.params import EvaluateParams, ParamsError, add_params_arguments, from_args
+from segpipe.params import EvaluateParams, add_params_arguments, from_args
 
-PAD_MULTIPLE = 32
+if TYPE_CHECKING:
+    from segpipe.checkpoint import CheckpointMeta
+    from segpipe.inference import Prediction, Predictor
+    from segpipe.shards import ShardSet
+
 CONFUSION_ROWS = 10_000  # rows of confusion.csv: enough for percent-level shading, small to diff
-NO_PREDICTION_COLOR = (0, 0, 0)
+CHUNK_BATCHES = 4  # batches per unit of work: small enough to spread a 100-image split over actors
 
 
 # --------------------------------------------------------------------------------------
@@ -53,95 +61,11 @@ NO_PREDICTION_COLOR = (0, 0, 0)
 # --------------------------------------------------------------------------------------
 
 
-def pad_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """``H x W x 3`` uint8 images of any sizes -> one normalised ``B x 3 x Hp x Wp`` tensor, each
-    image top-left, padded with zeros (the ImageNet mean) to a common multiple of 32."""
-    from segpipe.models import normalize
+def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, pal: np.ndarray) -> np.ndarray:
+    """image | ground truth | prediction side by side (``H x 3W x 3``)."""
+    from segpipe.inference import colorize
 
-    hp = -(-max(im.shape[0] for im in images) // PAD_MULTIPLE) * PAD_MULTIPLE
-    wp = -(-max(im.shape[1] for im in images) // PAD_MULTIPLE) * PAD_MULTIPLE
-    batch = torch.zeros(len(images), 3, hp, wp)
-    for i, im in enumerate(images):
-        batch[i, :, : im.shape[0], : im.shape[1]] = normalize(im)[0]
-    return batch
-
-
-def label_dtype(num_classes: int) -> torch.dtype:
-    return torch.uint8 if num_classes <= 256 else torch.int32
-
-
-@torch.no_grad()
-def predict_semantic(model: torch.nn.Module, images: Sequence[np.ndarray], num_classes: int) -> list[np.ndarray]:
-    """Argmax label maps (``H x W``, uint8 when K <= 256), one per image at its own size."""
-    logits = model(pad_batch(images))  # B x K x Hp x Wp
-    if logits.ndim != 4 or logits.shape[1] != num_classes:
-        raise ValueError(f"model returned logits of shape {tuple(logits.shape)}, expected B x {num_classes} x H x W")
-    labels = logits.argmax(1).to(label_dtype(num_classes))
-    return [labels[i, : im.shape[0], : im.shape[1]].numpy() for i, im in enumerate(images)]
-
-
-@torch.no_grad()
-def predict_instances(model: torch.nn.Module, images: Sequence[np.ndarray], params: EvaluateParams) -> list[dict[str, np.ndarray]]:
-    """Per image: ``labels`` (N), ``scores`` (N), ``boxes`` (N x 4, x1 y1 x2 y2 clipped to the image),
-    ``masks`` (N x H x W bool), best score first, at most ``params.max_detections``."""
-    x = pad_batch(images)
-    if hasattr(model, "predict_instances"):
-        accepted = inspect.signature(model.predict_instances).parameters
-        kwargs = {k: v for k, v in (("score_threshold", params.score_threshold),
-                                    ("max_detections", params.max_detections),
-                                    ("mask_threshold", params.mask_threshold)) if k in accepted}
-        outputs = model.predict_instances(x, **kwargs)
-    else:
-        outputs = model(x)
-    return [select_detections(d, im.shape[0], im.shape[1], params.score_threshold, params.mask_threshold,
-                              params.max_detections) for im, d in zip(images, outputs)]
-
-
-def select_detections(d: dict[str, torch.Tensor], height: int, width: int, score_threshold: float,
-                      mask_threshold: float, max_detections: int) -> dict[str, np.ndarray]:
-    """One image's raw detections (on any device) -> numpy ``labels``, ``scores``, ``boxes``
-    (clipped to the image) and binary ``masks`` cropped to ``height x width``: scores at least
-    ``score_threshold``, best first, at most ``max_detections``."""
-    scores = d["scores"].float()
-    keep = scores >= score_threshold
-    order = scores[keep].argsort(descending=True)[:max_detections]
-    masks = d["masks"][keep][order][:, 0, :height, :width] > mask_threshold
-    boxes = d["boxes"][keep][order].float().clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    return {"labels": d["labels"][keep][order].cpu().numpy().astype(np.int64),
-            "scores": scores[keep][order].cpu().numpy(), "boxes": boxes.cpu().numpy(), "masks": masks.cpu().numpy()}
-
-
-def render_instances(inst: dict[str, np.ndarray], height: int, width: int, none_value: int) -> np.ndarray:
-    """A label map of detections: each pixel takes the class of the best-scoring mask covering it;
-    pixels no mask covers are ``none_value``."""
-    out = np.full((height, width), none_value, dtype=np.int64)
-    for i in range(len(inst["scores"]) - 1, -1, -1):  # worst first, so better scores paint over
-        out[inst["masks"][i]] = inst["labels"][i]
-    return out
-
-
-def detections_to_coco(inst: dict[str, np.ndarray], image_id: int, thing_ids: set[int]) -> list[dict[str, Any]]:
-    """COCO result dicts (compressed RLE + xywh box) of one image's detections of thing classes."""
-    from pycocotools import mask as mask_util
-
-    keep = [i for i, lab in enumerate(inst["labels"]) if int(lab) in thing_ids]
-    if not keep:
-        return []
-    masks = np.asfortranarray(inst["masks"][keep].transpose(1, 2, 0).astype(np.uint8))
-    rles = mask_util.encode(masks)
-    out = []
-    for j, i in enumerate(keep):
-        x1, y1, x2, y2 = (float(v) for v in inst["boxes"][i])
-        out.append({
-            "image_id": image_id,
-            "category_id": int(inst["labels"][i]),
-            "score": round(float(inst["scores"][i]), 5),
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-            "segmentation": {"size": [int(v) for v in rles[j]["size"]], "counts": rles[j]["counts"].decode()},
-        })
-    return out
+    return np.concatenate([image, colorize(gt, pal), colorize(pred, pal)], axis=1)
 
 
 def gt_annotations(sample: dict[str, Any], image_id: int, first_id: int, thing_ids: set[int]) -> list[dict[str, Any]]:
@@ -156,24 +80,6 @@ def gt_annotations(sample: dict[str, Any], image_id: int, first_id: int, thing_i
                      "iscrowd": int(inst["iscrowd"]), "area": float(inst["area"]),
                      "bbox": [float(v) for v in inst["bbox"]], "segmentation": inst["segmentation"]})
     return anns
-
-
-def palette(classes: Sequence[dict[str, Any]], size: int) -> np.ndarray:
-    """``size x 3`` uint8 colours indexed by label value; values without a class are black."""
-    pal = np.zeros((size, 3), dtype=np.uint8)
-    pal[:] = NO_PREDICTION_COLOR
-    for c in classes:
-        if 0 <= int(c["id"]) < size:
-            pal[int(c["id"])] = c.get("color", (128, 128, 128))
-    return pal
-
-
-def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, pal: np.ndarray) -> np.ndarray:
-    """image | ground truth | prediction side by side (``H x 3W x 3``)."""
-    def colour(lab: np.ndarray) -> np.ndarray:
-        return pal[np.clip(lab.astype(np.int64), 0, len(pal) - 1)]
-
-    return np.concatenate([image, colour(gt), colour(pred)], axis=1)
 
 
 def confusion_rows(mat: np.ndarray, names: Sequence[str], rows: int = CONFUSION_ROWS) -> list[tuple[str, str]]:
@@ -212,155 +118,201 @@ def batches(samples: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[
         yield batch
 
 
+def plan_chunks(shards: ShardSet, split: str, rows_per_chunk: int) -> list[dict[str, int]]:
+    """The split as units of work: ``{"file", "start", "stop", "first"}``, rows ``[start, stop)``
+    of the split's ``file``-th shard, ``first`` the split-wide position of row ``start``."""
+    chunks, first = [], 0
+    for i, f in enumerate(shards.files_of(split)):
+        for start in range(0, f.rows, rows_per_chunk):
+            stop = min(f.rows, start + rows_per_chunk)
+            chunks.append({"file": i, "start": start, "stop": stop, "first": first + start})
+        first += f.rows
+    return chunks
+
+
+def semantic_result(mat: np.ndarray, names: Sequence[str], thing_names: Sequence[str]) -> dict[str, Any]:
+    """Semantic metrics of a confusion matrix, plus ``miou_things`` over the thing classes in ``names``."""
+    result = compute(mat, list(names))
+    things = [n for n in names if n in set(thing_names)]
+    if things:
+        result["miou_things"] = mean_over(result, "iou", things)
+    return result
+
+
+def per_class_iou_csv(result: dict[str, Any]) -> str:
+    rows = ["class,iou"] + [f"{_csv_field(n)},{v['iou']:.6f}" for n, v in result["per_class"].items()
+                            if v["iou"] is not None]
+    return "\n".join(rows) + "\n"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------
 
 
-class Evaluator:
-    """Accumulates everything ``segpipe evaluate`` reports, one batch at a time."""
+class Scoring:
+    """How a checkpoint's label maps are scored: against all classes (semantic models), or against
+    its thing classes plus one background (instance models, see ThingsVsBackground)."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], params: EvaluateParams, out: Path) -> None:
-        from segpipe.models import task_of
+    def __init__(self, meta: CheckpointMeta) -> None:
+        from segpipe.models import spec_of
 
-        self.model, self.meta, self.params, self.out = model, meta, params, out
-        self.task = task_of(meta["arch"])
-        self.num_classes = int(meta["num_classes"])
-        self.ignore = int(meta.get("ignore_index", 255))
-        self.classes = list(meta["classes"])
-        self.names = class_names(self.classes, self.num_classes)
-        self.thing_ids = sorted(int(c["id"]) for c in self.classes if c.get("isthing"))
-        self.instances = self.task == "instance" or hasattr(model, "predict_instances")
+        self.task, self.ignore = meta.task, meta.ignore_index
+        self.names = class_names(list(meta.classes), meta.num_classes)
+        self.thing_ids = list(meta.thing_ids or ())
+        self.instances = "instances" in spec_of(meta.arch).outputs
         self.things: ThingsVsBackground | None = None
         if self.task == "instance":
             try:
                 self.things = ThingsVsBackground(self.names, self.thing_ids, self.ignore)
             except MetricsInputError as e:
-                raise MetricsInputError(f"{meta['arch']}: {e}") from None
-            self.cm_names = self.things.names
-            self.cm = self.things.matrix()
+                raise MetricsInputError(f"{meta.arch}: {e}") from None
+        self.cm_names = self.things.names if self.things else self.names
+
+    def matrix(self) -> ConfusionMatrix:
+        return self.things.matrix() if self.things else ConfusionMatrix(len(self.names), self.ignore)
+
+    def update(self, cm: ConfusionMatrix, gt: np.ndarray, pred: np.ndarray, where: str) -> None:
+        if self.things:
+            self.things.update(cm, gt, pred, where=where)
         else:
-            self.cm_names = self.names
-            self.cm = ConfusionMatrix(self.num_classes, self.ignore)
-        self.pal = palette(self.classes, max(self.num_classes, self.ignore + 1))
-        self.gt_images: list[dict[str, Any]] = []
-        self.gt_anns: list[dict[str, Any]] = []
-        self.detections: list[dict[str, Any]] = []
-        self.n_images = 0
-        self.overlays_written = 0
-        (out / "overlays").mkdir(parents=True, exist_ok=True)
-        self._det_file = open(out / "detections.json", "w") if self.instances else None
-        if self._det_file:
-            self._det_file.write("[")
-
-    def add_batch(self, samples: Sequence[dict[str, Any]]) -> None:
-        images = [s["image"] for s in samples]
-        if self.task == "semantic":
-            preds = predict_semantic(self.model, images, self.num_classes)
-        insts = predict_instances(self.model, images, self.params) if self.instances else [None] * len(samples)
-        for k, (s, inst) in enumerate(zip(samples, insts)):
-            self.n_images += 1
-            gt = s["semantic"]
-            where = f"image {s['image_id']}"
-            if inst is not None:
-                self._add_coco(s, inst)
-            if self.task == "semantic":
-                pred = preds[k]
-                self.cm.update(gt, pred, where=where)
-            else:
-                pred = render_instances(inst, gt.shape[0], gt.shape[1], self.ignore)
-                self.things.update(self.cm, gt, pred, where=where)
-            if self.overlays_written < self.params.num_overlays:
-                name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(s["image_id"]))
-                Image.fromarray(overlay(s["image"], gt, pred, self.pal)).save(
-                    self.out / "overlays" / f"{self.overlays_written:03d}_{name}.png")
-                self.overlays_written += 1
-
-    def _add_coco(self, sample: dict[str, Any], inst: dict[str, np.ndarray]) -> None:
-        image_id = len(self.gt_images) + 1
-        h, w = sample["semantic"].shape[:2]
-        self.gt_images.append({"id": image_id, "height": int(h), "width": int(w), "file_name": str(sample["image_id"])})
-        self.gt_anns.extend(gt_annotations(sample, image_id, len(self.gt_anns) + 1, set(self.thing_ids)))
-        dets = detections_to_coco(inst, image_id, set(self.thing_ids))
-        for d in dets:
-            self._det_file.write(("," if self.detections else "") + "\n" + json.dumps(d))
-            self.detections.append(d)
-
-    def finish(self) -> dict[str, Any]:
-        """Close the detection file; return the metrics (semantic, and COCO for instance models)."""
-        result = compute(self.cm.mat, self.cm_names)
-        things = [n for n in self.cm_names if n in {self.names[t] for t in self.thing_ids}]
-        if things:
-            result["miou_things"] = mean_over(result, "iou", things)
-        if self.task == "instance":
-            result["semantic_classes"] = "things+background"
-        if self._det_file:
-            self._det_file.write("\n]\n")
-            self._det_file.close()
-            from segpipe.metrics.coco import evaluate_coco
-
-            gt = {"images": self.gt_images, "annotations": self.gt_anns,
-                  "categories": [{"id": t, "name": self.names[t]} for t in self.thing_ids]}
-            for iou_type in ("segm", "bbox"):
-                coco = evaluate_coco(gt, self.detections, iou_type, "shard ground truth", "detections")
-                result[iou_type] = {**coco[iou_type], "per_class": coco["per_class"]}
-        result["images"] = self.n_images
-        return result
-
-    def close(self) -> None:
-        if self._det_file and not self._det_file.closed:
-            self._det_file.close()
+            cm.update(gt, pred, where=where)
 
 
-def evaluate(model: torch.nn.Module, meta: dict[str, Any], samples: Iterable[dict[str, Any]],
-             params: EvaluateParams, out: Path) -> dict[str, Any]:
-    """Run ``model`` over ``samples`` in batches; write plots and detections under ``out`` and
-    return the metrics (without provenance)."""
-    ev = Evaluator(model, meta, params, out)
-    try:
-        for batch in batches(samples, params.batch_size):
-            ev.add_batch(batch)
-        result = ev.finish()
-    finally:
-        ev.close()
-    if ev.n_images == 0:
-        raise MetricsInputError(f"split {params.split!r} has no images")
-    if not ev.instances:
-        # every architecture writes the same files, so one dvc.yaml foreach entry fits all
-        atomic_write_text(out / "detections.json", "[]\n")
-    lines = ["actual,predicted"] + [f"{_csv_field(a)},{_csv_field(p)}" for a, p in confusion_rows(ev.cm.mat, ev.cm_names)]
+class ChunkScorer:
+    """Scores chunks of a split (see :func:`plan_chunks`) with one predictor: what a Ray actor or
+    this process runs. A result is a flat row: ``first``, ``images``, ``confusion`` (int64 bytes),
+    ``coco`` (JSON: ground-truth images and annotations, detections) and ``overlays`` (JSON:
+    ``[name, base64 PNG]`` of the split's first ``num_overlays`` images)."""
+
+    def __init__(self, predictor: Predictor, shards: dict[str, Any], split: str, batch_size: int,
+                 num_overlays: int) -> None:
+        from segpipe.inference import palette
+        from segpipe.shards import ShardSet
+
+        self.predictor, self.split, self.batch_size, self.num_overlays = predictor, split, batch_size, num_overlays
+        self.shards = ShardSet.from_dict(shards)
+        self.scoring = Scoring(predictor.meta)
+        self.pal = palette(list(predictor.meta.classes))
+        self._table: tuple[int, Any] | None = None  # the last shard read: consecutive chunks share it
+
+    def predict(self, samples: Sequence[dict[str, Any]]) -> list[Prediction]:
+        """The predictions evaluate scores, one per sample (whole images, see segpipe.inference)."""
+        return self.predictor.images([s["image"] for s in samples])
+
+    def samples(self, chunk: dict[str, int]) -> list[dict[str, Any]]:
+        from segpipe.shards import decode_row, read_shard
+
+        if self._table is None or self._table[0] != chunk["file"]:
+            self._table = chunk["file"], read_shard(self.shards, self.shards.files_of(self.split)[chunk["file"]])
+        rows = self._table[1].slice(chunk["start"], chunk["stop"] - chunk["start"]).to_pylist()
+        return [decode_row(r) for r in rows]
+
+    def __call__(self, chunk: dict[str, int]) -> dict[str, Any]:
+        from segpipe.inference import coco_results
+
+        cm = self.scoring.matrix()
+        images, anns, dets, overlays = [], [], [], []
+        things = set(self.scoring.thing_ids)
+        position = chunk["first"]
+        for batch in batches(self.samples(chunk), self.batch_size):
+            for s, pred in zip(batch, self.predict(batch)):
+                gt, image_id = s["semantic"], position + 1
+                self.scoring.update(cm, gt, pred.labels, where=f"image {s['image_id']}")
+                if self.scoring.instances:
+                    h, w = gt.shape[:2]
+                    images.append({"id": image_id, "height": int(h), "width": int(w), "file_name": str(s["image_id"])})
+                    anns += gt_annotations(s, image_id, len(anns) + 1, things)
+                    dets += coco_results(pred.instances, image_id, int(h), int(w), things)
+                if position < self.num_overlays:
+                    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(s["image_id"]))
+                    png = _png(overlay(s["image"], gt, pred.labels, self.pal))
+                    overlays.append([f"{position:03d}_{name}.png", base64.b64encode(png).decode("ascii")])
+                position += 1
+        return {"first": chunk["first"], "images": position - chunk["first"], "confusion": cm.mat.tobytes(),
+                "coco": json.dumps({"images": images, "annotations": anns, "detections": dets}),
+                "overlays": json.dumps(overlays)}
+
+
+def evaluate(meta: CheckpointMeta, results: Iterable[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Sum the chunk results of :class:`ChunkScorer` (any order); write the plots, overlays and
+    ``detections.json`` under ``out`` and return the metrics (without provenance)."""
+    scoring = Scoring(meta)
+    mat = scoring.matrix().mat
+    parts = []
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    for r in sorted(results, key=lambda r: r["first"]):
+        mat += np.frombuffer(r["confusion"], dtype=mat.dtype).reshape(mat.shape)
+        parts.append((r["images"], json.loads(r["coco"])))
+        for name, png in json.loads(r["overlays"]):
+            (out / "overlays" / name).write_bytes(base64.b64decode(png))
+    n_images = sum(n for n, _ in parts)
+    if n_images == 0:
+        raise MetricsInputError("the split has no images")
+    result = semantic_result(mat, scoring.cm_names, [scoring.names[t] for t in scoring.thing_ids])
+    if scoring.task == "instance":
+        result["semantic_classes"] = "things+background"
+    detections: list[dict[str, Any]] = []
+    if scoring.instances:
+        from segpipe.metrics.coco import evaluate_coco
+
+        images = [img for _, c in parts for img in c["images"]]
+        anns = [a for _, c in parts for a in c["annotations"]]
+        for i, a in enumerate(anns, 1):  # numbered across chunks, in split order
+            a["id"] = i
+        detections = [d for _, c in parts for d in c["detections"]]
+        gt = {"images": images, "annotations": anns,
+              "categories": [{"id": t, "name": scoring.names[t]} for t in scoring.thing_ids]}
+        for iou_type in ("segm", "bbox"):
+            coco = evaluate_coco(gt, detections, iou_type, "shard ground truth", "detections")
+            result[iou_type] = {**coco[iou_type], "per_class": coco["per_class"]}
+    result["images"] = n_images
+    # every architecture writes the same files, so one dvc.yaml foreach entry fits all
+    atomic_write_json(out / "detections.json", detections)
+    lines = ["actual,predicted"] + [f"{_csv_field(a)},{_csv_field(p)}" for a, p in confusion_rows(mat, scoring.cm_names)]
     atomic_write_text(out / "confusion.csv", "\n".join(lines) + "\n")
     counts = ["actual,predicted,count"] + [
-        f"{_csv_field(ev.cm_names[a])},{_csv_field(ev.cm_names[p])},{int(ev.cm.mat[a, p])}"
-        for a, p in zip(*np.nonzero(ev.cm.mat))]
+        f"{_csv_field(scoring.cm_names[a])},{_csv_field(scoring.cm_names[p])},{int(mat[a, p])}"
+        for a, p in zip(*np.nonzero(mat))]
     atomic_write_text(out / "confusion_counts.csv", "\n".join(counts) + "\n")
-    iou_rows = ["class,iou"] + [f"{_csv_field(n)},{v['iou']:.6f}" for n, v in result["per_class"].items()
-                                if v["iou"] is not None]
-    atomic_write_text(out / "per_class_iou.csv", "\n".join(iou_rows) + "\n")
+    atomic_write_text(out / "per_class_iou.csv", per_class_iou_csv(result))
     return result
 
 
-def run(params: EvaluateParams, model_dir: Path, shards: Path, out: Path) -> dict[str, Any]:
-    """Evaluate the checkpoint ``model_dir`` on ``params.split`` of ``shards``; write ``out``
-    (replaced whole) and return the metrics.json content."""
-    from segpipe.checkpoint import check_classes, load_model, weights_sha256
-    from segpipe.shards import iter_samples, manifest_hash, read_manifest
+def run(params: EvaluateParams, model_dir: Path, shards: Path, out: Path, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate the checkpoint ``model_dir`` on ``params.split`` of ``shards`` with
+    ``params.engine``; write ``out`` (replaced whole) and return the metrics.json content."""
+    from segpipe.checkpoint import check_classes, load_meta, weights_sha256
+    from segpipe.inference import DetectionSettings, map_rows
+    from segpipe.shards import open_shards
 
-    if params.batch_size < 1 or params.num_overlays < 0 or params.max_detections < 1:
-        raise ParamsError("evaluate: batch_size and max_detections must be >= 1, num_overlays >= 0")
-    model_dir, shards, out = Path(model_dir), Path(shards), Path(out)
-    manifest = read_manifest(shards)
-    model, meta = load_model(model_dir)
-    if "classes" in manifest:
-        check_classes(model_dir, meta, manifest["classes"])
+    model_dir, out = Path(model_dir), Path(out)
+    shard_set = open_shards(shards)
+    meta = load_meta(model_dir)
+    check_classes(model_dir, meta, list(shard_set.classes))
+    Scoring(meta)  # an instance model without thing classes fails here, before any model is loaded
+    chunks = plan_chunks(shard_set, params.split, params.batch_size * CHUNK_BATCHES)
+    if not chunks:
+        raise MetricsInputError(f"split {params.split!r} has no images")
+    detection = DetectionSettings(params.score_threshold, params.mask_threshold, params.max_detections)
+    worker = {"shards": shard_set.to_dict(), "split": params.split, "batch_size": params.batch_size,
+              "num_overlays": params.num_overlays}
     with atomic_dir(out) as tmp:
-        result = evaluate(model, meta, iter_samples(shards, split=params.split), params, tmp)
+        results = map_rows(chunks, model_dir, ChunkScorer, worker, engine=params.engine, detection=detection,
+                           device=device)
+        result = evaluate(meta, results, tmp)
         metrics = {
-            "arch": meta["arch"],
-            "task": meta.get("task"),
+            "arch": meta.arch,
+            "task": meta.task,
             "checkpoint": {"path": str(model_dir), "sha256": weights_sha256(model_dir)},
-            "shards_manifest_sha256": manifest_hash(shards),
-            "trained_on_shards_manifest_sha256": meta.get("shards_manifest_sha256"),
+            "shards_manifest_sha256": shard_set.manifest_sha256,
+            "trained_on_shards_manifest_sha256": meta.shards_manifest_sha256,
             "split": params.split,
             **result,
         }
@@ -368,12 +320,51 @@ def run(params: EvaluateParams, model_dir: Path, shards: Path, out: Path) -> dic
     return metrics
 
 
+def run_baselines(params: EvaluateParams, shards: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """Fit the reference predictors of ``segpipe.baselines`` on the train split and score them on
+    ``params.split`` like a model; write ``out/<name>/metrics.json`` and ``per_class_iou.csv``
+    (``out`` replaced whole). Returns {name: metrics}."""
+    from segpipe.baselines import fit_baselines
+    from segpipe.shards import iter_samples, open_shards
+
+    s = open_shards(shards)
+    if not s.rows("train"):
+        raise MetricsInputError(f"{s.root}: no train split to fit the baselines on")
+    names = class_names(list(s.classes), s.num_classes)
+    thing_names = [names[t] for t in s.thing_ids]
+    predictors = fit_baselines(((x["image"], x["semantic"]) for x in iter_samples(s, split="train")),
+                               s.num_classes, s.ignore_index, params.colour_bits)
+    matrices = {k: ConfusionMatrix(s.num_classes, s.ignore_index) for k in predictors}
+    n = 0
+    for sample in iter_samples(s, split=params.split):
+        n += 1
+        for k, predictor in predictors.items():
+            matrices[k].update(sample["semantic"], predictor.predict(sample["image"]), where=f"image {sample['image_id']}")
+    if n == 0:
+        raise MetricsInputError(f"split {params.split!r} has no images")
+    metrics = {}
+    with atomic_dir(out) as tmp:
+        for k, cm in matrices.items():
+            result = semantic_result(cm.mat, names, thing_names)
+            metrics[k] = {"baseline": k, "arch": f"baseline:{k}", "task": "semantic", "fitted_on": "train",
+                          "colour_bits": params.colour_bits if k == "colour" else None,
+                          "shards_manifest_sha256": s.manifest_sha256, "split": params.split, **result, "images": n}
+            atomic_write_json(tmp / k / "metrics.json", metrics[k])
+            atomic_write_text(tmp / k / "per_class_iou.csv", per_class_iou_csv(result))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="segpipe evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", type=Path, help="checkpoint directory")
+    what.add_argument("--baselines", action="store_true",
+                      help="score the reference predictors (majority class, colour lookup) fitted on the train split")
     parser.add_argument("--shards", required=True, type=Path, help="shard set directory")
     parser.add_argument("--split", help="split to evaluate (default: evaluate.split in params)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced whole)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda (with evaluate.engine: ray, one GPU per actor); default: %(default)s")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "evaluate")
@@ -385,7 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     from segpipe.shards import ShardError
 
     try:
-        m = run(params, args.model, args.shards, args.out)
+        if args.baselines:
+            for name, b in run_baselines(params, args.shards, args.out).items():
+                print(f"baseline {name} on {params.split} ({b['images']} images): miou {b['miou']:.4f} -> {args.out / name}")
+            return
+        m = run(params, args.model, args.shards, args.out, args.device)
     except (MetricsInputError, CheckpointError, ShardError) as e:
         raise SystemExit(f"segpipe evaluate: error: {e}") from None
     summary = f"miou {m['miou']:.4f}" if m["miou"] is not None else "miou null"

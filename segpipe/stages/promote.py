@@ -15,11 +15,14 @@ Gates, in order; a candidate must pass all of them to be promoted:
 1. ``readable``: metrics.json is valid, the checkpoint it names exists and its sha256 matches;
 2. ``metric``: the ranking metric is a finite number (NaN or missing never promotes);
 3. ``min_value``: the metric is at least ``min_value``;
-4. ``same_data``: evaluated on the champion's shard manifest hash;
-5. ``margin``: beats the champion by at least ``margin`` (and strictly);
-6. ``protected_classes``: no protected class's IoU drops by more than ``protected_tolerance``.
+4. ``beats_baseline``: the metric beats the best reference predictor (``segpipe evaluate
+   --baselines``: majority class, colour lookup) scored on the same shards and split, by more than
+   ``baseline_margin``; passes when no baselines are given or none defines the metric;
+5. ``same_data``: evaluated on the champion's shard manifest hash;
+6. ``margin``: beats the champion by at least ``margin`` (and strictly);
+7. ``protected_classes``: no protected class's IoU drops by more than ``protected_tolerance``.
 
-The best candidate passing all gates becomes champion; the best one that passed gates 1-4
+The best candidate passing all gates becomes champion; the best one that passed gates 1-5
 but was not promoted becomes challenger. The whole decision happens under the registry lock.
 """
 
@@ -46,8 +49,8 @@ from segpipe.registry import (
 )
 
 REQUIRED_KEYS = ("arch", "task", "checkpoint", "shards_manifest_sha256", "per_class")
-GATES = ("readable", "metric", "min_value", "same_data", "margin", "protected_classes")
-CHALLENGER_GATES = GATES[:4]
+GATES = ("readable", "metric", "min_value", "beats_baseline", "same_data", "margin", "protected_classes")
+CHALLENGER_GATES = GATES[:5]
 
 
 @dataclass
@@ -132,12 +135,31 @@ def check_protected(
     return failures
 
 
+def check_baselines(candidate: dict[str, Any], value: float, metric: str, baselines: list[dict[str, Any]],
+                    margin: float) -> tuple[bool, str]:
+    """(passed, detail) of the ``beats_baseline`` gate: ``value`` must exceed the best baseline
+    scored on the candidate's shards and split by more than ``margin``."""
+    if not baselines:
+        return True, "no baselines given"
+    same = [b for b in baselines if b.get("shards_manifest_sha256") == candidate.get("shards_manifest_sha256")
+            and b.get("split") == candidate.get("split")]
+    if not same:
+        return False, "no baseline was scored on the candidate's shards and split: not comparable"
+    scored = [(str(b.get("baseline")), v) for b in same if (v := metric_value(b, metric)) is not None]
+    if not scored:
+        return True, f"no baseline defines {metric}: not applicable"
+    name, best = max(scored, key=lambda nv: nv[1])
+    return value > best + margin, f"{metric} {value:.4f} vs best baseline {name} {best:.4f} + baseline_margin {margin}"
+
+
 def judge(
-    candidate: Candidate, champion: dict[str, Any] | None, params: PromoteParams, metric: str
+    candidate: Candidate, champion: dict[str, Any] | None, params: PromoteParams, metric: str,
+    baselines: list[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Every gate's outcome for one candidate: ``[{"gate", "passed", "detail"}]`` (stops at the first failure).
 
-    ``champion`` is the champion's registry entry (with its ``metrics``) or None.
+    ``champion`` is the champion's registry entry (with its ``metrics``) or None; ``baselines``
+    the metrics of the reference predictors.
     """
     gates: list[dict[str, Any]] = []
 
@@ -151,6 +173,9 @@ def judge(
     if not gate("metric", value is not None, f"{metric} = {value}" if value is not None else f"{metric} is missing or NaN"):
         return gates
     if not gate("min_value", value >= params.min_value, f"{metric} {value:.4f} vs min_value {params.min_value}"):
+        return gates
+    if not gate("beats_baseline", *check_baselines(candidate.metrics, value, metric, list(baselines),
+                                                   params.baseline_margin)):
         return gates
     if champion is None:
         gate("same_data", True, "no champion yet")
@@ -184,7 +209,8 @@ def passed(gates: list[dict[str, Any]], names: tuple[str, ...]) -> bool:
     return all(outcome.get(n, False) for n in names)
 
 
-def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params: PromoteParams) -> dict[str, Any]:
+def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params: PromoteParams,
+           baselines: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """The decision for every candidate, pure: no file is read or written.
 
     Returns ``{"metric", "champion": index|None, "challenger": index|None, "candidates": [...]}``
@@ -196,7 +222,7 @@ def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params:
     metric = ranking_metric(params, tasks)
     rows = []
     for c in candidates:
-        gates = judge(c, champion, params, metric)
+        gates = judge(c, champion, params, metric, baselines)
         rows.append({
             "eval_dir": str(c.eval_dir),
             "arch": c.arch,
@@ -290,6 +316,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Time: {report['time']}",
         f"- Registry: `{report['registry']}`",
         f"- Ranking metric: `{report['metric']}`",
+        f"- Baselines to beat: {', '.join(f'{k} {_fmt(v)}' for k, v in report.get('baselines', {}).items()) or 'none given'}",
         f"- Champion before: {before['version'] + ' (' + before['arch'] + ', ' + _fmt(before['value']) + ')' if before else 'none'}",
         f"- Champion after: {after['version'] + ' (' + after['arch'] + ', ' + _fmt(after['value']) + ')' if after else 'none'}",
         f"- Challenger: {report['challenger'] or 'none'}",
@@ -317,13 +344,36 @@ def _summary(entry: dict[str, Any] | None, metric: str) -> dict[str, Any] | None
     return {"version": entry["version"], "arch": entry["arch"], "value": metric_value(entry.get("metrics", {}), metric)}
 
 
+def read_baselines(folder: Path | str | None) -> list[dict[str, Any]]:
+    """The metrics of every reference predictor under ``folder`` (``segpipe evaluate --baselines --out``);
+    ValueError naming the file when one is unreadable, or when the folder holds none."""
+    if folder is None:
+        return []
+    folder = Path(folder)
+    files = sorted(folder.glob("*/metrics.json"))
+    if not files:
+        raise ValueError(f"--baselines {folder}: no <baseline>/metrics.json inside (run segpipe evaluate --baselines)")
+    out = []
+    for f in files:
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: not a readable baseline metrics file: {e}") from None
+        if not isinstance(m, dict) or "baseline" not in m:
+            raise ValueError(f"{f}: not a baseline's metrics (no 'baseline' key)")
+        out.append(m)
+    return out
+
+
 def run(
     params: PromoteParams,
     candidates: list[Path],
     registry: Path = DEFAULT_REGISTRY,
     report_dir: Path | None = Path("reports/promotion"),
+    baselines: Path | None = None,
 ) -> dict[str, Any]:
-    """Judge ``candidates``, update the registry in one locked transaction, write the report.
+    """Judge ``candidates`` (against the reference predictors under ``baselines``, if given), update
+    the registry in one locked transaction, write the report.
 
     Returns the report dict (also written as ``promotion.json`` and ``promotion.md``).
     """
@@ -331,9 +381,10 @@ def run(
         raise ValueError("promote: no --candidates given")
     registry = Path(registry)
     read = [read_candidate(d) for d in candidates]
+    reference = read_baselines(baselines)
     with transaction(registry, params.name) as index:
         champion = alias_entry(index, "champion")
-        decision = decide(read, champion, params)
+        decision = decide(read, champion, params, reference)
         metric = decision["metric"]
         created: list[str] = []
         new_champion, challenger = champion, alias_entry(index, "challenger")
@@ -369,6 +420,7 @@ def run(
         "challenger": challenger["version"] if challenger else None,
         "created": created,
         "git_tags": tags,
+        "baselines": {str(b["baseline"]): metric_value(b, metric) for b in reference},
         "candidates": decision["candidates"],
     }
     if report_dir is not None:
@@ -383,10 +435,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="output directories of segpipe evaluate")
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="registry directory (default: %(default)s)")
     parser.add_argument("--report", type=Path, default=Path("reports/promotion"), help="report directory (default: %(default)s)")
+    parser.add_argument("--baselines", type=Path, default=None, metavar="DIR",
+                        help="reference predictors to beat (segpipe evaluate --baselines --out DIR)")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "promote")
-    report = run(params, args.candidates, args.registry, args.report)
+    report = run(params, args.candidates, args.registry, args.report, args.baselines)
     for r in report["candidates"]:
         print(f"{r['eval_dir']}: {r['decision']}")
     after = report["champion_after"]

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from segpipe.commands.metrics import main
 from segpipe.formats.pngs import id_to_rgb, read_id_png, rgb_to_id
 from segpipe.metrics import panoptic
 from segpipe.metrics.panoptic import PQStat, compute
 from segpipe.metrics.semantic import MetricsInputError
 from segpipe.panoptic import encode_png, segments_info
-from segpipe.stages.metrics import main
 
 SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "formats" / "coco_dataset" / "coco_panoptic"
 

@@ -3,13 +3,15 @@ pieces that carry MaskFormer: segment targets and the Hungarian matcher."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
 
-from segpipe.models import MODELS, build_model, default_kwargs, normalize, task_of
+from segpipe.models import MODELS, OUTPUTS, build_model, default_kwargs, normalize, task_of
 from segpipe.models.backbones import ResNetBackbone
 from segpipe.models.maskformer import batch_bce_cost, batch_dice_cost, hungarian_match, image_segments
 
@@ -180,7 +182,7 @@ def test_predict_instances(name):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = model.predict_instances(images, score_threshold=0.0)
+    out = model.predict_instances(images, score_threshold=0.0, mask_threshold=0.5, max_detections=100)
     assert model.training  # the mode is restored
     assert len(out) == 2
     for d in out:
@@ -191,6 +193,23 @@ def test_predict_instances(name):
         assert (d["scores"][:-1] >= d["scores"][1:]).all()
         if name == "maskformer":
             assert set(d["labels"].tolist()) <= set(THINGS) and n > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_instance_outputs_come_from_one_predict_instances_signature(name):
+    """What a model outputs is in the registry; every instance-capable model is called the same way
+    (segpipe.inference never probes a model for its methods or arguments)."""
+    spec = MODELS[name]
+    assert spec.outputs and spec.outputs <= set(OUTPUTS)
+    if spec.task == "instance":
+        assert spec.outputs == {"instances"}  # its label maps are its detections, rendered
+    method = getattr(build(name), "predict_instances", None)
+    if "instances" not in spec.outputs:
+        assert method is None
+        return
+    params = inspect.signature(method).parameters
+    assert list(params) == ["images", "score_threshold", "mask_threshold", "max_detections"]
+    assert all(p.default is inspect.Parameter.empty for p in params.values())  # the defaults are evaluate's params
 
 
 def test_maskformer_semantic_scores_are_probability_mixtures():

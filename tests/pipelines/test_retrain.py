@@ -102,10 +102,10 @@ def test_check_params_names_the_key():
         check_params(RetrainParams(cron="every monday"))
     with pytest.raises(ParamsError, match="retrain.timezone"):
         check_params(RetrainParams(timezone="Mars/Olympus"))
-    with pytest.raises(ParamsError, match="retrain.promote_stage"):
-        check_params(RetrainParams(stages=["train", "promote"]))
-    with pytest.raises(ParamsError, match="retrain.retries"):
-        check_params(RetrainParams(retries=-1))
+    with pytest.raises(ParamsError, match="promote_stage"):
+        RetrainParams(stages=["train", "promote"])
+    with pytest.raises(ParamsError, match="retries"):
+        RetrainParams(retries=-1)
 
 
 # --------------------------------------------------------------------------------------

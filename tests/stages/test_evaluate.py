@@ -1,8 +1,9 @@
-"""``segpipe evaluate``: batching at native resolution, instance rendering, the DVC files, and
-end to end on a small synthetic shard set for a semantic and an instance checkpoint."""
+"""``segpipe evaluate``: the DVC files, end to end on a small synthetic shard set for a semantic and
+an instance checkpoint, the same numbers from both engines, and the same label maps as predict."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -10,49 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from segpipe.checkpoint import save_checkpoint
 from segpipe.metrics.semantic import BACKGROUND
-from segpipe.models import build_model, default_kwargs, normalize
+from segpipe.models import normalize
 from segpipe.params import ConvertParams, EvaluateParams, SynthParams
 from segpipe.stages import evaluate as ev
 
 # pycocotools' decode under numpy 2 (its own deprecation, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-class PerPixel(nn.Module):
-    """Logits depend on the pixel only, so padding must not change them."""
-
-    def __init__(self, k: int = 3) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, k, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) * 4
-
-
-def test_batched_padded_prediction_equals_per_image():
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((37, 50), (64, 20), (33, 33))]
-    model = PerPixel().eval()
-    batched = ev.predict_semantic(model, images, 3)
-    for im, pred in zip(images, batched):
-        assert pred.shape == im.shape[:2] and pred.dtype == np.uint8
-        ref = model(normalize(im)).argmax(1)[0].numpy()
-        np.testing.assert_array_equal(pred, ref)
-    assert ev.pad_batch(images).shape == (3, 3, 64, 64)
-
-
-def test_render_instances_best_score_wins_and_uncovered_is_none():
-    masks = np.zeros((2, 4, 4), bool)
-    masks[0, :2, :2] = True  # score 0.9, class 1
-    masks[1, :3, :3] = True  # score 0.5, class 2
-    inst = {"labels": np.array([1, 2]), "scores": np.array([0.9, 0.5]), "masks": masks, "boxes": np.zeros((2, 4))}
-    out = ev.render_instances(inst, 4, 4, 255)
-    assert out[0, 0] == 1 and out[2, 2] == 2 and out[0, 2] == 2 and out[3, 3] == 255
 
 
 def test_confusion_rows_are_proportional_and_sum_to_the_budget():
@@ -75,27 +41,13 @@ def shard_set(tmp_path_factory):
     return root, manifest
 
 
-def _checkpoint(root: Path, manifest: dict, arch: str, **kwargs) -> Path:
-    from segpipe.shards import manifest_hash
-
-    torch.manual_seed(0)
-    classes = manifest["classes"]
-    k = max(c["id"] for c in classes) + 1
-    model = build_model(arch, k, **kwargs)
-    meta = {"arch": arch, "task": "instance" if arch == "mask_rcnn" else "semantic", "num_classes": k,
-            "classes": classes, "ignore_index": manifest.get("ignore_index", 255),
-            "model_kwargs": {**default_kwargs(arch), **kwargs},
-            "shards_manifest_sha256": manifest_hash(root / "shards"), "image_size": 64}
-    return save_checkpoint(root / f"ckpt_{arch}", model, meta)
-
-
 def _check_outputs(out: Path, m: dict, ckpt: Path, root: Path) -> None:
     from segpipe.checkpoint import weights_sha256
-    from segpipe.shards import manifest_hash
+    from segpipe.shards import open_shards
 
     assert m == json.loads((out / "metrics.json").read_text())
     assert m["checkpoint"] == {"path": str(ckpt), "sha256": weights_sha256(ckpt)}
-    assert m["shards_manifest_sha256"] == manifest_hash(root / "shards")
+    assert m["shards_manifest_sha256"] == open_shards(root / "shards").manifest_sha256
     assert m["split"] == "val" and m["images"] > 0
     for key in ("pixel_acc", "mean_acc", "miou", "fwiou", "mdice"):
         assert m[key] is None or 0.0 <= m[key] <= 1.0
@@ -110,33 +62,36 @@ def _check_outputs(out: Path, m: dict, ckpt: Path, root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_semantic_checkpoint_end_to_end(shard_set, tmp_path):
+def test_semantic_checkpoint_end_to_end(shard_set, tmp_path, tiny_checkpoint):
     from segpipe.checkpoint import load_model
+    from segpipe.inference import pad, padded_size
     from segpipe.metrics.semantic import ConfusionMatrix
     from segpipe.shards import iter_samples
 
     root, manifest = shard_set
-    ckpt = _checkpoint(root, manifest, "unet", base_channels=4, depth=2)
+    ckpt = tiny_checkpoint("unet", shards=root / "shards", base_channels=4, depth=2)
     out = tmp_path / "eval"
     ev.main(["--model", str(ckpt), "--shards", str(root / "shards"), "--out", str(out),
              "--set", "evaluate.batch_size=4", "--set", "evaluate.num_overlays=2"])
     m = json.loads((out / "metrics.json").read_text())
     _check_outputs(out, m, ckpt, root)
     assert "segm" not in m and json.loads((out / "detections.json").read_text()) == []
-    # the same matrix computed image by image, unbatched
+    # the same matrix computed image by image, unbatched, each image padded by replicating its edges
     model, meta = load_model(ckpt)
-    cm = ConfusionMatrix(meta["num_classes"], meta["ignore_index"])
+    cm = ConfusionMatrix(meta.num_classes, meta.ignore_index)
     with torch.no_grad():
         for s in iter_samples(root / "shards", split="val"):
-            cm.update(s["semantic"], model(normalize(s["image"])).argmax(1)[0])
+            h, w = s["semantic"].shape
+            logits = model(pad(normalize(s["image"]), *padded_size(h, w)))
+            cm.update(s["semantic"], logits[0, :, :h, :w].argmax(0))
     assert m["pixels"] == int(cm.mat.sum())
     assert m["miou"] == pytest.approx(cm.compute([c["name"] for c in manifest["classes"]])["miou"])
 
 
 @pytest.mark.slow
-def test_instance_checkpoint_end_to_end(shard_set, tmp_path):
+def test_instance_checkpoint_end_to_end(shard_set, tmp_path, tiny_checkpoint):
     root, manifest = shard_set
-    ckpt = _checkpoint(root, manifest, "mask_rcnn", box_head_dim=32, mask_head_channels=16)
+    ckpt = tiny_checkpoint("mask_rcnn", shards=root / "shards", box_head_dim=32, mask_head_channels=16)
     out = tmp_path / "eval"
     params = EvaluateParams(batch_size=2, num_overlays=2, score_threshold=0.0)
     m = ev.run(params, ckpt, root / "shards", out)
@@ -162,3 +117,110 @@ def test_instance_checkpoint_end_to_end(shard_set, tmp_path):
           "categories": [{"id": c["id"], "name": c["name"]} for c in manifest["classes"] if c["isthing"]]}
     again = evaluate_coco(gt, dets, "segm")
     assert again["segm"]["AP"] == m["segm"]["AP"]
+
+
+def test_baselines_are_fitted_on_train_and_scored_like_models(tiny_shards, tmp_path, capsys):
+    from segpipe.baselines import fit_baselines
+    from segpipe.metrics.semantic import ConfusionMatrix, compute
+    from segpipe.params import EvaluateParams
+    from segpipe.shards import iter_samples, open_shards
+
+    out = tmp_path / "baselines"
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    ev.main(["--baselines", "--shards", str(tiny_shards), "--out", str(out), "--params", str(tmp_path / "defaults.yaml")])
+    printed = capsys.readouterr().out
+    assert "baseline majority on val" in printed and "baseline colour on val" in printed
+    s = open_shards(tiny_shards)
+    fitted = fit_baselines(((x["image"], x["semantic"]) for x in iter_samples(s, split="train")), s.num_classes,
+                           s.ignore_index, EvaluateParams().colour_bits)
+    for name in ("majority", "colour"):
+        m = json.loads((out / name / "metrics.json").read_text())
+        cm = ConfusionMatrix(s.num_classes, s.ignore_index)
+        for x in iter_samples(s, split="val"):
+            cm.update(x["semantic"], fitted[name].predict(x["image"]))
+        assert m["miou"] == pytest.approx(compute(cm.mat)["miou"])
+        assert m["baseline"] == name and m["shards_manifest_sha256"] == s.manifest_sha256 and m["split"] == "val"
+        assert "miou_things" in m and (out / name / "per_class_iou.csv").read_text().startswith("class,iou\n")
+
+
+def test_plan_chunks_cover_the_split_in_whole_batches_inside_each_shard(shard_set):
+    from segpipe.shards import open_shards
+
+    root, _ = shard_set
+    s = open_shards(root / "shards")
+    chunks = ev.plan_chunks(s, "val", 2)
+    assert sum(c["stop"] - c["start"] for c in chunks) == s.rows("val")
+    assert [c["first"] for c in chunks] == list(range(0, s.rows("val"), 2))
+    assert all(c["stop"] <= s.files_of("val")[c["file"]].rows for c in chunks)
+
+
+def test_detections_json_is_written_once_at_the_end_through_segpipe_files(shard_set, tmp_path, tiny_checkpoint,
+                                                                       monkeypatch):
+    from segpipe import files
+
+    root, _ = shard_set
+    ckpt = tiny_checkpoint("mask_rcnn", shards=root / "shards", box_head_dim=32, mask_head_channels=16, detects_things=True)
+    written = []
+    monkeypatch.setattr(ev, "atomic_write_json", lambda path, data: (written.append(path.name),
+                                                                     files.atomic_write_json(path, data)))
+    m = ev.run(EvaluateParams(batch_size=2, num_overlays=1, score_threshold=0.0), ckpt, root / "shards",
+               tmp_path / "eval")
+    assert written == ["detections.json", "metrics.json"]
+    dets = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    assert dets and {d["image_id"] for d in dets} <= set(range(1, m["images"] + 1))
+
+
+@pytest.mark.parametrize("arch, kwargs", [("unet", {"base_channels": 4, "depth": 2}),
+                                          ("mask_rcnn", {"box_head_dim": 32, "mask_head_channels": 16,
+                                                         "detects_things": True})])
+def test_evaluate_scores_the_label_map_predict_writes(shard_set, tmp_path, tiny_checkpoint, arch, kwargs):
+    """The map evaluate scores for an image is the one ``segpipe predict`` serves for it."""
+    from PIL import Image
+
+    from segpipe.commands import predict
+    from segpipe.inference import DetectionSettings, Predictor
+    from segpipe.params import PredictParams
+    from segpipe.shards import iter_samples, open_shards
+
+    root, _ = shard_set
+    ckpt = tiny_checkpoint(arch, shards=root / "shards", **kwargs)
+    samples = list(iter_samples(root / "shards", split="val"))[:2]
+    threshold = 0.0  # every detection, so the maps hold many of them
+    predictor = Predictor.load(ckpt, DetectionSettings(score_threshold=threshold))
+    scorer = ev.ChunkScorer(predictor, open_shards(root / "shards").to_dict(), "val", 2, 0)
+    (tmp_path / "in").mkdir()
+    for s in samples:
+        Image.fromarray(s["image"]).save(tmp_path / "in" / f"{s['image_id']}.png")
+    predict.run(PredictParams(score_threshold=threshold), ckpt, tmp_path / "in", tmp_path / "out", progress=False)
+    for s, pred in zip(samples, scorer.predict(samples)):
+        served = np.asarray(Image.open(tmp_path / "out" / "labels" / f"{s['image_id']}.png"))
+        assert served.shape == pred.labels.shape == s["semantic"].shape
+        np.testing.assert_array_equal(served, pred.labels)
+    if arch == "mask_rcnn":
+        assert (pred.labels != 255).any()  # detections were rendered, not only "no detection"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, kwargs", [("unet", {"base_channels": 4, "depth": 2}),
+                                          ("mask_rcnn", {"box_head_dim": 32, "mask_head_channels": 16,
+                                                         "detects_things": True})])
+def test_ray_engine_gives_the_local_engines_metrics(shard_set, tmp_path, tiny_checkpoint, arch, kwargs):
+    import ray
+
+    root, _ = shard_set
+    ckpt = tiny_checkpoint(arch, shards=root / "shards", **kwargs)
+    params = EvaluateParams(batch_size=1, num_overlays=2, score_threshold=0.0)  # 1 per batch: several chunks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models run with this many threads in both engines: two actors on two CPUs
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        local = ev.run(params, ckpt, root / "shards", tmp_path / "local")
+        on_ray = ev.run(dataclasses.replace(params, engine="ray"), ckpt, root / "shards", tmp_path / "ray")
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
+    assert on_ray == local
+    for name in ("detections.json", "confusion_counts.csv", "per_class_iou.csv"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    overlays = sorted(p.name for p in (tmp_path / "local" / "overlays").iterdir())
+    assert len(overlays) == 2 and overlays == sorted(p.name for p in (tmp_path / "ray" / "overlays").iterdir())

@@ -101,7 +101,7 @@ def test_first_promotion_then_only_better_candidates_move_the_champion(tmp_path,
     assert "promoted to champion" in md and "FAIL margin" in md
     assert json.loads((rep / "promotion.json").read_text())["champion_after"]["version"] == "v3"
     model, meta = load("champion", registry=reg)
-    assert meta["arch"] == "unet"
+    assert meta.arch == "unet"
 
 
 def test_best_of_several_passing_candidates_wins(tmp_path, params):
@@ -226,3 +226,55 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rejected at min_value" in out and "champion: none" in out
     assert (tmp_path / "rep" / "promotion.md").exists()
+
+
+def baseline(root: Path, name: str, miou: float, data: str = DATA, split: str = "val") -> Path:
+    """A reference predictor's output folder, as `segpipe evaluate --baselines` writes it."""
+    out = root / "baselines" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({
+        "baseline": name, "arch": f"baseline:{name}", "task": "semantic", "shards_manifest_sha256": data,
+        "split": split, "miou": miou, "per_class": {}}))
+    return out.parent
+
+
+def test_beats_baseline_gate_refuses_a_candidate_no_better_than_the_colour_lookup(tmp_path):
+    params = PromoteParams(baseline_margin=0.02)
+    baseline(tmp_path, "majority", 0.06)
+    folder = baseline(tmp_path, "colour", 0.21)
+    weak = candidate(tmp_path, "weak", 0.22)  # beats colour, but not by the margin
+    strong = candidate(tmp_path, "strong", 0.40)
+    report = promote.run(params, [weak, strong], tmp_path / "registry", tmp_path / "report", baselines=folder)
+    rows = {Path(r["eval_dir"]).name: r for r in report["candidates"]}
+    assert rows["strong"]["decision"].startswith("promoted")
+    gate = next(g for g in rows["weak"]["gates"] if g["gate"] == "beats_baseline")
+    assert not gate["passed"] and "colour 0.2100" in gate["detail"] and "baseline_margin 0.02" in gate["detail"]
+    assert rows["weak"]["decision"].startswith("rejected at beats_baseline")
+    assert "challenger" not in rows["weak"]["decision"]  # a challenger must beat the baselines too
+    md = (tmp_path / "report" / "promotion.md").read_text()
+    assert "colour 0.2100" in md and "FAIL beats_baseline" in md
+
+
+def test_no_champion_when_every_candidate_loses_to_the_baseline(tmp_path):
+    folder = baseline(tmp_path, "colour", 0.30)
+    a = candidate(tmp_path, "a", 0.25)
+    report = promote.run(PromoteParams(), [a], tmp_path / "registry", tmp_path / "report", baselines=folder)
+    assert report["champion_after"] is None and champion_of(tmp_path / "registry") is None
+
+
+def test_baselines_of_other_data_are_not_comparable(tmp_path):
+    folder = baseline(tmp_path, "colour", 0.10, data="e" * 64)
+    a = candidate(tmp_path, "a", 0.50)
+    report = promote.run(PromoteParams(), [a], tmp_path / "registry", tmp_path / "report", baselines=folder)
+    gate = next(g for g in report["candidates"][0]["gates"] if g["gate"] == "beats_baseline")
+    assert not gate["passed"] and "not comparable" in gate["detail"]
+
+
+def test_beats_baseline_is_not_applicable_to_a_metric_no_baseline_has(tmp_path):
+    ok, detail = promote.check_baselines({"shards_manifest_sha256": DATA, "split": "val"}, 0.3, "segm.AP",
+                                         [{"baseline": "colour", "shards_manifest_sha256": DATA, "split": "val",
+                                           "miou": 0.2}], 0.0)
+    assert ok and "not applicable" in detail
+    assert promote.check_baselines({}, 0.3, "miou", [], 0.0) == (True, "no baselines given")
+    with pytest.raises(ValueError, match="no <baseline>/metrics.json"):
+        promote.read_baselines(tmp_path)

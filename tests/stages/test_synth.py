@@ -9,6 +9,7 @@ from pycocotools.coco import COCO
 from segpipe import cli
 from segpipe.params import ParamsError, SynthParams
 from segpipe.stages.synth import generate, run
+from segpipe.stages.synth import main as synth_main
 
 SMALL = dict(size=(96, 96), workers=1)
 
@@ -111,10 +112,14 @@ def test_rerun_replaces_stale_output(tmp_path):
 
 
 def test_bad_params_name_the_key(tmp_path):
-    with pytest.raises(ParamsError, match="synth.rle_fraction"):
-        run(SynthParams(rle_fraction=1.5, **SMALL), tmp_path / "x")
-    with pytest.raises(ParamsError, match="synth.size"):
-        run(SynthParams(images=1, size=(8, 96)), tmp_path / "x")
+    with pytest.raises(ParamsError, match="rle_fraction = 1.5: must be in"):
+        SynthParams(rle_fraction=1.5, **SMALL)
+    with pytest.raises(ParamsError, match="size"):
+        SynthParams(images=1, size=(8, 96))
+    params = tmp_path / "params.yaml"
+    params.write_text("synth:\n  size: [8, 96]\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: synth\.size = \(8, 96\)"):
+        synth_main(["--out", str(tmp_path / "x"), "--params", str(params)])
     assert not (tmp_path / "x").exists()
 
 

@@ -1,5 +1,8 @@
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -7,11 +10,19 @@ import pytest
 from segpipe.checkpoint import CheckpointError, load_meta, load_model
 from segpipe.params import ParamsError, TrainParams
 from segpipe.stages.train import (
+    FAIL_AT_EPOCH_ENV,
+    Clock,
+    Schedule,
+    class_weights,
     final_meta,
     history_tsv,
-    lr_schedule,
+    model_kwargs_for,
     params_for,
     plan_cpus_per_worker,
+    resolve_precision,
+    run_fingerprint,
+    steps_per_epoch,
+    train_one_epoch,
     val_score,
     validate,
 )
@@ -58,7 +69,7 @@ def test_validate_instance_renders_detections_like_evaluate():
     import torch
 
     class Detector(torch.nn.Module):  # one confident class-2 mask on the left column, one below threshold
-        def forward(self, x):
+        def predict_instances(self, x, score_threshold, mask_threshold, max_detections):
             masks = torch.zeros(2, 1, *x.shape[2:])
             masks[0, 0, :, 0] = 1.0
             masks[1, 0] = 1.0
@@ -75,10 +86,121 @@ def test_validate_instance_renders_detections_like_evaluate():
     assert val_score(conf, "instance", names, [1, 2], 255) == pytest.approx(2 / 3)  # pipe absent: skipped
 
 
-def test_lr_schedule_warms_up_then_decays():
-    f = lr_schedule(TrainParams(epochs=10, warmup_epochs=2))
-    assert f(0) < f(1) < f(2) == pytest.approx(1.0)
-    assert f(9) < f(5) < f(2) and f(20) == pytest.approx(0.05)
+def test_schedule_warms_up_then_decays_linearly_to_zero_at_the_budget():
+    s = Schedule(budget_s=100.0, total_steps=0, warmup=0.1)
+    assert s.progress(0, 0) == 0 and s.progress(50, 10**6) == 0.5 and s.progress(250, 0) == 1.0
+    assert s.lr_factor(0.0) == 0.0 and s.lr_factor(0.05) == pytest.approx(0.5) and s.lr_factor(0.1) == 1.0
+    assert s.lr_factor(0.55) == pytest.approx(0.5) and s.lr_factor(1.0) == 0.0
+    # learning rate falls strictly after the warm-up, following the share of the budget spent
+    factors = [s.lr_factor(s.progress(t, 0)) for t in range(10, 101, 10)]
+    assert factors == sorted(factors, reverse=True) and factors[-1] == 0.0
+
+
+def test_schedule_ends_at_whichever_limit_comes_first():
+    s = Schedule(budget_s=100.0, total_steps=40, warmup=0.0)
+    assert s.progress(10, 20) == 0.5  # steps are ahead of the clock
+    assert s.progress(80, 20) == 0.8  # the clock is ahead of the steps
+    assert Schedule(budget_s=0.0, total_steps=40).progress(10**6, 10) == 0.25  # no budget: steps only
+    assert steps_per_epoch(rows=100, batch_size=8, workers=1) == 13
+    assert steps_per_epoch(rows=100, batch_size=8, workers=2) == 7  # 50 rows each
+
+
+class FakeClock(Clock):
+    """One second passes per optimizer step."""
+
+    def elapsed(self) -> float:
+        return float(self.steps)
+
+
+def tiny_batches(n: int):
+    for _ in range(n):
+        yield {"image": np.zeros((2, 8, 8, 3), np.uint8), "semantic": np.zeros((2, 8, 8), np.uint8),
+               "instance_map": np.zeros((2, 8, 8), np.int16), "instance_label": np.full((2, 4), -1, np.int32),
+               "instance_crowd": np.zeros((2, 4), np.uint8)}
+
+
+def test_train_one_epoch_stops_when_the_budget_is_spent_and_follows_the_schedule():
+    import torch
+
+    from segpipe.models import build_model
+
+    model = build_model("unet", 3, base_channels=2, depth=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    lrs = []
+    opt.step = (lambda step: lambda *a, **k: (lrs.append(opt.param_groups[0]["lr"]), step(*a, **k))[1])(opt.step)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    clock, schedule = FakeClock(), Schedule(budget_s=5.0, total_steps=0, warmup=0.2)
+    stats = train_one_epoch(model, tiny_batches(50), opt, scaler, torch.device("cpu"), "fp32", schedule, clock,
+                            base_lr=1.0)
+    assert stats["stopped"] and stats["steps"] == 5 and clock.steps == 5  # 1 s a step, 5 s budget
+    assert lrs == pytest.approx([0.0, 1.0, 0.75, 0.5, 0.25])  # warm-up over 1 s, then linear to 0 at 5 s
+    # a new epoch of a finished schedule takes no step
+    again = train_one_epoch(model, tiny_batches(50), opt, scaler, torch.device("cpu"), "fp32", schedule, clock, 1.0)
+    assert again["steps"] == 0 and again["stopped"]
+
+
+def test_train_one_epoch_without_budget_runs_the_whole_epoch():
+    import torch
+
+    from segpipe.models import build_model
+
+    model = build_model("unet", 3, base_channels=2, depth=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = train_one_epoch(model, tiny_batches(4), opt, torch.amp.GradScaler("cpu", enabled=False),
+                            torch.device("cpu"), "fp32", Schedule(0.0, total_steps=8), FakeClock(), 1e-3)
+    assert stats["steps"] == 4 and not stats["stopped"] and stats["images"] == 8
+
+
+@pytest.mark.parametrize("requested, device, bf16, expected", [
+    ("auto", "cpu", True, "bf16"),
+    ("auto", "cpu", False, "fp32"),  # a CPU without native bf16 falls back to fp32
+    ("auto", "cuda", False, "fp16"),
+    ("fp32", "cpu", True, "fp32"),
+    ("bf16", "cpu", True, "bf16"),
+    ("fp16", "cuda", False, "fp16"),
+])
+def test_precision_selection(requested, device, bf16, expected):
+    assert resolve_precision(requested, device, bf16) == expected
+
+
+def test_precision_the_device_cannot_honour_is_an_error_naming_the_key():
+    with pytest.raises(ParamsError, match="train.precision.*fp16.*CUDA"):
+        resolve_precision("fp16", "cpu", True)
+    with pytest.raises(ParamsError, match="train.precision.*bf16"):
+        resolve_precision("bf16", "cpu", False)
+    with pytest.raises(ParamsError, match="precision"):
+        TrainParams(precision="fp8")
+
+
+def test_cpu_without_bf16_trains_in_fp32_through_the_worker_setup(monkeypatch):
+    import segpipe.stages.train as train
+
+    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
+    assert train.resolve_precision("auto", "cpu", train.cpu_supports_bf16()) == "fp32"
+
+
+def test_class_weights_favour_rare_classes_and_leave_absent_ones_neutral():
+    w = class_weights([900, 100, 25, 0])
+    # the median frequency of the present classes is 100's: sqrt(100 / count)
+    assert w == pytest.approx([1 / 3, 1.0, 2.0, 1.0], abs=1e-4)
+    assert class_weights([0, 0]) == [1.0, 1.0]
+
+
+def test_model_kwargs_carry_class_weights_from_the_train_split(tiny_shards):
+    from segpipe.shards import open_shards
+
+    shards = open_shards(tiny_shards)
+    kw = model_kwargs_for(TrainParams(), "unet", shards)
+    assert kw["class_weights"] == class_weights(shards.class_pixels["train"])
+    assert model_kwargs_for(TrainParams(class_weighting="none"), "unet", shards)["class_weights"] is None
+    assert "class_weights" not in model_kwargs_for(TrainParams(), "mask_rcnn", shards)
+
+
+def test_fingerprint_changes_with_params_data_and_code():
+    base = run_fingerprint({"lr": 1}, "data", "code")
+    assert base == run_fingerprint({"lr": 1}, "data", "code")
+    assert len({base, run_fingerprint({"lr": 2}, "data", "code"), run_fingerprint({"lr": 1}, "other", "code"),
+                run_fingerprint({"lr": 1}, "data", "other")}) == 4
 
 
 def test_final_meta_keeps_best_weights_meta_but_whole_run_history():
@@ -92,8 +214,10 @@ def test_final_meta_keeps_best_weights_meta_but_whole_run_history():
 
 
 def test_history_tsv_columns():
-    text = history_tsv([{"epoch": 1, "train_loss": 0.5, "val_score": None, "images_per_s": 3.0, "lr": 0.1}])
-    assert text.splitlines() == ["epoch\ttrain_loss\tval_score\timages_per_s\tlr", "1\t0.5\t\t3.0\t0.1"]
+    text = history_tsv([{"epoch": 1, "steps": 4, "elapsed_s": 2.5, "train_loss": 0.5, "val_score": None,
+                         "images_per_s": 3.0, "lr": 0.1}])
+    assert text.splitlines() == ["epoch\tsteps\telapsed_s\ttrain_loss\tval_score\timages_per_s\tlr",
+                                 "1\t4\t2.5\t0.5\t\t3.0\t0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -107,32 +231,52 @@ def ray_local():
 
 @pytest.mark.slow
 def test_ray_two_workers_write_loadable_checkpoint(ray_local, tiny_shards, tmp_path):
-    from segpipe.shards import manifest_hash, read_manifest
+    from segpipe.shards import open_shards
     from segpipe.stages.train import run
 
-    p = TrainParams(epochs=2, batch_size=4, image_size=48, workers=2, cpus_per_worker=0.5, threads=1,
-                    architectures=["fcn8s"], num_to_keep=1)
+    p = TrainParams(epochs=2, budget_s=0, batch_size=4, image_size=48, workers=2, cpus_per_worker=0.5, threads=1,
+                    architectures=["fcn8s"], num_to_keep=1, overrides={})
     summary = run(p, "fcn8s", tiny_shards, tmp_path / "out")
-    assert summary["epochs"] == 2
-    model, meta = load_model(tmp_path / "out" / "checkpoint", classes=read_manifest(tiny_shards)["classes"])
-    assert meta["arch"] == "fcn8s" and meta["shards_manifest_sha256"] == manifest_hash(tiny_shards)
-    assert meta["params"]["workers"] == 2
+    assert summary["epochs"] == 2 and summary["stopped_by"] == "epochs"
+    shards = open_shards(tiny_shards)
+    model, meta = load_model(tmp_path / "out" / "checkpoint", classes=list(shards.classes))
+    assert meta.arch == "fcn8s" and meta.shards_manifest_sha256 == shards.manifest_sha256
+    assert meta.params["workers"] == 2 and len(meta.worker_nodes) == 2
+    # the checkpoint records what was run: 2 epochs of 2 steps (12 train rows / 2 workers / batch 4)
+    assert meta.run["epochs"] == 2 and meta.run["steps"] == 2 * steps_per_epoch(shards.rows("train"), 4, 2)
     rows = (tmp_path / "out" / "history.tsv").read_text().splitlines()
     assert len(rows) == 3
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["best_epoch"] in (1, 2)
 
 
 @pytest.mark.slow
-def test_ray_resumes_from_last_checkpoint_after_a_crash(ray_local, tiny_shards, tmp_path, capfd):
+def test_ray_budget_stops_training_and_metrics_split_startup_from_training(ray_local, tiny_shards, tmp_path):
     from segpipe.stages.train import run
 
-    p = TrainParams(epochs=3, batch_size=4, image_size=48, workers=1, cpus_per_worker=1.0, threads=1,
-                    max_failures=1, fail_at_epoch=2, architectures=["unet"], model={"unet": {"base_channels": 8}})
+    p = TrainParams(epochs=1000, budget_s=6.0, batch_size=4, image_size=48, threads=1, architectures=["unet"],
+                    model={"unet": {"base_channels": 4, "depth": 2}}, overrides={})
+    summary = run(p, "unet", tiny_shards, tmp_path / "out")
+    assert summary["stopped_by"] == "budget" and summary["epochs"] < 1000
+    assert 6.0 <= summary["train_s"] < 60 and summary["startup_s"] > 0
+    assert summary["wall_s"] == pytest.approx(summary["train_s"] + summary["startup_s"], abs=0.2)
+    meta = load_meta(tmp_path / "out" / "checkpoint")
+    assert meta.run["stopped_by"] == "budget" and meta.run["steps"] == summary["steps"] > 0
+    assert meta.history[-1]["lr"] < 0.1 * p.lr  # decayed to (nearly) zero at the end of the budget
+    assert not (tmp_path / ".ray_results").exists() or not any((tmp_path / ".ray_results").iterdir())
+
+
+@pytest.mark.slow
+def test_ray_resumes_from_last_checkpoint_after_a_crash(ray_local, tiny_shards, tmp_path, capfd, monkeypatch):
+    from segpipe.stages.train import run
+
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    p = TrainParams(epochs=3, budget_s=0, batch_size=4, image_size=48, workers=1, cpus_per_worker=1.0, threads=1,
+                    max_failures=1, architectures=["unet"], model={"unet": {"base_channels": 8}}, overrides={})
     run(p, "unet", tiny_shards, tmp_path / "out")
     meta = load_meta(tmp_path / "out" / "checkpoint")
     # history survived the restart: epoch 1 (before the crash) was not retrained
     hist = [h["epoch"] for h in json.loads((tmp_path / "out" / "checkpoint" / "meta.json").read_text())["history"]]
-    assert meta["restarts"] == [{"resumed_from_epoch": 1}]
+    assert [r["resumed_from_epoch"] for r in meta.restarts] == [1]
     assert hist[:1] == [1] and sorted(set(hist)) == hist
     assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
 
@@ -152,3 +296,117 @@ def test_checkpoint_with_other_class_table_is_refused(tmp_path):
 def test_train_params_dataclass_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainParams().epochs = 3  # type: ignore[misc]
+
+
+def _flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("fault", ["flipped byte", "truncated", "deleted"])
+def test_train_refuses_corrupt_truncated_or_missing_shards_naming_the_file(tiny_shards, tmp_path, capsys, split, fault):
+    """A bad shard stops `segpipe train` before Ray starts, with one line naming the file."""
+    import os
+    import shutil
+
+    from segpipe.cli import main as cli_main
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    shard = sorted((shards / split).glob("*.parquet"))[0]
+    stat = shard.stat()
+    if fault == "flipped byte":  # in place, keeping size and mtime: what DVC's status does not notice
+        _flip_byte(shard, stat.st_size // 2)
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    elif fault == "truncated":
+        shard.write_bytes(shard.read_bytes()[: stat.st_size // 2])
+    else:
+        shard.unlink()
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--arch", "unet", "--shards", str(shards), "--out", str(tmp_path / "out"),
+                  "--params", str(tmp_path / "defaults.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert str(shard.relative_to(shards)) in err[0] and ("checksum" in err[0] or "missing" in err[0])
+    assert "Traceback" not in err[0] and not (tmp_path / "out").exists()
+
+
+def test_prune_keeps_complete_checkpoints_only(tmp_path):
+    import torch
+
+    from segpipe.checkpoint import save_checkpoint
+    from segpipe.stages.train import prune_incomplete_checkpoints
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
+        save_checkpoint(tmp_path / name, model, {"arch": "x", "epoch": 1}, optimizer=opt)
+    (tmp_path / "checkpoint_b" / "model.safetensors").write_bytes(b"")  # cut short by a full disk
+    (tmp_path / "checkpoint_c" / "meta.json").write_text('{"arch": ')  # truncated
+    (tmp_path / "checkpoint_tmp_d").mkdir()  # a copy that never finished
+    removed = prune_incomplete_checkpoints(tmp_path)
+    assert sorted(p.name for p in removed) == ["checkpoint_b", "checkpoint_c", "checkpoint_tmp_d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_a"]
+
+
+@pytest.mark.slow
+def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shards, tmp_path):
+    """`dvc repro` killed mid-train: the rerun with the same params, data and code resumes from the
+    killed run's newest complete checkpoint and records it; other params start afresh."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 40\n  budget_s: 0\n  batch_size: 4\n  image_size: 32\n  threads: 1\n"
+                      "  architectures: [unet]\n  overrides: {}\n  model: {unet: {base_channels: 4, depth: 2}}\n")
+    out = tmp_path / "models" / "unet"
+    cmd = [sys.executable, "-m", "segpipe", "train", "--arch", "unet", "--shards", str(tiny_shards), "--out", str(out),
+           "--params", str(params)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs = tmp_path / "models" / ".ray_results"
+    deadline = time.monotonic() + 240
+    while not list(runs.glob("unet-*/checkpoint_*/meta.json")) or len(list(runs.glob("unet-*/checkpoint_*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in tree:  # SIGKILL, like an OOM killer or a killed dvc: nothing gets to clean up
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = load_meta(out / "checkpoint")
+    assert [r.get("after") for r in meta.restarts] == ["interrupted run"], meta.restarts
+    assert meta.restarts[0]["resumed_from_epoch"] >= 1 and "after a interrupted run" in done.stdout
+    assert [h["epoch"] for h in meta.history] == list(range(1, 41))  # no epoch trained twice
+    assert not list(runs.glob("unet-*"))  # a finished run leaves nothing to resume
+    # other inputs: a fresh run, not a resume of anything
+    params.write_text(params.read_text().replace("epochs: 40", "epochs: 2"))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and load_meta(out / "checkpoint").restarts == ()
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("storage", "ftp://host/ray", "train.storage_path: unsupported scheme 'ftp' in 'ftp://host/ray'"),
+    ("out", "s3:/bucket/unet", "--out: 's3:/bucket/unet' is not a URI"),
+    ("shards", "hdfs://nn/shards", "--shards: unsupported scheme 'hdfs'"),
+])
+def test_train_refuses_unusable_locations_naming_them_before_ray_starts(tiny_shards, tmp_path, monkeypatch,
+                                                                         where, value, message):
+    from segpipe.stages import train
+    from segpipe.storage import StorageError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "connect_ray", lambda address: pytest.fail("Ray was started"))
+    p = TrainParams(storage_path=value if where == "storage" else "", architectures=["unet"], overrides={})
+    with pytest.raises(StorageError, match=message.replace("(", r"\(")):
+        train.run(p, "unet", value if where == "shards" else str(tiny_shards), value if where == "out" else "out")
+    assert list(tmp_path.iterdir()) == []

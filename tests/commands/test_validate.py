@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segpipe.commands.validate import main, run
 from segpipe.formats import coco
 from segpipe.params import ConvertParams
-from segpipe.stages.validate import main, run
 
 
 def dataset(root, bad_polygon=True):

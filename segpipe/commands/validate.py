@@ -13,7 +13,6 @@ from segpipe.formats.base import Source
 from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
 from segpipe.stages.convert import (
     add_source_arguments,
-    check_params,
     check_source,
     dataset_entries,
     make_context,
@@ -42,7 +41,6 @@ def summarize(source_name: str, images: int, quarantine: list[dict[str, str]], i
 
 def run(params: ConvertParams, source: Source, progress: bool = True) -> dict[str, Any]:
     """Run every check of ``segpipe convert`` on ``source`` and return the report."""
-    check_params(params)
     check_source(source)
     ctx = make_context(source, params, encode=False)
     quarantine = dataset_entries(source)

@@ -3,10 +3,10 @@ import json
 import numpy as np
 from PIL import Image
 
+from segpipe.commands.stats import compute, main
 from segpipe.formats.base import ClassInfo, Record, Source
 from segpipe.params import ConvertParams
 from segpipe.stages.convert import run
-from segpipe.stages.stats import compute, main
 
 
 def shard_set(tmp_path):

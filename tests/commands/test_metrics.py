@@ -16,7 +16,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segpipe.stages.metrics import main
+from segpipe.commands.metrics import main
 
 # pycocotools' decode under numpy 2 (its own deprecation, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.files import atomic_write_json
-from segpipe.shards import ShardError, decode_semantic, iter_rows, read_manifest
+from segpipe.shards import ShardError, decode_semantic, iter_rows, open_shards
 
 COLUMNS = ["split", "height", "width", "semantic", "semantic_encoding", "instances"]
 
@@ -31,17 +31,16 @@ def compute(path: Path | str, verify: bool = True) -> dict[str, Any]:
     A shard set without rows is a ShardError: there is nothing to count, and an empty table
     would pass for a result.
     """
-    manifest = read_manifest(path)
-    classes = manifest["classes"]
-    ignore = manifest["ignore_index"]
+    shards = open_shards(path)
+    classes, ignore = shards.classes, shards.ignore_index
     size = max([c["id"] for c in classes] + [ignore]) + 1
     acc: dict[str, tuple[np.ndarray, dict[int, list[int]], list[int]]] = {}
-    for row in iter_rows(path, verify=verify, columns=COLUMNS):
+    for row in iter_rows(shards, verify=verify, columns=COLUMNS):
         pixels, inst, n = acc.setdefault(row["split"], (np.zeros(size, np.int64), {}, [0]))
         count_row(row, pixels, inst)
         n[0] += 1
     if not acc:
-        raise ShardError(f"{path}: the shard set has no rows (manifest splits: {manifest['splits'] or 'none'}); "
+        raise ShardError(f"{path}: the shard set has no rows (manifest splits: {shards.splits or 'none'}); "
                          "convert a dataset with at least one valid image")
     out: dict[str, Any] = {}
     for split in sorted(acc):

@@ -8,28 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from segpipe.checkpoint import save_checkpoint
-from segpipe.models import build_model
+from segpipe.commands import export
 from segpipe.registry import register, set_alias
-from segpipe.stages import export
-
-CLASSES = [{"id": i, "name": f"c{i}", "isthing": i > 0, "color": [60 * i, 0, 0]} for i in range(3)]
-
-
-def checkpoint(tmp_path: Path, arch: str, **kwargs) -> Path:
-    torch.manual_seed(0)
-    model = build_model(arch, len(CLASSES), **kwargs)
-    return save_checkpoint(tmp_path / arch, model, {
-        "arch": arch, "task": "instance" if arch == "mask_rcnn" else "semantic", "num_classes": len(CLASSES),
-        "model_kwargs": kwargs, "classes": CLASSES, "ignore_index": 255, "params": {}, "epoch": 1,
-        "shards_manifest_sha256": "x", "metrics": {}, "image_size": 64,
-    })
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Path:
+def registry(tmp_path: Path, tiny_checkpoint) -> Path:
     reg = tmp_path / "registry"
-    register(reg, checkpoint(tmp_path, "unet", base_channels=4, depth=2), {})
+    register(reg, tiny_checkpoint("unet", base_channels=4, depth=2), {})
     set_alias(reg, "champion", "v1", "test")
     return reg
 
@@ -67,9 +53,9 @@ def test_max_abs_diff():
 
 
 @pytest.mark.slow
-def test_mask_rcnn_torchscript_parity_including_no_detections(tmp_path):
+def test_mask_rcnn_torchscript_parity_including_no_detections(tmp_path, tiny_checkpoint):
     torch.set_num_threads(1)
-    ck = checkpoint(tmp_path, "mask_rcnn", box_detections_per_img=10)
+    ck = tiny_checkpoint("mask_rcnn", box_detections_per_img=10)
     report = export.run(ck, "torchscript", tmp_path / "m.pt", tolerance=1e-4)
     blank = next(r for r in report["samples"] if r["sample"] == "blank image")
     assert blank["detections"] == 0 and blank["passed"]
@@ -78,9 +64,9 @@ def test_mask_rcnn_torchscript_parity_including_no_detections(tmp_path):
 
 
 @pytest.mark.slow
-def test_mask_rcnn_onnx_parity_image_by_image_including_no_detections(tmp_path):
+def test_mask_rcnn_onnx_parity_image_by_image_including_no_detections(tmp_path, tiny_checkpoint):
     torch.set_num_threads(1)
-    ck = checkpoint(tmp_path, "mask_rcnn", box_detections_per_img=10)
+    ck = tiny_checkpoint("mask_rcnn", box_detections_per_img=10)
     out = tmp_path / "m.onnx"
     report = export.run(ck, "onnx", out, tolerance=1e-4)
     assert out.is_file() and report["passed"] and report["exporter"] == "torchscript"
@@ -88,7 +74,7 @@ def test_mask_rcnn_onnx_parity_image_by_image_including_no_detections(tmp_path):
     assert {"batch 1", "batch 3", "batch 1, 64 x 96", "blank image"} == set(samples)
     assert all(r["passed"] and r["max_abs_diff"] < 1e-4 for r in samples.values())
     assert samples["blank image"]["detections"] == 0
-    assert not list(tmp_path.glob("**/no_detections.onnx"))  # the zero-detection graph is not left behind
+    assert not list(tmp_path.glob("**/check.onnx"))  # the graphs built for the check are not left behind
 
     import onnxruntime as ort
 
@@ -98,3 +84,24 @@ def test_mask_rcnn_onnx_parity_image_by_image_including_no_detections(tmp_path):
     image = export.sample_images(1, 64, 96, seed=7)[0].numpy()
     boxes, labels, scores, masks = session.run(None, {"image": image})
     assert masks.shape[0] == boxes.shape[0] == 10 and masks.shape[1:] == (1, 64, 96)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_detector_that_detects_nothing_is_compared_at_a_lowered_threshold(tmp_path, tiny_checkpoint, fmt):
+    """A weak Mask R-CNN detects nothing at its threshold: parity must not pass on empty outputs."""
+    torch.set_num_threads(1)
+    ck = tiny_checkpoint("mask_rcnn", box_detections_per_img=5, box_score_thresh=0.99)
+    out = tmp_path / f"m.{fmt}"
+    report = export.run(ck, fmt, out, tolerance=1e-4)
+    samples = {r["sample"]: r for r in report["samples"]}
+    for name in ("batch 1", "batch 3", "batch 1, 64 x 96"):
+        assert samples[name]["score_threshold"] == export.CHECK_SCORE_THRESH and samples[name]["detections"] > 0
+        assert samples[name]["passed"]
+    assert samples["blank image"]["detections"] == 0 and "score_threshold" not in samples["blank image"]
+    assert report["passed"] and "no detections at the model's score threshold" in report["note"]
+    if fmt == "onnx":  # the shipped graph keeps the model's threshold: still nothing on the sample
+        import onnxruntime as ort
+
+        boxes = ort.InferenceSession(str(out)).run(["boxes"], {"image": export.sample_images(1, 64, 64, seed=1)[0].numpy()})
+        assert boxes[0].shape[0] == 0

@@ -1,0 +1,123 @@
+"""``segpipe report``: ``reports/summary.md``, an architecture x metric table plus the promotion decision."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from segpipe.files import atomic_write_text
+from segpipe.stages.promote import metric_value
+
+# (column title, key path in an evaluate metrics.json)
+COLUMNS: list[tuple[str, str]] = [
+    ("pixel acc", "pixel_acc"),
+    ("mean acc", "mean_acc"),
+    ("mIoU", "miou"),
+    ("fwIoU", "fwiou"),
+    ("mDice", "mdice"),
+    ("mIoU things", "miou_things"),
+    ("segm AP", "segm.AP"),
+    ("segm AP50", "segm.AP50"),
+    ("bbox AP", "bbox.AP"),
+    ("segm AR100", "segm.AR100"),
+]
+
+
+def fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+TRAIN_COLUMNS: list[tuple[str, str]] = [
+    ("epochs", "epochs"),
+    ("steps", "steps"),
+    ("train s", "train_s"),
+    ("start-up s", "startup_s"),
+    ("train img/s", "images_per_s"),
+]
+
+
+def metrics_table(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]],
+                  baselines: dict[str, dict[str, Any]] | None = None) -> str:
+    """Markdown table, one row per architecture from evaluate (and train) metrics, then one per
+    reference predictor (``baseline: NAME``)."""
+    head = ["arch", "task", *[c for c, _ in COLUMNS], *[c for c, _ in TRAIN_COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [(arch, evals[arch], train.get(arch, {})) for arch in sorted(evals)]
+    rows += [(f"baseline: {name}", m, {}) for name, m in sorted((baselines or {}).items())]
+    for label, m, t in rows:
+        cells = [label, str(m.get("task", "")), *[fmt(metric_value(m, key)) for _, key in COLUMNS],
+                 *[fmt(t.get(key)) for _, key in TRAIN_COLUMNS]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_share(train: dict[str, dict[str, Any]]) -> str:
+    """One sentence: seconds spent in epochs against start-up, summed over the train stages."""
+    t = sum(float(m.get("train_s") or 0) for m in train.values())
+    s = sum(float(m.get("startup_s") or 0) for m in train.values())
+    if t + s <= 0:
+        return ""
+    return (f"Training: {t:.0f} s in epochs and {s:.0f} s of start-up over {len(train)} train stage(s); "
+            f"training share {t / (t + s):.2f}.")
+
+
+def promotion_section(promotion: dict[str, Any] | None) -> str:
+    if promotion is None:
+        return "No promotion report found."
+    before, after = promotion.get("champion_before"), promotion.get("champion_after")
+
+    def who(x: dict[str, Any] | None) -> str:
+        return f"{x['version']} ({x['arch']}, {promotion['metric']} {fmt(x['value'])})" if x else "none"
+
+    lines = [f"Ranking metric `{promotion['metric']}`. Champion before: {who(before)}; after: {who(after)}."]
+    if promotion.get("created"):
+        lines.append(f"New registry versions: {', '.join(promotion['created'])}.")
+    lines += ["", "| candidate | decision |", "|---|---|"]
+    for c in promotion.get("candidates", []):
+        lines.append(f"| {c.get('arch', c.get('eval_dir'))} | {str(c.get('decision', '')).replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def render(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]], promotion: dict[str, Any] | None,
+           baselines: dict[str, dict[str, Any]] | None = None) -> str:
+    return "\n".join([
+        "# segpipe summary", "",
+        "Validation metrics per architecture (fractions in [0, 1]; COCO AP/AR for instance-capable models), "
+        "and of the reference predictors fitted on the train split (majority class, colour lookup).", "",
+        metrics_table(evals, train, baselines), "",
+        training_share(train), "",
+        "## Promotion", "",
+        promotion_section(promotion), "",
+    ])
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_all(folder: Path | None) -> dict[str, dict[str, Any]]:
+    """``{name: metrics}`` of every ``folder/<name>/metrics.json``."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    return {d.name: m for d in sorted(Path(folder).iterdir()) if d.is_dir() and (m := _read(d / "metrics.json"))}
+
+
+def run(evals_dir: Path, promotion_dir: Path, out: Path, train_dir: Path | None = None,
+        baselines_dir: Path | None = None) -> str:
+    text = render(_read_all(evals_dir), _read_all(train_dir), _read(Path(promotion_dir) / "promotion.json"),
+                  _read_all(baselines_dir))
+    atomic_write_text(out, text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="segpipe report", description=__doc__)
+    ap.add_argument("--evals", type=Path, required=True, help="folder of evaluate outputs, one per architecture")
+    ap.add_argument("--train", type=Path, default=None, help="folder of train outputs (optional)")
+    ap.add_argument("--promotion", type=Path, required=True, help="promotion report folder")
+    ap.add_argument("--baselines", type=Path, default=None, help="folder of reference predictors (optional)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    print(run(args.evals, args.promotion, args.out, args.train, args.baselines))

@@ -1,0 +1,436 @@
+"""Turning model outputs into label maps and detections: one place for every caller.
+
+Train validation, ``segpipe evaluate``, ``segpipe predict`` and ``segpipe export``'s parity check
+use this module, so the numbers that decide a promotion come from the code that serves
+predictions. One policy each:
+
+- padding: an image is padded to the next multiple of 32 by replicating its edges (a band of
+  zeros would change predictions near the border) and the outputs are cropped back. Images of a
+  batch are grouped by padded size, so a prediction never depends on what it was batched with;
+- detection selection (:func:`select_detections`): score >= ``score_threshold``, mask
+  probability >= ``mask_threshold``, empty masks dropped, best score first, at most
+  ``max_detections``;
+- rendering (:func:`render_instances`): each pixel takes the class of the best-scoring detection
+  covering it, ``ignore_index`` where none does;
+- COCO results (:func:`coco_results`) and the palette (:func:`palette`).
+
+Three entry points: whole images (:func:`predict_images`: evaluate, train validation), large
+images by sliding window (:func:`predict_tiled`: predict), and work over a dataset
+(:func:`map_rows`): in this process, or through Ray Data (``map_batches`` on an actor pool, one
+model per actor, GPU actors when the device is ``cuda``, results streamed back as they finish).
+
+What a model outputs comes from the registry (``segpipe.models.spec_of(arch).outputs``); every
+instance-capable model has ``predict_instances(images, score_threshold, mask_threshold,
+max_detections)``. A new output kind (panoptic) is one more function beside :func:`_semantic`
+and :func:`_instances`, one more field of :class:`Prediction`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segpipe import tiling
+from segpipe.params import ENGINES, EvaluateParams
+from segpipe.tiling import Instance
+
+if TYPE_CHECKING:
+    from segpipe.checkpoint import CheckpointMeta
+
+PAD_MULTIPLE = 32
+NO_CLASS_COLOR = (0, 0, 0)  # label values without a class: no detection, ignore
+UNCOLOURED_CLASS = (128, 128, 128)  # a class whose table gives no colour
+_EVALUATE = EvaluateParams()
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """How raw detections become kept ones. The defaults are ``EvaluateParams``'s, where they are set."""
+
+    score_threshold: float = _EVALUATE.score_threshold
+    mask_threshold: float = _EVALUATE.mask_threshold
+    max_detections: int = _EVALUATE.max_detections
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to predict: ``outputs`` (of the model's ``ModelSpec.outputs``), the label space, and
+    the detection selection. ``ignore_index`` marks pixels that no detection covers."""
+
+    outputs: frozenset[str]
+    num_classes: int
+    ignore_index: int
+    detection: DetectionSettings = DetectionSettings()
+
+    @classmethod
+    def for_meta(cls, meta: CheckpointMeta, detection: DetectionSettings = DetectionSettings()) -> Request:
+        """Every output the checkpoint's architecture has."""
+        from segpipe.models import spec_of
+
+        return cls(spec_of(meta.arch).outputs, meta.num_classes, meta.ignore_index, detection)
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        """The smallest dtype of label maps holding every class id and ``ignore_index``."""
+        top = max(self.num_classes - 1, self.ignore_index)
+        return np.dtype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's outputs, at its own size. ``labels`` (H x W): the argmax of the semantic output,
+    or, for models without one, the detections rendered (:func:`render_instances`). ``instances``:
+    the selected detections, best first; None when not requested."""
+
+    labels: np.ndarray
+    instances: list[Instance] | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Pure pieces: padding, selection, rendering, COCO results, colours
+# --------------------------------------------------------------------------------------
+
+
+def padded_size(height: int, width: int) -> tuple[int, int]:
+    """The next multiples of PAD_MULTIPLE (strided models need them)."""
+    return -(-height // PAD_MULTIPLE) * PAD_MULTIPLE, -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def pad(x: Tensor, height: int, width: int) -> Tensor:
+    """``B x C x h x w`` -> ``B x C x height x width``, bottom and right, edges replicated."""
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    return F.pad(x, (0, width - w, 0, height - h), mode="replicate")
+
+
+def select_detections(raw: Mapping[str, Tensor], height: int, width: int,
+                      detection: DetectionSettings) -> list[Instance]:
+    """One image's raw detections (``labels``, ``scores``, ``boxes`` x1 y1 x2 y2, ``masks``
+    N x 1 x H' x W' probabilities, on any device) -> the kept ones, cropped to ``height x width``:
+    score >= ``score_threshold``, mask pixels >= ``mask_threshold``, non-empty, best score first
+    (equal scores in the model's order), at most ``max_detections``; boxes clipped to the image."""
+    scores = raw["scores"].detach().float().cpu()
+    candidates = [i for i in torch.argsort(-scores, stable=True).tolist()
+                  if scores[i] >= detection.score_threshold]
+    if not candidates:
+        return []
+    index = torch.tensor(candidates)
+    masks = (raw["masks"].detach()[index.to(raw["masks"].device), 0, :height, :width]
+             >= detection.mask_threshold).cpu().numpy()
+    boxes = raw["boxes"].detach().float().cpu()[index]
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    labels = raw["labels"].detach().cpu()[index].tolist()
+    kept: list[Instance] = []
+    for k, i in enumerate(candidates):
+        inst = tiling.crop_instance(int(labels[k]), float(scores[i]), masks[k], bbox=tuple(boxes[k].tolist()))
+        if inst is not None:
+            kept.append(inst)
+            if len(kept) == detection.max_detections:
+                break
+    return kept
+
+
+def render_instances(instances: Sequence[Instance], height: int, width: int, none_value: int,
+                     dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """A label map of detections: each pixel takes the class of the best-scoring detection
+    covering it (of equal scores, the earlier one); ``none_value`` where none does."""
+    out = np.full((height, width), none_value, dtype=dtype)
+    for _, d in sorted(enumerate(instances), key=lambda p: (p[1].score, -p[0])):  # the winner paints last
+        x0, y0, x1, y1 = d.box
+        out[y0:y1, x0:x1][d.mask] = d.label
+    return out
+
+
+def rle_counts(inst: Instance, height: int, width: int) -> list[int]:
+    """Uncompressed COCO RLE counts (column-major runs, starting with background) of one instance."""
+    ys, xs = np.nonzero(inst.mask)
+    idx = np.sort((xs + inst.x0).astype(np.int64) * height + (ys + inst.y0))
+    if idx.size == 0:
+        return [height * width]
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    counts: list[int] = []
+    pos = 0
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        counts += [s - pos, e - s]
+        pos = e
+    counts.append(height * width - pos)
+    return counts
+
+
+def coco_results(instances: Sequence[Instance], image_id: int, height: int, width: int,
+                 category_ids: Collection[int] | None = None) -> list[dict[str, Any]]:
+    """COCO result entries of one image's detections (only those of ``category_ids`` when given):
+    compressed RLE ``segmentation``, ``bbox`` (x y w h) of the model's box (the mask's when it has
+    none), ``score`` and ``area`` (mask pixels)."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for d in instances:
+        if category_ids is not None and d.label not in category_ids:
+            continue
+        # counts are built here and always sum to height * width, so pycocotools gets valid input
+        rle = mask_utils.frPyObjects({"size": [height, width], "counts": rle_counts(d, height, width)}, height, width)
+        x1, y1, x2, y2 = (float(v) for v in (d.bbox if d.bbox is not None else d.box))
+        out.append({
+            "image_id": image_id, "category_id": int(d.label), "score": round(float(d.score), 5),
+            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+            "area": d.area,
+        })
+    return out
+
+
+def palette(classes: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """``N x 3`` uint8 colours indexed by label value (N >= 256 and above every class id): each
+    class's ``color``, NO_CLASS_COLOR for values without a class (no detection, ignore)."""
+    pal = np.zeros((max([256, *(int(c["id"]) + 2 for c in classes)]), 3), dtype=np.uint8)
+    pal[:] = NO_CLASS_COLOR
+    for c in classes:
+        pal[int(c["id"])] = c.get("color", UNCOLOURED_CLASS)
+    return pal
+
+
+def colorize(labels: np.ndarray, pal: np.ndarray) -> np.ndarray:
+    """``H x W`` labels -> ``H x W x 3`` colours (values beyond the palette have no class)."""
+    return pal[np.clip(labels.astype(np.int64, copy=False), 0, len(pal) - 1)]
+
+
+# --------------------------------------------------------------------------------------
+# One function per output kind, on a padded batch
+# --------------------------------------------------------------------------------------
+
+
+def _semantic(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]], num_classes: int) -> list[Tensor]:
+    """Per image ``K x h x w`` logits, cropped to each image's size."""
+    logits = model(x)  # B x K x Hp x Wp
+    if logits.ndim != 4 or logits.shape[1] != num_classes or logits.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"model returned logits of shape {tuple(logits.shape)}, expected B x {num_classes} x "
+                         f"{x.shape[-2]} x {x.shape[-1]}")
+    return [logits[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
+
+
+def _instances(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]],
+               detection: DetectionSettings) -> list[list[Instance]]:
+    """Per image the selected detections, cropped to each image's size."""
+    raw = model.predict_instances(x, detection.score_threshold, detection.mask_threshold, detection.max_detections)
+    return [select_detections(d, h, w, detection) for d, (h, w) in zip(raw, sizes)]
+
+
+def _predict(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]], request: Request) -> list[Prediction]:
+    labels: list[np.ndarray] = []
+    found: list[list[Instance] | None] = [None] * len(sizes)
+    if "semantic" in request.outputs:
+        labels = [lg.argmax(0).cpu().numpy().astype(request.label_dtype)
+                  for lg in _semantic(model, x, sizes, request.num_classes)]
+    if "instances" in request.outputs:
+        found = _instances(model, x, sizes, request.detection)
+        if "semantic" not in request.outputs:
+            labels = [render_instances(f, h, w, request.ignore_index, request.label_dtype) for f, (h, w) in zip(found, sizes)]
+    return [Prediction(lab, f) for lab, f in zip(labels, found)]
+
+
+def _tile_tensor(tile: np.ndarray) -> Tensor:
+    from segpipe.models import normalize
+
+    return normalize(tile)[0]
+
+
+# --------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_images(model: torch.nn.Module, images: Sequence[np.ndarray], request: Request,
+                   device: str | torch.device = "cpu") -> list[Prediction]:
+    """Whole images of any sizes (``H x W x 3`` uint8) through ``model`` (in eval mode, fp32 on
+    ``device``), one Prediction each at its own size."""
+    from segpipe.models import normalize
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        if im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"images[{i}] must be H x W x 3, got shape {im.shape}")
+        groups.setdefault(padded_size(*im.shape[:2]), []).append(i)
+    out: list[Prediction] = [None] * len(images)  # type: ignore[list-item]
+    for (hp, wp), idx in groups.items():
+        x = torch.cat([pad(normalize(images[i]), hp, wp) for i in idx]).to(device)
+        for i, p in zip(idx, _predict(model, x, [images[i].shape[:2] for i in idx], request)):
+            out[i] = p
+    return out
+
+
+@torch.no_grad()
+def predict_tiled(model: torch.nn.Module, image: np.ndarray, request: Request, tile: int, overlap: int,
+                  batch_size: int, device: str | torch.device = "cpu") -> Prediction:
+    """One image of any size by sliding window (``segpipe.tiling``): tiles of ``tile`` pixels
+    overlapping by ``overlap``, ``batch_size`` tiles per forward; softmax probabilities blended
+    across tiles, detections merged across them. An image within one tile is predicted whole,
+    exactly as :func:`predict_images` does."""
+    height, width = image.shape[:2]
+    if height <= tile and width <= tile:
+        return predict_images(model, [image], request, device)[0]
+
+    def logits(t: Tensor) -> Tensor:
+        return torch.stack(_semantic(model, pad(t, *padded_size(*t.shape[-2:])), [t.shape[-2:]] * len(t),
+                                     request.num_classes))
+
+    def detect(t: Tensor) -> list[list[Instance]]:
+        return _instances(model, pad(t, *padded_size(*t.shape[-2:])), [t.shape[-2:]] * len(t), request.detection)
+
+    window, labels, found = tiling.Window(tile, overlap, batch_size, device), None, None
+    if "semantic" in request.outputs:
+        labels = tiling.predict_semantic(logits, image, _tile_tensor, window).numpy().astype(request.label_dtype)
+    if "instances" in request.outputs:
+        found = tiling.predict_instances(detect, image, _tile_tensor, window)
+        if labels is None:
+            labels = render_instances(found, height, width, request.ignore_index, request.label_dtype)
+    return Prediction(labels, found)
+
+
+class Predictor:
+    """A checkpoint's model ready to predict: eval mode, fp32, on ``device``, in ``channels_last``
+    memory format when the registry says its convolutions run fastest so (same label maps)."""
+
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta,
+                 detection: DetectionSettings = DetectionSettings(), device: str | torch.device = "cpu") -> None:
+        from segpipe.models import spec_of
+
+        model = model.to(device).float().eval()
+        if spec_of(meta.arch).channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.meta, self.device = model, meta, torch.device(device)
+        self.request = Request.for_meta(meta, detection)
+
+    @classmethod
+    def load(cls, checkpoint: Path | str, detection: DetectionSettings = DetectionSettings(),
+             device: str | torch.device = "cpu") -> Predictor:
+        from segpipe.checkpoint import load_model
+
+        model, meta = load_model(checkpoint, map_location=device)
+        return cls(model, meta, detection, device)
+
+    def images(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """See :func:`predict_images`."""
+        return predict_images(self.model, images, self.request, self.device)
+
+    def tiled(self, image: np.ndarray, tile: int, overlap: int, batch_size: int) -> Prediction:
+        """See :func:`predict_tiled`."""
+        return predict_tiled(self.model, image, self.request, tile, overlap, batch_size, self.device)
+
+
+# --------------------------------------------------------------------------------------
+# Work over a dataset: in this process, or on a Ray Data actor pool
+# --------------------------------------------------------------------------------------
+
+Row = dict[str, Any]  # flat: str, bytes, int, float and bool values (Ray Data columns)
+WorkerFactory = Callable[..., Callable[[Row], Row]]
+
+
+def map_rows(rows: Sequence[Row], checkpoint: Path | str, make_worker: WorkerFactory,
+             worker_kwargs: Mapping[str, Any] | None = None, *, engine: str = "local",
+             detection: DetectionSettings = DetectionSettings(), device: str = "cpu") -> Iterator[Row]:
+    """``make_worker(predictor, **worker_kwargs)(row)`` for every row, the predictor loaded from
+    ``checkpoint``; the engines differ only in where that runs:
+
+    - ``local``: in this process, one model, results in the order of ``rows``;
+    - ``ray``: Ray Data ``map_batches`` over the rows on an actor pool, each actor loading the
+      model once. Results stream back as rows finish, in no fixed order: a row should say where
+      its result belongs. Connects to ``RAY_ADDRESS`` or starts a local Ray (stopped at the end).
+
+    Every model runs with this process's torch thread count (``torch.get_num_threads()``, e.g.
+    from ``OMP_NUM_THREADS``), in both engines: some CPU kernels (Mask R-CNN's) sum in an order
+    that depends on it, and the engines must give the same numbers. So each actor holds that
+    many CPUs, and the pool has one actor per that many CPUs of the cluster (capped by the
+    largest node), or one per GPU when ``device`` is ``cuda``.
+
+    ``make_worker`` must be importable (a module-level class or function), since Ray ships it
+    to the actors by name.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown inference engine {engine!r}; valid: {', '.join(ENGINES)}")
+    if engine == "ray":
+        return _map_on_ray(rows, str(checkpoint), make_worker, dict(worker_kwargs or {}), detection, device)
+    work = make_worker(Predictor.load(checkpoint, detection, device), **(worker_kwargs or {}))
+    return (work(dict(row)) for row in rows)
+
+
+class ModelActor:
+    """A Ray Data actor: loads the checkpoint once, then runs the worker on each batch of rows."""
+
+    def __init__(self, checkpoint: str, make_worker: WorkerFactory, worker_kwargs: dict[str, Any],
+                 detection: DetectionSettings, device: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.work = make_worker(Predictor.load(checkpoint, detection, device), **worker_kwargs)
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        return pa.Table.from_pylist([self.work(row) for row in batch.to_pylist()])
+
+
+def _map_on_ray(rows: Sequence[Row], checkpoint: str, make_worker: WorkerFactory, worker_kwargs: dict[str, Any],
+                detection: DetectionSettings, device: str) -> Iterator[Row]:
+    import ray
+    import ray.data
+
+    if not rows:
+        return
+    started = _init_ray()
+    try:
+        gpu = torch.device(device).type == "cuda"
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+        if gpu and not gpus:
+            raise ValueError(f"--device {device}: the Ray cluster has no GPU")
+        largest_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+        threads = max(1, min(torch.get_num_threads(), largest_node, cpus // gpus if gpu else cpus))
+        pool = gpus if gpu else cpus // threads
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        dataset = ray.data.from_items([dict(r) for r in rows], override_num_blocks=len(rows)).map_batches(
+            ModelActor, batch_size=1, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(len(rows), pool))),
+            num_cpus=threads, num_gpus=1 if gpu else 0,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "make_worker": make_worker, "worker_kwargs": worker_kwargs,
+                                   "detection": detection, "device": device, "threads": threads})
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from batch.to_pylist()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _init_ray() -> bool:
+    """Connect to ``RAY_ADDRESS``, or start a local Ray with this machine's CPUs; False when Ray
+    was already initialised by the caller (who then also stops it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": "warning", "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    return True
+
+
+__all__ = [
+    "ENGINES", "DetectionSettings", "Instance", "ModelActor", "PAD_MULTIPLE", "Prediction", "Predictor", "Request",
+    "coco_results", "colorize", "map_rows", "pad", "padded_size", "palette", "predict_images", "predict_tiled",
+    "render_instances", "rle_counts", "select_detections",
+]

@@ -1,0 +1,200 @@
+"""segpipe.inference: one padding policy, one detection selection, one renderer, one COCO writer,
+one palette, behind the entry points evaluate, train validation, predict and export use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from segpipe import inference
+from segpipe.inference import DetectionSettings, Request, predict_images, predict_tiled, select_detections
+from segpipe.models import build_model, normalize
+from segpipe.tiling import Instance, Window, crop_instance, predict_semantic
+
+SEMANTIC = Request(frozenset({"semantic"}), 3, 255)
+
+
+def site_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)
+    return np.array(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+class PerPixel(nn.Module):
+    """Logits depend on the pixel only, so padding must not change them."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, k, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * 4
+
+
+class WholeImage(nn.Module):
+    """Every pixel's logits depend on the mean of the whole (padded) input: the padding shows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(2, 3), keepdim=True)
+        return torch.cat([x[:, :1] - m[:, :1], m[:, 1:2].expand_as(x[:, :1]), x[:, 2:] * 0], 1)
+
+
+class Detector(nn.Module):
+    """An instance-only model that records how it is called and returns fixed raw detections."""
+
+    def __init__(self, raw: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.raw, self.calls = raw, []
+
+    def predict_instances(self, images, score_threshold, mask_threshold, max_detections):
+        self.calls.append((tuple(images.shape), score_threshold, mask_threshold, max_detections))
+        return [{k: v.clone() for k, v in self.raw.items()} for _ in images]
+
+
+def raw_detections(h: int = 8, w: int = 8) -> dict[str, torch.Tensor]:
+    masks = torch.zeros(4, 1, h, w)
+    masks[0, 0, :4, :4] = 0.5  # exactly at the mask threshold: kept (>=)
+    masks[1, 0, 2:6, 2:6] = 0.9
+    masks[2, 0] = 0.49  # below the mask threshold everywhere: empty, dropped
+    masks[3, 0, 6:, 6:] = 0.9
+    return {"labels": torch.tensor([1, 2, 1, 2]), "scores": torch.tensor([0.3, 0.6, 0.9, 0.05]),
+            "boxes": torch.tensor([[-3.0, -1.0, 4.0, 4.0], [2, 2, 6, 6], [0, 0, 8, 8], [6, 6, 99, 99]]), "masks": masks}
+
+
+def test_pad_replicates_edges_to_a_multiple_of_32():
+    x = normalize(site_image(37, 50))
+    padded = inference.pad(x, *inference.padded_size(37, 50))
+    assert padded.shape == (1, 3, 64, 64)
+    assert torch.equal(padded[..., :37, :50], x)
+    assert torch.equal(padded[..., 36:, :50], x[..., 36:37, :].expand(-1, -1, 28, -1))  # the last row, repeated
+    assert torch.equal(padded[..., :37, 49:], x[..., :, 49:50].expand(-1, -1, -1, 15))
+
+
+def test_batched_images_of_any_sizes_equal_per_image_predictions():
+    images = [site_image(h, w, i) for i, (h, w) in enumerate(((37, 50), (64, 20), (33, 33), (100, 90)))]
+    model = PerPixel().eval()
+    batched = predict_images(model, images, SEMANTIC)
+    for im, pred in zip(images, batched):
+        assert pred.labels.shape == im.shape[:2] and pred.labels.dtype == np.uint8 and pred.instances is None
+        with torch.no_grad():
+            np.testing.assert_array_equal(pred.labels, model(normalize(im)).argmax(1)[0].numpy())
+
+
+def test_a_prediction_does_not_depend_on_what_it_is_batched_with():
+    small, large = site_image(40, 40, 1), site_image(130, 70, 2)
+    model = WholeImage().eval()
+    alone = predict_images(model, [small], SEMANTIC)[0].labels
+    together = predict_images(model, [large, small, large], SEMANTIC)[1].labels
+    np.testing.assert_array_equal(alone, together)
+
+
+def test_selection_thresholds_drops_empty_masks_orders_and_clips():
+    d = DetectionSettings(score_threshold=0.1, mask_threshold=0.5, max_detections=10)
+    kept = select_detections(raw_detections(), 7, 7, d)
+    # 0.9 has an empty mask at 0.5, 0.05 is below the score threshold
+    assert [(k.label, k.score) for k in kept] == [(2, pytest.approx(0.6)), (1, pytest.approx(0.3))]
+    assert kept[1].box == (0, 0, 4, 4) and kept[1].bbox == (0.0, 0.0, 4.0, 4.0)  # clipped to the image
+    assert select_detections(raw_detections(), 7, 7, DetectionSettings(0.1, 0.5, 1))[0].score == pytest.approx(0.6)
+    assert select_detections(raw_detections(), 7, 7, DetectionSettings(0.95, 0.5, 10)) == []
+
+
+def test_instance_models_are_called_through_one_signature_and_rendered():
+    model = Detector(raw_detections(32, 32))
+    request = Request(frozenset({"instances"}), 3, 255, DetectionSettings(0.1, 0.5, 7))
+    pred = predict_images(model, [np.zeros((7, 7, 3), np.uint8)], request)[0]
+    assert model.calls == [((1, 3, 32, 32), 0.1, 0.5, 7)]
+    assert [k.label for k in pred.instances] == [2, 1]
+    expected = np.full((7, 7), 255, np.uint8)
+    expected[:4, :4] = 1
+    expected[2:6, 2:6] = 2  # the better detection wins where both cover
+    np.testing.assert_array_equal(pred.labels, expected)
+
+
+def test_render_best_score_wins_ties_go_to_the_earlier_and_uncovered_is_none():
+    m = np.ones((2, 2), bool)
+    a, b, c = Instance(1, 0.5, 0, 0, m), Instance(2, 0.9, 1, 1, m), Instance(3, 0.5, 0, 0, m)
+    out = inference.render_instances([a, b, c], 4, 4, 255)
+    assert out.tolist() == [[1, 1, 255, 255], [1, 2, 2, 255], [255, 2, 2, 255], [255, 255, 255, 255]]
+
+
+def test_coco_results_encode_the_mask_and_the_model_box():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    full = np.zeros((37, 53), dtype=bool)
+    full[5:30, 10:40] = rng.random((25, 30)) > 0.4
+    inst = crop_instance(1, 0.123456, full, bbox=(9.5, 4.0, 40.25, 30.0))
+    other = crop_instance(2, 0.5, full)
+    assert inference.rle_counts(inst, 37, 53)[0] == np.flatnonzero(full.T.ravel())[0]
+    [r] = inference.coco_results([inst, other], 7, 37, 53, category_ids={1})
+    assert r["image_id"] == 7 and r["category_id"] == 1 and r["score"] == 0.12346 and r["area"] == full.sum()
+    assert r["bbox"] == [9.5, 4.0, 30.75, 26.0]
+    decoded = mask_utils.decode({"size": [37, 53], "counts": r["segmentation"]["counts"].encode()})
+    assert np.array_equal(decoded.astype(bool), full)
+    assert r["segmentation"]["counts"] == mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode()
+    assert inference.coco_results([other], 7, 37, 53)[0]["bbox"] == [10.0, 5.0, 30.0, 25.0]  # no model box: the mask's
+
+
+def test_one_palette_black_for_values_without_a_class():
+    pal = inference.palette([{"id": 0, "name": "a", "color": [1, 2, 3]}, {"id": 300, "name": "b"}])
+    assert len(pal) == 302 and pal[0].tolist() == [1, 2, 3] and pal[300].tolist() == [128, 128, 128]
+    assert pal[255].tolist() == list(inference.NO_CLASS_COLOR) and pal[-1].tolist() == list(inference.NO_CLASS_COLOR)
+    assert inference.colorize(np.array([[0, 5000]]), pal).tolist() == [[[1, 2, 3], list(inference.NO_CLASS_COLOR)]]
+
+
+def test_an_image_within_one_tile_is_predicted_whole():
+    torch.manual_seed(0)
+    model = build_model("unet", 3, base_channels=4, depth=3).eval()
+    image = site_image(50, 77)
+    tiled = predict_tiled(model, image, SEMANTIC, tile=256, overlap=64, batch_size=2)
+    np.testing.assert_array_equal(tiled.labels, predict_images(model, [image], SEMANTIC)[0].labels)
+
+
+def test_unet_tiled_agrees_with_whole_image_without_seams():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("unet", 3, base_channels=4, depth=3).eval()
+    image = site_image(700, 1000)
+    def logits(t: torch.Tensor) -> torch.Tensor:  # what predict_tiled runs on a batch of tiles
+        return torch.stack(inference._semantic(model, inference.pad(t, *inference.padded_size(*t.shape[-2:])),
+                                               [t.shape[-2:]] * len(t), 3))
+
+    tiled, whole = (predict_semantic(logits, image, lambda x: normalize(x)[0], window, return_probs=True)
+                    for window in (Window(256, 64), Window(1024, 0)))
+    assert (tiled.argmax(0) == whole.argmax(0)).float().mean().item() > 0.98
+    labels = predict_tiled(model, image, SEMANTIC, tile=256, overlap=64, batch_size=4).labels
+    np.testing.assert_array_equal(labels, tiled.argmax(0).numpy())
+    err = (tiled - whole).abs().amax(0)  # no seams: the error along tile borders is no larger than elsewhere
+    cols = torch.tensor([192, 256, 384, 448, 576, 640, 744])
+    assert err[:, cols].mean() < 3 * err.mean() + 1e-3
+
+
+def test_predictor_uses_channels_last_where_the_registry_says(tiny_checkpoint):
+    from segpipe.inference import Predictor
+
+    unet = Predictor.load(tiny_checkpoint("unet", base_channels=4, depth=2))
+    conv = next(m for m in unet.model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not unet.model.training
+    assert unet.request.outputs == {"semantic"} and unet.request.ignore_index == 255
+
+
+def test_map_rows_runs_the_worker_in_order_locally_and_refuses_unknown_engines(tiny_checkpoint):
+    ckpt = tiny_checkpoint("unet", base_channels=4, depth=2)
+    rows = [{"n": i} for i in range(3)]
+    assert list(inference.map_rows(rows, ckpt, Doubler, {"by": 2})) == [{"n": 0, "arch": "unet"},
+                                                                        {"n": 2, "arch": "unet"},
+                                                                        {"n": 4, "arch": "unet"}]
+    with pytest.raises(ValueError, match="unknown inference engine 'spark'; valid: local, ray"):
+        inference.map_rows(rows, ckpt, Doubler, engine="spark")
+
+
+class Doubler:
+    def __init__(self, predictor, by: int = 1) -> None:
+        self.arch, self.by = predictor.meta.arch, by
+
+    def __call__(self, row):
+        return {"n": row["n"] * self.by, "arch": self.arch}
