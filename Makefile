@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 RUN    := PYTHONDONTWRITEBYTECODE= PATH="$(CURDIR)/$(BIN):$$PATH"
 STAMP  := $(VENV)/.segpipe-installed
 
-.PHONY: pipeline test install lint bench clean-data
+.PHONY: pipeline test install lint bench bench-learning clean-data
 
 # One local Ray serves every train stage of the DAG (segpipe/cluster.py), stopped afterwards.
 pipeline: install
@@ -37,6 +37,13 @@ bench: install
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/inference.py
+
+# The seven architectures at an equal budget through the real train stage, on one local Ray it
+# starts itself (about an hour here at the default 4 minutes x 2 seeds).
+bench-learning: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(RUN) $(BIN)/python benchmarks/learning.py
 
 clean-data:
 	rm -rf data reports models/checkpoints models/eval

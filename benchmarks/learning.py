@@ -38,6 +38,7 @@ def make_shards(root: Path, images: int) -> Path:
 
 def run_one(arch: str, seed: int, shards: Path, out: Path, budget: float, size: int) -> dict:
     """Train ``arch`` for ``budget`` seconds, evaluate it; the row of the table and its curve."""
+    from segpipe.checkpoint import load_meta
     from segpipe.stages import evaluate, train
 
     # The architecture's own settings of the default run (lr, batch, clipping), at this budget and size.
@@ -46,7 +47,7 @@ def run_one(arch: str, seed: int, shards: Path, out: Path, budget: float, size: 
                             overrides={arch: over})
     summary = train.run(p, arch, shards, out / "train")
     m = evaluate.run(EvaluateParams(num_overlays=0), out / "train" / "checkpoint", shards, out / "eval")
-    history = json.loads((out / "train" / "checkpoint" / "meta.json").read_text())["history"]
+    history = load_meta(out / "train" / "checkpoint").history
     return {
         "arch": arch, "seed": seed, "miou": m["miou"], "miou_things": m.get("miou_things"),
         "segm_ap50": m["segm"]["AP50"] if "segm" in m else None, "steps": summary["steps"],
@@ -108,7 +109,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from segpipe.cluster import local_ray
+    from segpipe.lifetime import terminate_as_interrupt
 
+    terminate_as_interrupt()  # a kill stops the local Ray too
     t0 = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, local_ray() as env:

@@ -21,8 +21,11 @@ model per actor, GPU actors when the device is ``cuda``, results streamed back a
 
 What a model outputs comes from the registry (``segpipe.models.spec_of(arch).outputs``); every
 instance-capable model has ``predict_instances(images, score_threshold, mask_threshold,
-max_detections)``. A new output kind (panoptic) is one more function beside :func:`_semantic`
-and :func:`_instances`, one more field of :class:`Prediction`.
+max_detections)``, every panoptic-capable one ``mask_classification(images)``. One function per
+output kind (:func:`_semantic`, :func:`_instances`, :func:`_panoptic`: Mask2Former's inference,
+``evaluate.panoptic.maskformer``), one field each of :class:`Prediction`; :func:`fuse` makes a
+panoptic result of any semantic prediction with any instance prediction (Panoptic FPN's
+heuristic, ``evaluate.panoptic.fusion``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segpipe import tiling
-from segpipe.params import ENGINES, EvaluateParams
+from segpipe.params import ENGINES, EvaluateParams, FusionParams, PanopticParams
 from segpipe.tiling import Instance
 
 if TYPE_CHECKING:
@@ -49,6 +52,7 @@ PAD_MULTIPLE = 32
 NO_CLASS_COLOR = (0, 0, 0)  # label values without a class: no detection, ignore
 UNCOLOURED_CLASS = (128, 128, 128)  # a class whose table gives no colour
 _EVALUATE = EvaluateParams()
+_PANOPTIC: PanopticParams = _EVALUATE.panoptic  # frozen: a safe default argument
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,19 @@ class Request:
     num_classes: int
     ignore_index: int
     detection: DetectionSettings = DetectionSettings()
+    thing_ids: tuple[int, ...] = ()  # classes segmented per instance (panoptic)
+    # maskformer: whole images; fusion: a large image by tiles (predict_tiled). Defaults: evaluate.panoptic's.
+    panoptic: PanopticParams = _PANOPTIC
 
     @classmethod
-    def for_meta(cls, meta: CheckpointMeta, detection: DetectionSettings = DetectionSettings()) -> Request:
-        """Every output the checkpoint's architecture has."""
+    def for_meta(cls, meta: CheckpointMeta, detection: DetectionSettings = DetectionSettings(),
+                 panoptic: PanopticParams = _PANOPTIC, outputs: Collection[str] | None = None) -> Request:
+        """The checkpoint's architecture's outputs (those of them in ``outputs`` when given)."""
         from segpipe.models import spec_of
 
-        return cls(spec_of(meta.arch).outputs, meta.num_classes, meta.ignore_index, detection)
+        has = spec_of(meta.arch).outputs
+        chosen = has if outputs is None else has & frozenset(outputs)
+        return cls(chosen, meta.num_classes, meta.ignore_index, detection, tuple(meta.thing_ids or ()), panoptic)
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -88,10 +98,12 @@ class Request:
 class Prediction:
     """One image's outputs, at its own size. ``labels`` (H x W): the argmax of the semantic output,
     or, for models without one, the detections rendered (:func:`render_instances`). ``instances``:
-    the selected detections, best first; None when not requested."""
+    the selected detections, best first; None when not requested. ``panoptic``: (H x W int32
+    segment map, 0 = void, COCO ``segments_info``); None when not requested."""
 
     labels: np.ndarray
     instances: list[Instance] | None = None
+    panoptic: tuple[np.ndarray, list[dict[str, Any]]] | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -228,9 +240,58 @@ def _instances(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int
     return [select_detections(d, h, w, detection) for d, (h, w) in zip(raw, sizes)]
 
 
+def _panoptic(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]],
+              request: Request) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """Per image the segment map and ``segments_info`` of Mask2Former's panoptic inference on the
+    model's ``mask_classification`` outputs, cropped to each image's size."""
+    from segpipe.panoptic import maskformer_panoptic
+
+    class_logits, mask_logits = model.mask_classification(x)  # B x Q x K+1, B x Q x Hp x Wp
+    return [maskformer_panoptic(class_logits[i], mask_logits[i, :, :h, :w], request.thing_ids,
+                                object_mask_threshold=request.panoptic.maskformer.object_mask_threshold,
+                                overlap_threshold=request.panoptic.maskformer.overlap_threshold)
+            for i, (h, w) in enumerate(sizes)]
+
+
+def panoptic_labels(panoptic: tuple[np.ndarray, Sequence[Mapping[str, Any]]], none_value: int,
+                    dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """The class map of a panoptic result: each segment's category, ``none_value`` on void."""
+    seg_map, segments = panoptic
+    lut = np.full(max([0, *(int(s["id"]) for s in segments)]) + 1, none_value, dtype=np.int64)
+    for s in segments:
+        lut[int(s["id"])] = int(s["category_id"])
+    return lut[seg_map].astype(dtype)
+
+
+def instance_masks(instances: Sequence[Instance], height: int, width: int) -> np.ndarray:
+    """``N x H x W`` bool full-size masks of detections."""
+    out = np.zeros((len(instances), height, width), dtype=bool)
+    for i, d in enumerate(instances):
+        x0, y0, x1, y1 = d.box
+        out[i, y0:y1, x0:x1] = d.mask
+    return out
+
+
+def fuse(semantic: Prediction, instances: Prediction, thing_ids: Sequence[int],
+         fusion: FusionParams = _PANOPTIC.fusion) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Panoptic segments of one image from a semantic model's prediction (its ``labels``) and an
+    instance model's (its ``instances``), by Panoptic FPN's heuristic
+    (``segpipe.panoptic.fuse_panoptic`` with ``fusion``'s thresholds)."""
+    from segpipe.panoptic import fuse_panoptic
+
+    if instances.instances is None:
+        raise ValueError("the instance prediction has no detections (was 'instances' requested?)")
+    h, w = semantic.labels.shape
+    found = instances.instances
+    return fuse_panoptic(semantic.labels.astype(np.int64), [d.label for d in found], [d.score for d in found],
+                         instance_masks(found, h, w), thing_ids, overlap_threshold=fusion.overlap_threshold,
+                         stuff_min_area=fusion.stuff_min_area, score_threshold=fusion.score_threshold)
+
+
 def _predict(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]], request: Request) -> list[Prediction]:
-    labels: list[np.ndarray] = []
+    labels: list[np.ndarray | None] = [None] * len(sizes)
     found: list[list[Instance] | None] = [None] * len(sizes)
+    pans: list[tuple[np.ndarray, list[dict[str, Any]]] | None] = [None] * len(sizes)
     if "semantic" in request.outputs:
         labels = [lg.argmax(0).cpu().numpy().astype(request.label_dtype)
                   for lg in _semantic(model, x, sizes, request.num_classes)]
@@ -238,7 +299,11 @@ def _predict(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]]
         found = _instances(model, x, sizes, request.detection)
         if "semantic" not in request.outputs:
             labels = [render_instances(f, h, w, request.ignore_index, request.label_dtype) for f, (h, w) in zip(found, sizes)]
-    return [Prediction(lab, f) for lab, f in zip(labels, found)]
+    if "panoptic" in request.outputs:
+        pans = _panoptic(model, x, sizes, request)
+        labels = [lab if lab is not None else panoptic_labels(p, request.ignore_index, request.label_dtype)
+                  for lab, p in zip(labels, pans)]
+    return [Prediction(lab, f, p) for lab, f, p in zip(labels, found, pans)]
 
 
 def _tile_tensor(tile: np.ndarray) -> Tensor:
@@ -278,7 +343,9 @@ def predict_tiled(model: torch.nn.Module, image: np.ndarray, request: Request, t
     """One image of any size by sliding window (``segpipe.tiling``): tiles of ``tile`` pixels
     overlapping by ``overlap``, ``batch_size`` tiles per forward; softmax probabilities blended
     across tiles, detections merged across them. An image within one tile is predicted whole,
-    exactly as :func:`predict_images` does."""
+    exactly as :func:`predict_images` does. A panoptic output of a larger image is the tiled
+    semantic map and tiled detections fused (:func:`fuse`, ``request.panoptic.fusion``), not
+    Mask2Former's inference per tile."""
     height, width = image.shape[:2]
     if height <= tile and width <= tile:
         return predict_images(model, [image], request, device)[0]
@@ -290,14 +357,20 @@ def predict_tiled(model: torch.nn.Module, image: np.ndarray, request: Request, t
     def detect(t: Tensor) -> list[list[Instance]]:
         return _instances(model, pad(t, *padded_size(*t.shape[-2:])), [t.shape[-2:]] * len(t), request.detection)
 
-    window, labels, found = tiling.Window(tile, overlap, batch_size, device), None, None
-    if "semantic" in request.outputs:
+    # A panoptic output by tiles fuses the tiled semantic map with the tiled detections
+    # (request.panoptic.fusion): segments cut by tile borders cannot be merged as reliably as detections.
+    panoptic = "panoptic" in request.outputs
+    window, labels, found, pan = tiling.Window(tile, overlap, batch_size, device), None, None, None
+    if "semantic" in request.outputs or panoptic:
         labels = tiling.predict_semantic(logits, image, _tile_tensor, window).numpy().astype(request.label_dtype)
-    if "instances" in request.outputs:
+    if "instances" in request.outputs or panoptic:
         found = tiling.predict_instances(detect, image, _tile_tensor, window)
         if labels is None:
             labels = render_instances(found, height, width, request.ignore_index, request.label_dtype)
-    return Prediction(labels, found)
+    if panoptic:
+        pan = fuse(Prediction(labels), Prediction(labels, found), request.thing_ids, request.panoptic.fusion)
+        found = found if "instances" in request.outputs else None
+    return Prediction(labels, found, pan)
 
 
 class Predictor:
@@ -305,22 +378,25 @@ class Predictor:
     memory format when the registry says its convolutions run fastest so (same label maps)."""
 
     def __init__(self, model: torch.nn.Module, meta: CheckpointMeta,
-                 detection: DetectionSettings = DetectionSettings(), device: str | torch.device = "cpu") -> None:
+                 detection: DetectionSettings = DetectionSettings(), device: str | torch.device = "cpu", *,
+                 panoptic: PanopticParams = _PANOPTIC, outputs: Collection[str] | None = None) -> None:
+        """``outputs``: the model's outputs to produce (default: all it has)."""
         from segpipe.models import spec_of
 
         model = model.to(device).float().eval()
         if spec_of(meta.arch).channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.meta, self.device = model, meta, torch.device(device)
-        self.request = Request.for_meta(meta, detection)
+        self.request = Request.for_meta(meta, detection, panoptic, outputs)
 
     @classmethod
     def load(cls, checkpoint: Path | str, detection: DetectionSettings = DetectionSettings(),
-             device: str | torch.device = "cpu") -> Predictor:
+             device: str | torch.device = "cpu", *, panoptic: PanopticParams = _PANOPTIC,
+             outputs: Collection[str] | None = None) -> Predictor:
         from segpipe.checkpoint import load_model
 
         model, meta = load_model(checkpoint, map_location=device)
-        return cls(model, meta, detection, device)
+        return cls(model, meta, detection, device, panoptic=panoptic, outputs=outputs)
 
     def images(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """See :func:`predict_images`."""
@@ -341,9 +417,11 @@ WorkerFactory = Callable[..., Callable[[Row], Row]]
 
 def map_rows(rows: Sequence[Row], checkpoint: Path | str, make_worker: WorkerFactory,
              worker_kwargs: Mapping[str, Any] | None = None, *, engine: str = "local",
-             detection: DetectionSettings = DetectionSettings(), device: str = "cpu") -> Iterator[Row]:
+             detection: DetectionSettings = DetectionSettings(), device: str = "cpu",
+             panoptic: PanopticParams = _PANOPTIC, outputs: Collection[str] | None = None) -> Iterator[Row]:
     """``make_worker(predictor, **worker_kwargs)(row)`` for every row, the predictor loaded from
-    ``checkpoint``; the engines differ only in where that runs:
+    ``checkpoint`` (with ``detection``, ``panoptic``, ``outputs`` as :class:`Predictor` takes
+    them); the engines differ only in where that runs:
 
     - ``local``: in this process, one model, results in the order of ``rows``;
     - ``ray``: Ray Data ``map_batches`` over the rows on an actor pool, each actor loading the
@@ -362,8 +440,10 @@ def map_rows(rows: Sequence[Row], checkpoint: Path | str, make_worker: WorkerFac
     if engine not in ENGINES:
         raise ValueError(f"unknown inference engine {engine!r}; valid: {', '.join(ENGINES)}")
     if engine == "ray":
-        return _map_on_ray(rows, str(checkpoint), make_worker, dict(worker_kwargs or {}), detection, device)
-    work = make_worker(Predictor.load(checkpoint, detection, device), **(worker_kwargs or {}))
+        loading = {"detection": detection, "panoptic": panoptic, "outputs": None if outputs is None else sorted(outputs)}
+        return _map_on_ray(rows, str(checkpoint), make_worker, dict(worker_kwargs or {}), loading, device)
+    work = make_worker(Predictor.load(checkpoint, detection, device, panoptic=panoptic, outputs=outputs),
+                       **(worker_kwargs or {}))
     return (work(dict(row)) for row in rows)
 
 
@@ -371,9 +451,9 @@ class ModelActor:
     """A Ray Data actor: loads the checkpoint once, then runs the worker on each batch of rows."""
 
     def __init__(self, checkpoint: str, make_worker: WorkerFactory, worker_kwargs: dict[str, Any],
-                 detection: DetectionSettings, device: str, threads: int) -> None:
+                 loading: dict[str, Any], device: str, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.work = make_worker(Predictor.load(checkpoint, detection, device), **worker_kwargs)
+        self.work = make_worker(Predictor.load(checkpoint, device=device, **loading), **worker_kwargs)
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -382,7 +462,7 @@ class ModelActor:
 
 
 def _map_on_ray(rows: Sequence[Row], checkpoint: str, make_worker: WorkerFactory, worker_kwargs: dict[str, Any],
-                detection: DetectionSettings, device: str) -> Iterator[Row]:
+                loading: dict[str, Any], device: str) -> Iterator[Row]:
     import ray
     import ray.data
 
@@ -406,7 +486,7 @@ def _map_on_ray(rows: Sequence[Row], checkpoint: str, make_worker: WorkerFactory
             compute=ray.data.ActorPoolStrategy(size=max(1, min(len(rows), pool))),
             num_cpus=threads, num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"checkpoint": checkpoint, "make_worker": make_worker, "worker_kwargs": worker_kwargs,
-                                   "detection": detection, "device": device, "threads": threads})
+                                   "loading": loading, "device": device, "threads": threads})
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from batch.to_pylist()
     finally:
@@ -431,6 +511,6 @@ def _init_ray() -> bool:
 
 __all__ = [
     "ENGINES", "DetectionSettings", "Instance", "ModelActor", "PAD_MULTIPLE", "Prediction", "Predictor", "Request",
-    "coco_results", "colorize", "map_rows", "pad", "padded_size", "palette", "predict_images", "predict_tiled",
-    "render_instances", "rle_counts", "select_detections",
+    "coco_results", "colorize", "fuse", "instance_masks", "map_rows", "pad", "padded_size", "palette",
+    "panoptic_labels", "predict_images", "predict_tiled", "render_instances", "rle_counts", "select_detections",
 ]

@@ -243,3 +243,79 @@ def fuse_panoptic(
         panoptic[region] = seg["id"]
         segments.append(seg)
     return _result(panoptic, segments)
+
+
+# --------------------------------------------------------------------------------------
+# Ground truth
+# --------------------------------------------------------------------------------------
+
+
+def ground_truth(
+    semantic: np.ndarray,
+    instance_masks: Sequence[np.ndarray] | np.ndarray,
+    instance_labels: Sequence[int],
+    instance_crowd: Sequence[int | bool],
+    thing_ids: Sequence[int],
+    ignore_index: int,
+    where: str = "",
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Panoptic ground truth of one image from its semantic map (H x W class ids) and instances
+    (H x W bool masks with their classes and crowd flags).
+
+    Each instance is its own segment (``iscrowd`` 1 for crowd regions), a later instance taking
+    the pixels it shares with an earlier one (as training's instance maps do); an instance left
+    with no pixel is dropped. Each stuff class of the semantic map becomes one segment of the
+    pixels no instance holds. Void (0): ``ignore_index`` pixels, even under an instance, and
+    thing-class pixels that no instance covers. Segment ids are 1, 2, ...: instances in input
+    order, then stuff classes by id. Raises ValueError (prefixed with ``where``) when an instance
+    is not of a thing class or its mask does not fit the map.
+    """
+    at = f"{where}: " if where else ""
+    sem = np.asarray(semantic)
+    if sem.ndim != 2:
+        raise ValueError(f"{at}semantic map has shape {sem.shape}, expected H x W")
+    if not len(instance_masks) == len(instance_labels) == len(instance_crowd):
+        raise ValueError(f"{at}{len(instance_masks)} instance masks, {len(instance_labels)} labels and "
+                         f"{len(instance_crowd)} crowd flags")
+    things = {int(t) for t in thing_ids}
+    valid = sem != ignore_index
+    owner = np.full(sem.shape, -1, dtype=np.int64)  # index of the instance holding each pixel
+    for k, (mask, label) in enumerate(zip(instance_masks, instance_labels)):
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != sem.shape:
+            raise ValueError(f"{at}instance #{k} has a {m.shape} mask, the semantic map is {sem.shape}")
+        if int(label) not in things:
+            raise ValueError(f"{at}instance #{k} has category {int(label)}, not a thing class ({sorted(things)})")
+        owner[m & valid] = k
+    seg_map = np.zeros(sem.shape, dtype=np.int32)
+    ids = _SegmentIds(None)
+    segments: list[dict[str, Any]] = []
+    for k in range(len(instance_labels)):
+        held = owner == k
+        if not held.any():
+            continue
+        label = int(instance_labels[k])
+        seg = {"id": ids.new(label), "category_id": label, "iscrowd": int(bool(instance_crowd[k])), "isthing": True}
+        seg_map[held] = seg["id"]
+        segments.append(seg)
+    free = valid & (owner < 0)
+    for label in np.unique(sem[free]).tolist():
+        if int(label) in things:
+            continue
+        seg = {"id": ids.new(int(label)), "category_id": int(label), "iscrowd": 0, "isthing": False}
+        seg_map[free & (sem == label)] = seg["id"]
+        segments.append(seg)
+    return seg_map, segments_info(seg_map, segments)
+
+
+def sample_ground_truth(sample: Mapping[str, Any], thing_ids: Sequence[int],
+                        ignore_index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """:func:`ground_truth` of a decoded shard sample (``segpipe.shards``: ``semantic`` and
+    ``instances`` with COCO RLE ``segmentation``)."""
+    from pycocotools import mask as mask_utils  # RLEs in shards were validated by the converter
+
+    insts = list(sample.get("instances") or [])
+    masks = [mask_utils.decode(i["segmentation"]).astype(bool) for i in insts]
+    return ground_truth(sample["semantic"], masks, [int(i["category_id"]) for i in insts],
+                        [int(i.get("iscrowd", 0)) for i in insts], thing_ids, ignore_index,
+                        where=f"image {sample.get('image_id')}")

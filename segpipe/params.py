@@ -217,6 +217,50 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class MaskFormerPanopticParams:
+    """Mask2Former's panoptic inference (``segpipe.panoptic.maskformer_panoptic``)."""
+
+    object_mask_threshold: float = 0.8  # a query is kept when its best class probability exceeds this
+    overlap_threshold: float = 0.8  # and it wins at least this share of its own mask's pixels
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("object_mask_threshold", _unit(self.object_mask_threshold), "must be in [0, 1]"),
+            ("overlap_threshold", _unit(self.overlap_threshold), "must be in [0, 1]"),
+        ])
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    """Panoptic FPN's fusion of a semantic and an instance model (``segpipe.panoptic.fuse_panoptic``),
+    and how ``segpipe evaluate --fuse-best`` picks the pair from the evaluated models."""
+
+    overlap_threshold: float = 0.5  # an instance keeps at least this share of its mask free of better ones
+    # COCO's 4096 px is 1.3% of a 640 x 480 image; on the 64-256 px synthetic scenes it would void
+    # most stuff regions. 64 px (an 8 x 8 patch, 2 x 2 cells of the stride-4 mask head) only drops
+    # slivers a semantic model leaves along object borders.
+    stuff_min_area: int = 64
+    score_threshold: float = 0.5  # instances below this score are not fused
+    semantic_metric: str = "miou"  # the semantic model fused: the best on this among semantic evals
+    instance_metric: str = "segm.AP"  # the instance model fused: the best on this among instance evals
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("overlap_threshold", _unit(self.overlap_threshold), "must be in [0, 1]"),
+            ("stuff_min_area", self.stuff_min_area >= 0, "must be >= 0 pixels"),
+            ("score_threshold", _unit(self.score_threshold), "must be in [0, 1]"),
+            ("semantic_metric", bool(self.semantic_metric), "must name a metric"),
+            ("instance_metric", bool(self.instance_metric), "must name a metric"),
+        ])
+
+
+@dataclass(frozen=True)
+class PanopticParams:
+    maskformer: MaskFormerPanopticParams = field(default_factory=MaskFormerPanopticParams)
+    fusion: FusionParams = field(default_factory=FusionParams)
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     split: str = "val"
     batch_size: int = 8
@@ -226,6 +270,7 @@ class EvaluateParams:
     max_detections: int = 100
     colour_bits: int = 4  # colour baseline: bits kept per RGB channel (4 = 4096 colour bins)
     engine: str = "local"  # local: this process; ray: a Ray Data actor pool (segpipe.inference.map_rows)
+    panoptic: PanopticParams = field(default_factory=PanopticParams)
 
     def __post_init__(self) -> None:
         require(self, [
@@ -246,6 +291,7 @@ class PromoteParams:
     semantic_metric: str = "miou"
     instance_metric: str = "segm.AP"
     mixed_metric: str = "miou_things"  # when semantic and instance models compete
+    panoptic_metric: str = "pq"  # ranks panoptic candidates (metrics.json "panoptic" block) on their own aliases
     min_value: float = 0.0
     margin: float = 0.0
     baseline_margin: float = 0.0  # a candidate must beat the best reference predictor by this much
@@ -259,6 +305,7 @@ class PromoteParams:
             ("semantic_metric", bool(self.semantic_metric), "must name a metric"),
             ("instance_metric", bool(self.instance_metric), "must name a metric"),
             ("mixed_metric", bool(self.mixed_metric), "must name a metric"),
+            ("panoptic_metric", bool(self.panoptic_metric), "must name a metric"),
             ("margin", self.margin >= 0, "must be >= 0"),
             ("baseline_margin", self.baseline_margin >= 0, "must be >= 0"),
             ("protected_tolerance", self.protected_tolerance >= 0, "must be >= 0"),
@@ -289,7 +336,7 @@ class RetrainParams:
     retries: int = 1  # per stage task
     retry_delay_s: float = 10.0
     timeout_s: float = 3600.0  # per attempt of a stage task
-    stages: list[str] = field(default_factory=lambda: ["synth", "convert", "train", "evaluate", "baselines"])
+    stages: list[str] = field(default_factory=lambda: ["synth", "convert", "train", "evaluate", "baselines", "fuse"])
     promote_stage: str = "promote"  # runs only when every stage above succeeded
     report_stage: str = "evaluate"  # whose DVC metrics fill the artifact's table
     metrics: list[str] = field(default_factory=lambda: ["miou", "miou_things", "mdice", "pixel_acc", "segm.AP"])
@@ -392,6 +439,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if len(value) != len(args):
             raise ParamsError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):  # a nested section, e.g. evaluate.panoptic
+        if isinstance(value, tp):
+            return value
+        return build(tp, value, where)
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {value!r}")

@@ -3,9 +3,11 @@
 Layout (``docs/registry.md`` documents every field)::
 
     models/registry/
-        index.json        versions, aliases (champion, challenger) and the alias history
+        index.json        versions, aliases (champion, challenger, panoptic-champion,
+                          panoptic-challenger) and the alias history
         .lock             file lock held during every update
-        v1/ v2/ ...       copies of the registered checkpoints (model.safetensors + meta.json)
+        v1/ v2/ ...       copies of the registered checkpoints (model.safetensors + meta.json),
+                          or of a fused pair (semantic/, instance/, bundle.json)
 
 Every update takes the lock, re-reads the index, changes it and writes it back by temp file +
 rename, so concurrent promotions never lose or corrupt an entry. An update that fails (a full
@@ -43,7 +45,10 @@ from segpipe.files import (
 FORMAT = "segpipe-registry/1"
 INDEX = "index.json"
 LOCK = ".lock"
-ALIASES = ("champion", "challenger")
+# panoptic-*: the panoptic ranking (promote.panoptic_metric), apart from the semantic/instance one
+ALIASES = ("champion", "challenger", "panoptic-champion", "panoptic-challenger")
+BUNDLE = "bundle.json"  # in a fused version: its members' folders and the fusion params
+BUNDLE_MEMBERS = ("semantic", "instance")
 CHECKPOINT_FILES = (WEIGHTS, META)  # train_state is not needed to serve a model and is not copied
 DEFAULT_REGISTRY = Path("models/registry")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
@@ -275,6 +280,89 @@ def add_version(
     }
     index["versions"].append(entry)
     return entry, True
+
+
+def bundle_sha256(members: dict[str, str], fusion: dict[str, Any]) -> str:
+    """The identity of a fused bundle: sha256 of its members' weights sha256 and the fusion params."""
+    return sha256_bytes(json.dumps({"members": members, "fusion": fusion}, sort_keys=True,
+                                   separators=(",", ":")).encode())
+
+
+def add_bundle_version(
+    registry: Path,
+    index: dict[str, Any],
+    checkpoints: dict[str, Path],
+    fusion: dict[str, Any],
+    metrics: dict[str, Any],
+    source: dict[str, Any] | None = None,
+    expected_sha256: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Inside a transaction: copy a fused pair (``checkpoints``: ``{"semantic": DIR, "instance":
+    DIR}``) to the next ``vN`` as ``vN/semantic``, ``vN/instance`` and ``vN/bundle.json`` (the
+    fusion params); every copied file's sha256 is in the entry's ``files``, so loading verifies
+    both models. ``expected_sha256`` (what the fused evaluation recorded) must match each member's
+    weights. A bundle already registered (same members and fusion params) comes back unchanged."""
+    if sorted(checkpoints) != sorted(BUNDLE_MEMBERS):
+        raise RegistryError(f"a bundle needs checkpoints {', '.join(BUNDLE_MEMBERS)}, got {sorted(checkpoints)}")
+    hashes = {k: checkpoint_hashes(Path(v)) for k, v in checkpoints.items()}
+    for k, h in hashes.items():
+        if expected_sha256 is not None and h[WEIGHTS] != expected_sha256.get(k):
+            raise RegistryError(f"{Path(checkpoints[k]) / WEIGHTS}: sha256 {h[WEIGHTS]} differs from the evaluated "
+                                f"{expected_sha256.get(k)}")
+    identity = bundle_sha256({k: h[WEIGHTS] for k, h in hashes.items()}, fusion)
+    existing = find_by_sha(index, identity)
+    if existing is not None:
+        return existing, False
+    metas = {k: load_meta(Path(v)) for k, v in checkpoints.items()}
+    bundle = {"members": {k: k for k in BUNDLE_MEMBERS}, "fusion": fusion}
+    version = next_version(index)
+    with atomic_dir(registry / version) as tmp:
+        for k, src in checkpoints.items():
+            (tmp / k).mkdir()
+            for f in CHECKPOINT_FILES:
+                shutil.copy2(Path(src) / f, tmp / k / f)
+            if {f: sha256_file(tmp / k / f) for f in CHECKPOINT_FILES} != hashes[k]:
+                raise RegistryError(f"{src}: changed while being copied into the registry")
+        atomic_write_json(tmp / BUNDLE, bundle)
+    files = {f"{k}/{f}": sha for k, h in hashes.items() for f, sha in h.items()}
+    files[BUNDLE] = sha256_file(registry / version / BUNDLE)
+    entry = {
+        "version": version,
+        "path": version,
+        "arch": metrics.get("arch", "fused"),
+        "task": "panoptic",
+        "checkpoint_sha256": identity,
+        "files": files,
+        "bundle": {k: {"arch": metas[k].arch, "checkpoint_sha256": hashes[k][WEIGHTS],
+                       "params_sha256": params_sha256(metas[k].params)} for k in BUNDLE_MEMBERS},
+        "fusion": fusion,
+        "metrics": finite_or_null(metrics),
+        "shards_manifest_sha256": metrics.get("shards_manifest_sha256"),
+        "git_commit": git_commit(),
+        "created": _now(),
+        "source": source or {k: str(v) for k, v in checkpoints.items()},
+    }
+    index["versions"].append(entry)
+    return entry, True
+
+
+def read_bundle(directory: Path | str) -> dict[str, Any] | None:
+    """A fused version's ``bundle.json`` (``{"members": {"semantic": DIR, "instance": DIR},
+    "fusion": {...}}``, member folders inside ``directory``), or None for a plain checkpoint."""
+    path = Path(directory) / BUNDLE
+    if not path.is_file():
+        return None
+    try:
+        bundle = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{path}: not valid JSON: {e}") from None
+    members = bundle.get("members") if isinstance(bundle, dict) else None
+    if not isinstance(members, dict) or sorted(members) != sorted(BUNDLE_MEMBERS) or not isinstance(bundle.get("fusion"), dict):
+        raise RegistryError(f"{path}: expected members {', '.join(BUNDLE_MEMBERS)} and fusion params")
+    for k, folder in members.items():
+        if not isinstance(folder, str) or (reason := escape_reason(folder)) is not None:
+            raise RegistryError(f"{path}: member {k} folder {folder!r} {reason or 'is not a string'}")
+    return bundle
 
 
 def point_alias(index: dict[str, Any], alias: str, version: str | None, reason: str) -> bool:

@@ -18,6 +18,7 @@ ENTRIES = {
     "train": ["segpipe.stages.train"],
     "evaluate": ["segpipe.stages.evaluate"],
     "baselines": ["segpipe.stages.evaluate"],
+    "fuse": ["segpipe.stages.evaluate"],
     "promote": ["segpipe.stages.promote", "segpipe.commands.report"],
 }
 

@@ -198,3 +198,60 @@ class Doubler:
 
     def __call__(self, row):
         return {"n": row["n"] * self.by, "arch": self.arch}
+
+
+# --------------------------------------------------------------------------------------
+# Panoptic outputs
+# --------------------------------------------------------------------------------------
+
+
+def test_maskformer_panoptic_prediction_is_its_mask_classification_post_processed(tiny_checkpoint):
+    from segpipe.inference import Predictor
+    from segpipe.panoptic import maskformer_panoptic
+    from segpipe.params import MaskFormerPanopticParams, PanopticParams
+
+    torch.manual_seed(0)
+    ckpt = tiny_checkpoint("maskformer", backbone="resnet18", num_queries=6, hidden_dim=32, dec_layers=1, nheads=2,
+                           dim_feedforward=32, conv_dim=32, mask_dim=32, thing_ids=[1, 2])
+    loose = PanopticParams(maskformer=MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
+    p = Predictor.load(ckpt, panoptic=loose)
+    assert p.request.outputs == {"semantic", "instances", "panoptic"} and p.request.thing_ids == (1, 2)
+    image = site_image(50, 70)  # padded to 64 x 96, cropped back
+    pred = p.images([image])[0]
+    seg_map, info = pred.panoptic
+    assert seg_map.shape == (50, 70) and seg_map.dtype == np.int32 and info
+    x = inference.pad(normalize(image), 64, 96)
+    cls, masks = p.model.mask_classification(x)
+    expect_map, expect_info = maskformer_panoptic(cls[0], masks[0, :, :50, :70], (1, 2), object_mask_threshold=0.0,
+                                                  overlap_threshold=0.0)
+    np.testing.assert_array_equal(seg_map, expect_map)
+    assert info == expect_info
+    assert Predictor.load(ckpt, outputs={"semantic"}).images([image])[0].panoptic is None
+
+
+def test_panoptic_labels_and_instance_masks():
+    seg_map = np.array([[0, 1], [2, 2]], np.int32)
+    labels = inference.panoptic_labels((seg_map, [{"id": 1, "category_id": 4}, {"id": 2, "category_id": 0}]), 255)
+    np.testing.assert_array_equal(labels, [[255, 4], [0, 0]])
+    d = Instance(3, 0.9, 1, 1, np.array([[True, False], [True, True]]))
+    masks = inference.instance_masks([d], 3, 4)
+    assert masks.shape == (1, 3, 4) and masks.sum() == 3 and masks[0, 1, 1] and masks[0, 2, 2]
+
+
+def test_fuse_takes_stuff_from_the_semantic_prediction_and_things_from_the_instances():
+    from segpipe.inference import Prediction, fuse
+    from segpipe.params import FusionParams
+
+    sem = np.zeros((8, 8), np.uint8)
+    sem[:, 4:] = 1
+    sem[2:6, 2:6] = 2  # a thing the semantic model sees
+    thing = np.ones((4, 4), bool)
+    weak = Instance(2, 0.2, 0, 0, np.ones((2, 2), bool))  # below score_threshold
+    pan_map, info = fuse(Prediction(sem), Prediction(sem, [Instance(2, 0.9, 2, 2, thing), weak]), [2],
+                         FusionParams(stuff_min_area=4))
+    assert [(s["category_id"], s["isthing"], s["area"]) for s in info] == [(2, True, 16), (0, False, 24), (1, False, 24)]
+    assert (pan_map[2:6, 2:6] == info[0]["id"]).all() and pan_map[0, 0] == info[1]["id"]
+    _, info = fuse(Prediction(sem), Prediction(sem, []), [2], FusionParams(stuff_min_area=25))
+    assert info == []  # each stuff region has 24 px: void
+    with pytest.raises(ValueError, match="no detections"):
+        fuse(Prediction(sem), Prediction(sem), [2])

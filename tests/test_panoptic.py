@@ -172,3 +172,84 @@ def test_outputs_are_valid_coco_panoptic_for_the_metric():
     stat.update(seg, info, seg, info)
     m = stat.compute(["soil", "gravel", "machine", "worker"], [False, False, True, True])
     assert (m["pq"], m["pq_things"], m["pq_stuff"]) == (1.0, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# ground_truth: classes 0, 1 stuff; 2, 3 things; ignore 255; a 4 x 6 image
+# --------------------------------------------------------------------------------------
+
+
+def _gt_case():
+    from segpipe.panoptic import ground_truth
+
+    sem = np.array([
+        [0, 0, 2, 2, 1, 1],
+        [0, 0, 2, 2, 1, 1],
+        [0, 255, 3, 3, 3, 1],
+        [0, 0, 2, 2, 3, 1],
+    ])
+    a = np.zeros((4, 6), bool)
+    a[0:2, 2:4] = True                       # thing 2, 4 px
+    crowd = np.zeros((4, 6), bool)
+    crowd[2, 2:5] = True                     # crowd of thing 3, 3 px
+    crowd[3, 4] = True
+    covered = np.zeros((4, 6), bool)
+    covered[0, 2] = True                     # wholly under the later instance `a2`: dropped
+    a2 = np.zeros((4, 6), bool)
+    a2[0, 2:4] = True                        # thing 2, takes row 0 from `a`
+    masks, labels, flags = [covered, a, crowd, a2], [2, 2, 3, 2], [0, 0, 1, 0]
+    return ground_truth(sem, masks, labels, flags, [2, 3], 255), sem
+
+
+def test_ground_truth_segments_stuff_things_crowd_and_void():
+    (seg_map, info), sem = _gt_case()
+    by_id = {s["id"]: s for s in info}
+    assert [(s["category_id"], s["iscrowd"], s["isthing"], s["area"]) for s in info] == [
+        (2, 0, True, 2),   # `a` keeps row 1 only
+        (3, 1, True, 4),   # the crowd region
+        (2, 0, True, 2),   # `a2`, later, takes row 0
+        (0, 0, False, 7),  # stuff 0 without its ignored pixel
+        (1, 0, False, 6),
+    ]
+    assert [s["id"] for s in info] == [1, 2, 3, 4, 5]
+    assert seg_map[2, 1] == 0                       # ignore_index is void
+    assert (seg_map[3, 2:4] == 0).all()             # thing pixels no instance covers are void
+    assert (seg_map[0, 2:4] == 3).all() and (seg_map[1, 2:4] == 1).all()
+    assert set(np.unique(seg_map)) == {0, *by_id}
+    for s in info:
+        assert s["area"] == int((seg_map == s["id"]).sum())
+
+
+def test_ground_truth_scores_itself_perfectly_and_crowd_is_never_matched():
+    (seg_map, info), _ = _gt_case()
+    stat = PQStat([0, 1, 2, 3])
+    stat.update(seg_map, info, seg_map, info)
+    r = stat.compute(["a", "b", "c", "d"], [False, False, True, True])
+    assert r["pq"] == 1.0 and r["per_class"]["d"]["tp"] == 0 and r["per_class"]["d"]["fp"] == 0
+
+
+def test_ground_truth_errors_name_the_image():
+    from segpipe.panoptic import ground_truth
+
+    sem = np.zeros((2, 2), int)
+    with pytest.raises(ValueError, match="image x: instance #0 has category 1, not a thing class"):
+        ground_truth(sem, [np.ones((2, 2), bool)], [1], [0], [2], 255, where="image x")
+    with pytest.raises(ValueError, match="instance #0 has a \\(3, 2\\) mask"):
+        ground_truth(sem, [np.ones((3, 2), bool)], [2], [0], [2], 255)
+
+
+def test_sample_ground_truth_decodes_shard_rles():
+    from pycocotools import mask as mask_utils
+
+    from segpipe.panoptic import sample_ground_truth
+
+    sem = np.zeros((5, 4), np.uint8)
+    sem[1:3, 1:3] = 2
+    m = np.zeros((5, 4), np.uint8, order="F")
+    m[1:3, 1:3] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    sample = {"image_id": "s", "semantic": sem,
+              "instances": [{"category_id": 2, "iscrowd": 0, "segmentation": {"size": [5, 4], "counts": rle["counts"].decode()}}]}
+    seg_map, info = sample_ground_truth(sample, [2], 255)
+    assert [(s["category_id"], s["area"]) for s in info] == [(2, 4), (0, 16)]
+    assert (seg_map[1:3, 1:3] == 1).all()

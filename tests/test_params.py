@@ -156,3 +156,21 @@ def test_segpipe_params_rejects_out_of_range_values_and_non_mapping_sections(tmp
         with pytest.raises(SystemExit) as e:
             cli_main(["params", "--params", str(write(tmp_path, text))])
         assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_nested_panoptic_section_is_typed_and_range_checked(tmp_path):
+    from segpipe.params import EvaluateParams, FusionParams
+
+    p = write(tmp_path, "evaluate:\n  panoptic:\n    fusion:\n      stuff_min_area: 100\n")
+    e = load_section("evaluate", p)
+    assert isinstance(e, EvaluateParams) and e.panoptic.fusion == FusionParams(stuff_min_area=100)
+    assert e.panoptic.maskformer.object_mask_threshold == 0.8  # the rest keep their defaults
+    with pytest.raises(ParamsError, match=r"evaluate\.panoptic\.fusion\.stuff_min_area = -1: must be >= 0") as err:
+        load_section("evaluate", p, ["evaluate.panoptic.fusion.stuff_min_area=-1"])
+    assert str(p) in str(err.value)
+    with pytest.raises(ParamsError, match=r"evaluate\.panoptic\.maskformer: unknown key\(s\) 'nope'"):
+        load_section("evaluate", p, ["evaluate.panoptic.maskformer.nope=1"])
+    with pytest.raises(ParamsError, match=r"evaluate\.panoptic\.maskformer\.overlap_threshold = 1\.5"):
+        load_section("evaluate", p, ["evaluate.panoptic.maskformer.overlap_threshold=1.5"])
+    with pytest.raises(ParamsError, match=r"evaluate\.panoptic: expected a mapping"):
+        load_section("evaluate", write(tmp_path, "evaluate:\n  panoptic: 3\n"))

@@ -43,6 +43,10 @@ def tiny_repo(tmp_path_factory, copy_repo) -> Path:
     return root
 
 
+def params_of(root: Path) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
 @pytest.mark.slow
 def test_repro_writes_every_output(tiny_repo):
     root = tiny_repo
@@ -60,10 +64,28 @@ def test_repro_writes_every_output(tiny_repo):
     assert "AP" in json.loads((root / "models/eval/mask_rcnn/metrics.json").read_text())["segm"]
     promotion = json.loads((root / "reports/promotion/promotion.json").read_text())
     assert {c["arch"] for c in promotion["candidates"]} == {"unet", "mask_rcnn"}
+    # the fused pair: the best semantic (unet) and the best instance model (mask_rcnn), scored as panoptic
+    fused = json.loads((root / "models/fused/metrics.json").read_text())
+    assert fused["task"] == "panoptic" and "skipped" not in fused
+    assert {k: v["arch"] for k, v in fused["checkpoints"].items()} == {"semantic": "unet", "instance": "mask_rcnn"}
+    assert fused["fusion"]["stuff_min_area"] == params_of(root)["evaluate"]["panoptic"]["fusion"]["stuff_min_area"]
+    assert fused["panoptic"]["pq"] is not None and 0 <= fused["panoptic"]["pq"] <= 1
+    assert (root / "models/fused/per_class_pq.csv").read_text().startswith("class,pq")
+    assert (root / "models/eval/unet/per_class_pq.csv").read_text() == "class,pq\n"
+    assert promotion["panoptic"]["metric"] == "panoptic.pq"
+    assert [c["arch"] for c in promotion["panoptic"]["candidates"]] == ["fused"]
     summary = (root / "reports/summary.md").read_text()
     assert "| unet |" in summary and "| mask_rcnn |" in summary and "Promotion" in summary
+    assert "## Panoptic quality" in summary and "| fused: unet + mask_rcnn |" in summary
     index = json.loads((root / "models/registry/index.json").read_text())
-    assert index["aliases"]["champion"] in {v["version"] for v in index["versions"]}
+    versions = {v["version"] for v in index["versions"]}
+    if "champion" in index["aliases"]:
+        assert index["aliases"]["champion"] in versions
+    else:  # one epoch on 12 images need not beat the colour lookup; then every candidate says so
+        assert all("rejected at beats_baseline" in c["decision"] for c in promotion["candidates"])
+    # the fused pair has no baseline to beat: it is the panoptic champion, a bundle of both checkpoints
+    bundle = next(v for v in index["versions"] if v["version"] == index["aliases"]["panoptic-champion"])
+    assert bundle["task"] == "panoptic" and set(bundle["bundle"]) == {"semantic", "instance"}
     shown = sh(["dvc", "metrics", "show", "--json"], root)
     assert "miou" in shown
     sh(["dvc", "plots", "show", "--json"], root)
@@ -89,4 +111,4 @@ def test_unet_param_change_reruns_only_unet_then_promote(tiny_repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(["dvc", "repro"], root)
     ran = sorted({line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")})
-    assert ran == ["evaluate@unet", "promote", "train@unet"]
+    assert ran == ["evaluate@unet", "fuse", "promote", "train@unet"]  # fuse: unet is the best semantic model

@@ -4,6 +4,10 @@ Input of every exported model: images normalised by ``segpipe.models.normalize``
 
 * Semantic models (fcn*, unet, deeplabv3, maskformer): input ``images`` ``B x 3 x H x W``,
   output ``logits`` ``B x K x H x W``; the batch, height and width axes are dynamic.
+* Models with a panoptic output (maskformer) also output their raw mask classification,
+  ``class_logits`` ``B x Q x K+1`` and ``mask_logits`` ``B x Q x H x W`` (what
+  ``mask_classification`` returns); panoptic post-processing stays in Python
+  (``segpipe.panoptic.maskformer_panoptic`` on those two outputs), and parity covers all three.
   ONNX uses the TorchScript-based exporter (``dynamo=False``), falling back to the dynamo
   exporter if it fails; TorchScript uses tracing.
 * Mask R-CNN, TorchScript: ``torch.jit.script`` of the torchvision detector; it takes a list of
@@ -117,6 +121,29 @@ class OneImageDetector(torch.nn.Module):
         return tuple(detections[k] for k in DETECTION_OUTPUTS)
 
 
+class MaskClassificationOutputs(torch.nn.Module):
+    """A model with a panoptic output as one graph of ``(logits, class_logits, mask_logits)``:
+    the semantic scores and the raw outputs ``segpipe.panoptic.maskformer_panoptic`` reads, from
+    one forward pass."""
+
+    OUTPUT_NAMES = ("logits", "class_logits", "mask_logits")
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        class_logits, mask_logits = self.model.mask_classification(images)  # masks already at input size
+        return self.model.semantic_scores(class_logits, mask_logits, images.shape[-2:]), class_logits, mask_logits
+
+
+def exportable(model: torch.nn.Module, arch: str) -> torch.nn.Module:
+    """What is exported of ``model``: itself, or with its raw mask classification outputs too."""
+    from segpipe.models import spec_of
+
+    return MaskClassificationOutputs(model).eval() if "panoptic" in spec_of(arch).outputs else model
+
+
 def export_torchscript(model: torch.nn.Module, task: str, example: torch.Tensor, out: Path) -> Path:
     with atomic_path(out) as tmp, torch.no_grad():
         if task == "instance":
@@ -146,14 +173,16 @@ def export_onnx(model: torch.nn.Module, task: str, example: torch.Tensor, out: P
             raise ExportError("mask_rcnn: ONNX export uses the TorchScript-based exporter only")
         export_detector_onnx(model, example[0], out)
         return
-    kwargs: dict[str, Any] = {"dynamo": dynamo, "input_names": ["images"], "output_names": ["logits"],
+    names = list(getattr(model, "OUTPUT_NAMES", ("logits",)))
+    kwargs: dict[str, Any] = {"dynamo": dynamo, "input_names": ["images"], "output_names": names,
                               "opset_version": OPSET}
     if dynamo:
         batch, h, w = (torch.export.Dim(n) for n in ("batch", "height", "width"))
         kwargs["dynamic_shapes"] = {"images": {0: batch, 2: h, 3: w}}
     else:
         kwargs["dynamic_axes"] = {"images": {0: "batch", 2: "height", 3: "width"},
-                                  "logits": {0: "batch", 2: "height", 3: "width"}}
+                                  **{n: {0: "batch"} if n == "class_logits" else {0: "batch", 2: "height", 3: "width"}
+                                     for n in names}}
     # The fused inference path of nn.MultiheadAttention (maskformer) has no ONNX symbolic.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -295,6 +324,7 @@ def run(
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     model, meta = load(model_ref, registry=registry)
+    model = exportable(model, meta.arch)
     task = meta.task
     size = size or meta.image_size or 128
     # Batch 2: torch.export specialises dimensions of size 1, which would fix the batch axis.

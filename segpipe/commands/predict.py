@@ -1,7 +1,7 @@
 """``segpipe predict``: run a registered model (or a checkpoint directory) on images of any size.
 
     segpipe predict [--model champion] --input IMAGE|DIR|URI --out DIR [--tile N] [--overlap N]
-                    [--engine local|ray] [--device cpu|cuda]
+                    [--engine local|ray] [--device cpu|cuda] [--panoptic]
 
 Writes, per input image ``NAME.ext``::
 
@@ -10,6 +10,16 @@ Writes, per input image ``NAME.ext``::
     OUT/overlays/NAME.png   the image blended with the class colours
     OUT/detections.json     instance-capable models: COCO results, instances merged across tiles
     OUT/images.json         [{"id", "file_name", "width", "height"}]: the image_id of each result
+    OUT/panoptic/NAME.png   with --panoptic: COCO panoptic PNG, segment id = R + 256 G + 256^2 B
+    OUT/panoptic.json       with --panoptic: COCO panoptic ``annotations`` (file_name, image_id,
+                            segments_info), ``categories`` (with isthing) and ``images``
+
+``--panoptic`` needs a model with a panoptic output (MaskFormer) or a fused registry bundle
+(``--model panoptic-champion`` when promote chose a fused pair; both of its models run, fused
+with the bundle's own fusion params). MaskFormer gives Mask2Former's panoptic inference on an
+image within one tile; on larger images, its tiled semantic map and tiled detections fused by
+Panoptic FPN's heuristic (segments cut by tile borders merge reliably only as detections do).
+Thresholds: ``evaluate.panoptic`` (the ones evaluate scored with), a bundle's fusion its own.
 
 Every image goes through ``segpipe.inference.predict_tiled``, the code ``segpipe evaluate`` scores
 with: an image within one tile is predicted whole, exactly as evaluate predicts it; larger ones by
@@ -35,7 +45,7 @@ from PIL import Image
 
 from segpipe.files import atomic_write_bytes, atomic_write_json
 from segpipe.images import ImageError, ImageTooLarge, open_image
-from segpipe.params import PredictParams, add_params_arguments, from_args
+from segpipe.params import FusionParams, PanopticParams, PredictParams, add_params_arguments, from_args
 from segpipe.registry import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
@@ -104,25 +114,45 @@ def output_name(path: str) -> str:
 class ImagePredictor:
     """Predicts images one at a time with one predictor: what a Ray actor or this process runs.
     A result is a flat row: ``id``, ``file_name``, ``width``, ``height``, the ``labels`` and
-    ``overlay`` PNGs, and ``detections`` (JSON: COCO results; ``[]`` for semantic-only models)."""
+    ``overlay`` PNGs, ``detections`` (JSON: COCO results; ``[]`` for semantic-only models), and
+    ``panoptic`` (the COCO panoptic PNG, empty without a panoptic output) with ``segments_info``
+    (JSON). With ``instance_checkpoint`` (a fused bundle's instance member, loaded once beside
+    the predictor), the panoptic output is the fusion of both models' tiled predictions."""
 
-    def __init__(self, predictor: Predictor, tile: int, overlap: int, batch_size: int) -> None:
-        from segpipe.inference import palette
+    def __init__(self, predictor: Predictor, tile: int, overlap: int, batch_size: int,
+                 instance_checkpoint: str | None = None, fusion: FusionParams | None = None) -> None:
+        from segpipe.inference import Predictor, palette
 
         self.predictor, self.tile, self.overlap, self.batch_size = predictor, tile, overlap, batch_size
         self.pal = palette(list(predictor.meta.classes))
+        self.instance = None if instance_checkpoint is None else Predictor.load(
+            instance_checkpoint, predictor.request.detection, predictor.device, outputs={"instances"})
+        self.fusion = fusion
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from segpipe.inference import coco_results
+        from segpipe.inference import coco_results, fuse
+        from segpipe.panoptic import encode_png
 
         image = read_image(row["path"])
         h, w = image.shape[:2]
         pred = self.predictor.tiled(image, self.tile, self.overlap, self.batch_size)
+        panoptic, instances = pred.panoptic, pred.instances
+        if self.instance is not None:
+            instances = self.instance.tiled(image, self.tile, self.overlap, self.batch_size).instances
+            panoptic = fuse(pred, type(pred)(pred.labels, instances), self.predictor.request.thing_ids, self.fusion)
         labels = pred.labels if pred.labels.dtype.itemsize <= 2 else pred.labels.astype(np.uint16)
-        found = coco_results(pred.instances, row["id"], h, w) if pred.instances is not None else []
+        found = coco_results(instances, row["id"], h, w) if instances is not None else []
         return {"id": row["id"], "file_name": PurePosixPath(str(row["path"])).name, "width": w, "height": h,
                 "labels": png_bytes(labels), "overlay": png_bytes(overlay(image, pred.labels, self.pal)),
-                "detections": json.dumps(found)}
+                "detections": json.dumps(found),
+                "panoptic": encode_png(panoptic[0]) if panoptic is not None else b"",
+                "segments_info": json.dumps(panoptic[1] if panoptic is not None else [])}
+
+
+def panoptic_categories(classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """COCO panoptic ``categories`` of a checkpoint's class table."""
+    return [{"id": int(c["id"]), "name": str(c["name"]), "isthing": int(bool(c.get("isthing"))),
+             **({"color": list(c["color"])} if c.get("color") is not None else {})} for c in classes]
 
 
 def run(
@@ -134,17 +164,32 @@ def run(
     device: str = "cpu",
     progress: bool = True,
     engine: str = "local",
+    panoptic: bool = False,
+    panoptic_params: PanopticParams | None = None,
 ) -> dict[str, Any]:
-    """Predict every image of ``inputs`` into ``out`` with ``engine``; returns a summary dict."""
+    """Predict every image of ``inputs`` into ``out`` with ``engine``; returns a summary dict.
+    ``panoptic``: also write COCO panoptic output (always for a fused bundle), with
+    ``panoptic_params`` (default: ``evaluate.panoptic``'s defaults)."""
     from tqdm import tqdm
 
     from segpipe.checkpoint import load_meta
     from segpipe.inference import DetectionSettings, map_rows
     from segpipe.models import spec_of
-    from segpipe.registry import checkpoint_dir
+    from segpipe.params import build
+    from segpipe.registry import checkpoint_dir, read_bundle
 
-    directory = checkpoint_dir(model_ref, registry)
+    directory = checkpoint_dir(model_ref, registry)  # a bundle's files (both models) are verified here
+    bundle = read_bundle(directory)
+    worker: dict[str, Any] = {"tile": params.tile, "overlap": params.overlap, "batch_size": params.batch_size}
+    if bundle is not None:
+        panoptic = True
+        worker["instance_checkpoint"] = str(directory / bundle["members"]["instance"])
+        worker["fusion"] = build(FusionParams, bundle["fusion"], f"{directory / 'bundle.json'}: fusion")
+        directory = directory / bundle["members"]["semantic"]
     meta = load_meta(directory)
+    if panoptic and bundle is None and "panoptic" not in spec_of(meta.arch).outputs:
+        raise ValueError(f"--panoptic: model {model_ref} ({meta.arch}) has no panoptic output; use a model with one "
+                         f"(maskformer) or a fused registry bundle (e.g. --model panoptic-champion)")
     images = list_images(inputs)
     names: dict[str, str] = {}
     for path in images:
@@ -152,24 +197,33 @@ def run(
             raise ValueError(f"{path}: same output name as {names[output_name(path)]}; rename one of them")
         names[output_name(path)] = path
     rows = [{"id": i, "path": path} for i, path in enumerate(images, start=1)]
-    worker = {"tile": params.tile, "overlap": params.overlap, "batch_size": params.batch_size}
+    outputs = {"semantic", "instances"} | ({"panoptic"} if panoptic and bundle is None else set())
     results = map_rows(rows, directory, ImagePredictor, worker, engine=engine,
-                       detection=DetectionSettings(score_threshold=params.score_threshold), device=device)
+                       detection=DetectionSettings(score_threshold=params.score_threshold), device=device,
+                       panoptic=panoptic_params or PanopticParams(), outputs=outputs)
     out = Path(out)
-    table, detections = [], []
+    table, detections, annotations = [], [], []
     for r in tqdm(results, total=len(rows), desc="predict", unit="image", disable=not progress):
         name = output_name(images[r["id"] - 1])
         atomic_write_bytes(out / "labels" / f"{name}.png", r["labels"])
         atomic_write_bytes(out / "overlays" / f"{name}.png", r["overlay"])
         table.append({"id": r["id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"]})
         detections.append((r["id"], json.loads(r["detections"])))
+        if panoptic:
+            atomic_write_bytes(out / "panoptic" / f"{name}.png", r["panoptic"])
+            annotations.append({"image_id": r["id"], "file_name": f"{name}.png",
+                                "segments_info": json.loads(r["segments_info"])})
     detections.sort(key=lambda d: d[0])
     results_list = [d for _, found in detections for d in found]
-    if "instances" in spec_of(meta.arch).outputs:
+    if "instances" in spec_of(meta.arch).outputs or bundle is not None:
         atomic_write_json(out / "detections.json", results_list)
-    atomic_write_json(out / "images.json", sorted(table, key=lambda t: t["id"]))
-    return {"model": str(model_ref), "arch": meta.arch, "images": len(images), "instances": len(results_list),
-            "engine": engine}
+    table.sort(key=lambda t: t["id"])
+    atomic_write_json(out / "images.json", table)
+    if panoptic:
+        atomic_write_json(out / "panoptic.json", {"images": table, "annotations": sorted(annotations, key=lambda a: a["image_id"]),
+                                                  "categories": panoptic_categories(list(meta.classes))})
+    return {"model": str(model_ref), "arch": "fused" if bundle is not None else meta.arch, "images": len(images),
+            "instances": len(results_list), "engine": engine, "panoptic": panoptic}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,15 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="local",
                         help="local: this process; ray: a Ray Data actor pool, for many images (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--panoptic", action="store_true",
+                        help="also write COCO panoptic PNGs and panoptic.json (maskformer, or a fused registry bundle "
+                             "such as panoptic-champion); thresholds: evaluate.panoptic")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "predict")
+    panoptic_params = from_args(args, "evaluate").panoptic  # the thresholds evaluate scored with
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
     if overrides:
         from dataclasses import replace
 
         params = replace(params, **overrides)
-    summary = run(params, args.model, args.input, args.out, args.registry, args.device, engine=args.engine)
+    summary = run(params, args.model, args.input, args.out, args.registry, args.device, engine=args.engine,
+                  panoptic=args.panoptic, panoptic_params=panoptic_params)
     print(json.dumps(summary))
 
 

@@ -1,4 +1,5 @@
-"""``segpipe report``: ``reports/summary.md``, an architecture x metric table plus the promotion decision."""
+"""``segpipe report``: ``reports/summary.md``, an architecture x metric table, a panoptic quality
+table (models with a panoptic output and the fused pair) and the promotion decisions."""
 
 from __future__ import annotations
 
@@ -53,6 +54,31 @@ def metrics_table(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, A
     return "\n".join(lines)
 
 
+# (column title, key path in a metrics.json's "panoptic" block)
+PQ_COLUMNS: list[tuple[str, str]] = [("PQ", "pq"), ("SQ", "sq"), ("RQ", "rq"), ("PQ things", "pq_things"),
+                                     ("PQ stuff", "pq_stuff")]
+
+
+def pq_table(evals: dict[str, dict[str, Any]], fused: dict[str, dict[str, Any]]) -> str:
+    """Markdown PQ table: one row per eval with panoptic metrics (MaskFormer), then one per fused
+    pair (``fused: SEMANTIC + INSTANCE``); empty when there is none."""
+    rows = [(arch, m) for arch, m in sorted(evals.items()) if isinstance(m.get("panoptic"), dict)]
+    for name, m in sorted(fused.items()):
+        if not isinstance(m.get("panoptic"), dict):
+            continue  # no pair was fused (see its metrics.json "skipped")
+        ck = m.get("checkpoints") or {}
+        pair = " + ".join(str((ck.get(k) or {}).get("arch", "?")) for k in ("semantic", "instance"))
+        rows.append((f"{name}: {pair}", m))
+    if not rows:
+        return ""
+    head = ["model", *[c for c, _ in PQ_COLUMNS], "images"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, m in rows:
+        cells = [label, *[fmt(metric_value(m["panoptic"], key)) for _, key in PQ_COLUMNS], fmt(m.get("images"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def training_share(train: dict[str, dict[str, Any]]) -> str:
     """One sentence: seconds spent in epochs against start-up, summed over the train stages."""
     t = sum(float(m.get("train_s") or 0) for m in train.values())
@@ -72,6 +98,13 @@ def promotion_section(promotion: dict[str, Any] | None) -> str:
         return f"{x['version']} ({x['arch']}, {promotion['metric']} {fmt(x['value'])})" if x else "none"
 
     lines = [f"Ranking metric `{promotion['metric']}`. Champion before: {who(before)}; after: {who(after)}."]
+    pan = promotion.get("panoptic")
+    if pan:
+        def pwho(x: dict[str, Any] | None) -> str:
+            return f"{x['version']} ({x['arch']}, {pan['metric']} {fmt(x['value'])})" if x else "none"
+
+        lines.append(f"Panoptic ranking `{pan['metric']}`: panoptic champion before: {pwho(pan['champion_before'])}; "
+                     f"after: {pwho(pan['champion_after'])}.")
     if promotion.get("created"):
         lines.append(f"New registry versions: {', '.join(promotion['created'])}.")
     lines += ["", "| candidate | decision |", "|---|---|"]
@@ -81,13 +114,20 @@ def promotion_section(promotion: dict[str, Any] | None) -> str:
 
 
 def render(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]], promotion: dict[str, Any] | None,
-           baselines: dict[str, dict[str, Any]] | None = None) -> str:
+           baselines: dict[str, dict[str, Any]] | None = None, fused: dict[str, dict[str, Any]] | None = None) -> str:
+    semantic = {k: m for k, m in evals.items() if m.get("task") != "panoptic"}
+    fused = {**{k: m for k, m in evals.items() if m.get("task") == "panoptic"}, **(fused or {})}
+    pq = pq_table(semantic, fused)
+    panoptic = ["## Panoptic quality", "",
+                "PQ, SQ, RQ (COCO's definition, see docs/metrics.md) of the models with a panoptic output "
+                "and of the fused best semantic + best instance pair.", "", pq, ""] if pq else []
     return "\n".join([
         "# segpipe summary", "",
         "Validation metrics per architecture (fractions in [0, 1]; COCO AP/AR for instance-capable models), "
         "and of the reference predictors fitted on the train split (majority class, colour lookup).", "",
-        metrics_table(evals, train, baselines), "",
+        metrics_table(semantic, train, baselines), "",
         training_share(train), "",
+        *panoptic,
         "## Promotion", "",
         promotion_section(promotion), "",
     ])
@@ -105,9 +145,12 @@ def _read_all(folder: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def run(evals_dir: Path, promotion_dir: Path, out: Path, train_dir: Path | None = None,
-        baselines_dir: Path | None = None) -> str:
+        baselines_dir: Path | None = None, fused_dir: Path | None = None) -> str:
+    fused = {}
+    if fused_dir is not None and (m := _read(Path(fused_dir) / "metrics.json")):
+        fused[Path(fused_dir).name] = m
     text = render(_read_all(evals_dir), _read_all(train_dir), _read(Path(promotion_dir) / "promotion.json"),
-                  _read_all(baselines_dir))
+                  _read_all(baselines_dir), fused)
     atomic_write_text(out, text)
     return text
 
@@ -118,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=Path, default=None, help="folder of train outputs (optional)")
     ap.add_argument("--promotion", type=Path, required=True, help="promotion report folder")
     ap.add_argument("--baselines", type=Path, default=None, help="folder of reference predictors (optional)")
+    ap.add_argument("--fused", type=Path, default=None,
+                    help="output of segpipe evaluate --fuse-best (optional): a PQ row for the fused pair")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    print(run(args.evals, args.promotion, args.out, args.train, args.baselines))
+    print(run(args.evals, args.promotion, args.out, args.train, args.baselines, args.fused))

@@ -34,7 +34,9 @@ OUTPUTS = ("semantic", "instances", "panoptic")
 class ModelSpec:
     """A builder ``(num_classes, **kwargs) -> nn.Module``, the task of what it returns in eval mode,
     the outputs it can produce (``semantic`` label maps, ``instances`` through
-    ``predict_instances(images, score_threshold, mask_threshold, max_detections)``), and whether
+    ``predict_instances(images, score_threshold, mask_threshold, max_detections)``, ``panoptic``
+    segments through ``mask_classification(images)``: B x Q x K+1 class logits and B x Q x H x W
+    mask logits for ``segpipe.panoptic.maskformer_panoptic``), and whether
     it trains faster in ``channels_last`` memory format under mixed precision (measured on CPU with
     bf16 autocast: see docs/benchmarks.md)."""
 
@@ -50,7 +52,8 @@ MODELS: dict[str, ModelSpec] = {
     "fcn8s": ModelSpec(fcn.fcn8s, "semantic", frozenset({"semantic"}), channels_last=True),
     "unet": ModelSpec(unet.unet, "semantic", frozenset({"semantic"}), channels_last=True),
     "deeplabv3": ModelSpec(deeplabv3.deeplabv3, "semantic", frozenset({"semantic"})),
-    "maskformer": ModelSpec(maskformer.maskformer, "semantic", frozenset({"semantic", "instances"}), channels_last=True),
+    "maskformer": ModelSpec(maskformer.maskformer, "semantic", frozenset({"semantic", "instances", "panoptic"}),
+                            channels_last=True),
     "mask_rcnn": ModelSpec(mask_rcnn.mask_rcnn, "instance", frozenset({"instances"}), channels_last=True),
 }
 

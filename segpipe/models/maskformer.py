@@ -308,6 +308,21 @@ class MaskFormer(nn.Module):
         return torch.einsum("bqk,bqhw->bkhw", probs, masks)
 
     @torch.no_grad()
+    def mask_classification(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The final layer's raw outputs at input resolution: ``B x Q x K+1`` class logits (the
+        last is "no object") and ``B x Q x H x W`` mask logits (bilinearly upsampled), what
+        ``segpipe.panoptic.maskformer_panoptic`` turns into segments."""
+        check_images(images)
+        was_training = self.training
+        self.eval()
+        try:
+            class_logits, mask_logits = self.predictions(images)[-1]
+        finally:
+            self.train(was_training)
+        masks = F.interpolate(mask_logits, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+        return class_logits, masks
+
+    @torch.no_grad()
     def predict_instances(
         self, images: Tensor, score_threshold: float, mask_threshold: float, max_detections: int
     ) -> list[dict[str, Tensor]]:

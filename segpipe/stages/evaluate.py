@@ -2,6 +2,7 @@
 
     segpipe evaluate --model CKPT --shards DIR [--split val] --out DIR [--device cpu] [--params params.yaml] [--set ...]
     segpipe evaluate --baselines --shards DIR --out DIR
+    segpipe evaluate --fuse-best EVALS --shards DIR --out DIR
 
 Label maps and detections come from ``segpipe.inference``, the code ``segpipe predict`` serves
 with: each image whole, at its own resolution, in fp32. The split is cut into chunks of whole
@@ -12,14 +13,20 @@ confusion matrix (summed), its COCO ground truth and detections, and its overlay
 (``DIR`` is replaced whole; every file is written once, at the end)::
 
     metrics.json        DVC metrics: checkpoint path + sha256, shard manifest sha256, split, arch,
-                        task, semantic metrics, and segm / bbox COCO stats for instance-capable models
+                        task, semantic metrics, segm / bbox COCO stats for instance-capable models,
+                        and ``panoptic`` (PQ/SQ/RQ, things/stuff, per class) for panoptic-capable ones
     confusion.csv       actual,predicted rows for DVC's confusion template (see docs/metrics.md)
     confusion_counts.csv  actual,predicted,count: the exact pixel counts
     per_class_iou.csv   class,iou
+    per_class_pq.csv    class,pq (models with a panoptic output, MaskFormer; a header only otherwise)
     overlays/*.png      image | ground truth | prediction, in class colours
     detections.json     COCO results (instance-capable models; [] for semantic-only ones)
 
-Conventions (instance models rendered to label maps, nulls, ...) are in docs/metrics.md.
+``--fuse-best EVALS`` fuses the best semantic and the best instance model evaluated under EVALS
+(Panoptic FPN's heuristic, ``evaluate.panoptic.fusion``) and writes only ``metrics.json`` (task
+``panoptic``, both checkpoints with their sha256, the fusion params) and ``per_class_pq.csv``.
+
+Conventions (instance models rendered to label maps, nulls, PQ, ...) are in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import base64
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +53,7 @@ from segpipe.metrics.semantic import (
     compute,
     mean_over,
 )
-from segpipe.params import EvaluateParams, add_params_arguments, from_args
+from segpipe.params import EvaluateParams, FusionParams, add_params_arguments, from_args
 
 if TYPE_CHECKING:
     from segpipe.checkpoint import CheckpointMeta
@@ -139,6 +147,19 @@ def semantic_result(mat: np.ndarray, names: Sequence[str], thing_names: Sequence
     return result
 
 
+def per_class_pq_csv(panoptic: dict[str, Any] | None) -> str:
+    """``class,pq`` of the classes scored (header only without panoptic metrics)."""
+    rows = ["class,pq"] + [f"{_csv_field(n)},{v['pq']:.6f}" for n, v in (panoptic or {}).get("per_class", {}).items()
+                           if v["pq"] is not None]
+    return "\n".join(rows) + "\n"
+
+
+def pq_counts(stat: Any) -> str:
+    """A PQStat's accumulators as JSON (a chunk result's ``panoptic`` column)."""
+    return json.dumps({"iou_sum": stat.iou_sum.tolist(), "tp": stat.tp.tolist(), "fp": stat.fp.tolist(),
+                       "fn": stat.fn.tolist(), "images": stat.images})
+
+
 def per_class_iou_csv(result: dict[str, Any]) -> str:
     rows = ["class,iou"] + [f"{_csv_field(n)},{v['iou']:.6f}" for n, v in result["per_class"].items()
                             if v["iou"] is not None]
@@ -167,6 +188,7 @@ class Scoring:
         self.names = class_names(list(meta.classes), meta.num_classes)
         self.thing_ids = list(meta.thing_ids or ())
         self.instances = "instances" in spec_of(meta.arch).outputs
+        self.panoptic = "panoptic" in spec_of(meta.arch).outputs
         self.things: ThingsVsBackground | None = None
         if self.task == "instance":
             try:
@@ -178,6 +200,16 @@ class Scoring:
     def matrix(self) -> ConfusionMatrix:
         return self.things.matrix() if self.things else ConfusionMatrix(len(self.names), self.ignore)
 
+    def pq_stat(self) -> Any:
+        """PQ accumulators over every class id (segpipe.metrics.panoptic)."""
+        from segpipe.metrics.panoptic import PQStat
+
+        return PQStat(range(len(self.names)))
+
+    def panoptic_result(self, stat: Any) -> dict[str, Any]:
+        things = set(self.thing_ids)
+        return stat.compute(self.names, [c in things for c in range(len(self.names))])
+
     def update(self, cm: ConfusionMatrix, gt: np.ndarray, pred: np.ndarray, where: str) -> None:
         if self.things:
             self.things.update(cm, gt, pred, where=where)
@@ -188,8 +220,9 @@ class Scoring:
 class ChunkScorer:
     """Scores chunks of a split (see :func:`plan_chunks`) with one predictor: what a Ray actor or
     this process runs. A result is a flat row: ``first``, ``images``, ``confusion`` (int64 bytes),
-    ``coco`` (JSON: ground-truth images and annotations, detections) and ``overlays`` (JSON:
-    ``[name, base64 PNG]`` of the split's first ``num_overlays`` images)."""
+    ``coco`` (JSON: ground-truth images and annotations, detections), ``panoptic`` (JSON: PQ
+    accumulators, :func:`pq_counts`; "" for models without a panoptic output) and ``overlays``
+    (JSON: ``[name, base64 PNG]`` of the split's first ``num_overlays`` images)."""
 
     def __init__(self, predictor: Predictor, shards: dict[str, Any], split: str, batch_size: int,
                  num_overlays: int) -> None:
@@ -216,8 +249,10 @@ class ChunkScorer:
 
     def __call__(self, chunk: dict[str, int]) -> dict[str, Any]:
         from segpipe.inference import coco_results
+        from segpipe.panoptic import sample_ground_truth
 
         cm = self.scoring.matrix()
+        pq = self.scoring.pq_stat() if self.scoring.panoptic else None
         images, anns, dets, overlays = [], [], [], []
         things = set(self.scoring.thing_ids)
         position = chunk["first"]
@@ -225,6 +260,12 @@ class ChunkScorer:
             for s, pred in zip(batch, self.predict(batch)):
                 gt, image_id = s["semantic"], position + 1
                 self.scoring.update(cm, gt, pred.labels, where=f"image {s['image_id']}")
+                if pq is not None:
+                    try:
+                        gt_map, gt_info = sample_ground_truth(s, self.scoring.thing_ids, self.scoring.ignore)
+                    except ValueError as e:
+                        raise MetricsInputError(str(e)) from None
+                    pq.update(gt_map, gt_info, *pred.panoptic, where=f"image {s['image_id']}")
                 if self.scoring.instances:
                     h, w = gt.shape[:2]
                     images.append({"id": image_id, "height": int(h), "width": int(w), "file_name": str(s["image_id"])})
@@ -237,7 +278,7 @@ class ChunkScorer:
                 position += 1
         return {"first": chunk["first"], "images": position - chunk["first"], "confusion": cm.mat.tobytes(),
                 "coco": json.dumps({"images": images, "annotations": anns, "detections": dets}),
-                "overlays": json.dumps(overlays)}
+                "panoptic": pq_counts(pq) if pq is not None else "", "overlays": json.dumps(overlays)}
 
 
 def evaluate(meta: CheckpointMeta, results: Iterable[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -245,11 +286,14 @@ def evaluate(meta: CheckpointMeta, results: Iterable[dict[str, Any]], out: Path)
     ``detections.json`` under ``out`` and return the metrics (without provenance)."""
     scoring = Scoring(meta)
     mat = scoring.matrix().mat
+    pq = scoring.pq_stat() if scoring.panoptic else None
     parts = []
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     for r in sorted(results, key=lambda r: r["first"]):
         mat += np.frombuffer(r["confusion"], dtype=mat.dtype).reshape(mat.shape)
         parts.append((r["images"], json.loads(r["coco"])))
+        if pq is not None:
+            add_pq_counts(pq, r["panoptic"])
         for name, png in json.loads(r["overlays"]):
             (out / "overlays" / name).write_bytes(base64.b64decode(png))
     n_images = sum(n for n, _ in parts)
@@ -272,6 +316,8 @@ def evaluate(meta: CheckpointMeta, results: Iterable[dict[str, Any]], out: Path)
         for iou_type in ("segm", "bbox"):
             coco = evaluate_coco(gt, detections, iou_type, "shard ground truth", "detections")
             result[iou_type] = {**coco[iou_type], "per_class": coco["per_class"]}
+    if pq is not None:
+        result["panoptic"] = scoring.panoptic_result(pq)
     result["images"] = n_images
     # every architecture writes the same files, so one dvc.yaml foreach entry fits all
     atomic_write_json(out / "detections.json", detections)
@@ -282,7 +328,17 @@ def evaluate(meta: CheckpointMeta, results: Iterable[dict[str, Any]], out: Path)
         for a, p in zip(*np.nonzero(mat))]
     atomic_write_text(out / "confusion_counts.csv", "\n".join(counts) + "\n")
     atomic_write_text(out / "per_class_iou.csv", per_class_iou_csv(result))
+    atomic_write_text(out / "per_class_pq.csv", per_class_pq_csv(result.get("panoptic")))
     return result
+
+
+def add_pq_counts(stat: Any, counts: str) -> None:
+    """Add a chunk's :func:`pq_counts` into ``stat``."""
+    c = json.loads(counts)
+    stat.iou_sum += np.asarray(c["iou_sum"], dtype=np.float64)
+    for k in ("tp", "fp", "fn"):
+        getattr(stat, k)[:] += np.asarray(c[k], dtype=np.int64)
+    stat.images += int(c["images"])
 
 
 def run(params: EvaluateParams, model_dir: Path, shards: Path, out: Path, device: str = "cpu") -> dict[str, Any]:
@@ -305,7 +361,7 @@ def run(params: EvaluateParams, model_dir: Path, shards: Path, out: Path, device
               "num_overlays": params.num_overlays}
     with atomic_dir(out) as tmp:
         results = map_rows(chunks, model_dir, ChunkScorer, worker, engine=params.engine, detection=detection,
-                           device=device)
+                           device=device, panoptic=params.panoptic)
         result = evaluate(meta, results, tmp)
         metrics = {
             "arch": meta.arch,
@@ -317,6 +373,159 @@ def run(params: EvaluateParams, model_dir: Path, shards: Path, out: Path, device
             **result,
         }
         atomic_write_json(tmp / "metrics.json", metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------
+# The fused pair: the best semantic model + the best instance model, as one panoptic model
+# --------------------------------------------------------------------------------------
+
+FUSED_ARCH = "fused"
+
+
+def best_pair(evals: Mapping[str, Mapping[str, Any]], fusion: FusionParams, shards_sha256: str | None = None,
+              split: str | None = None) -> tuple[str, str]:
+    """``(semantic, instance)``: the names of the evals to fuse, the best ``task: semantic`` one on
+    ``fusion.semantic_metric`` and the best ``task: instance`` one on ``fusion.instance_metric``
+    (ties: the first name in sorted order), among those scored on ``shards_sha256`` and ``split``
+    when given. MetricsInputError naming what is missing when either has no candidate."""
+    from segpipe.metrics import metric_value
+
+    def best(task: str, metric: str) -> str:
+        scored = [(v, name) for name, m in sorted(evals.items()) if m.get("task") == task
+                  and (shards_sha256 is None or m.get("shards_manifest_sha256") == shards_sha256)
+                  and (split is None or m.get("split") == split)
+                  and (v := metric_value(dict(m), metric)) is not None]
+        if not scored:
+            raise MetricsInputError(f"no {task} evaluation with a finite {metric} (evaluate.panoptic.fusion."
+                                    f"{task}_metric) on these shards and split {split!r} among {sorted(evals) or 'none'}")
+        top = max(v for v, _ in scored)
+        return next(name for v, name in scored if v == top)
+
+    return best("semantic", fusion.semantic_metric), best("instance", fusion.instance_metric)
+
+
+def read_evals(folder: Path, skip: Path | None = None) -> dict[str, dict[str, Any]]:
+    """``{name: metrics}`` of every ``folder/<name>/metrics.json`` of a model (not ``skip``, not a
+    panoptic fusion); MetricsInputError naming a file that is not valid JSON."""
+    out = {}
+    for f in sorted(Path(folder).glob("*/metrics.json")):
+        if skip is not None and f.parent.resolve() == Path(skip).resolve():
+            continue
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MetricsInputError(f"{f}: not a readable metrics file: {e}") from None
+        if isinstance(m, dict) and m.get("task") in ("semantic", "instance"):
+            out[f.parent.name] = m
+    return out
+
+
+class FusedChunkScorer(ChunkScorer):
+    """Scores chunks with the fusion (``segpipe.inference.fuse``) of the predictor's semantic maps
+    and the detections of ``instance_checkpoint``, loaded once beside it, so both engines run it.
+    Only the panoptic result counts: each model's own numbers are its own evaluation's."""
+
+    def __init__(self, predictor: Predictor, instance_checkpoint: str, fusion: FusionParams,
+                 shards: dict[str, Any], split: str, batch_size: int) -> None:
+        from segpipe.inference import Predictor
+
+        super().__init__(predictor, shards, split, batch_size, 0)
+        self.instance = Predictor.load(instance_checkpoint, predictor.request.detection, predictor.device,
+                                       outputs={"instances"})
+        self.fusion = fusion
+        self.scoring.instances, self.scoring.panoptic = False, True
+
+    def predict(self, samples: Sequence[dict[str, Any]]) -> list[Prediction]:
+        from segpipe.inference import Prediction, fuse
+
+        images = [s["image"] for s in samples]
+        return [Prediction(sem.labels, None, fuse(sem, inst, self.scoring.thing_ids, self.fusion))
+                for sem, inst in zip(self.predictor.images(images), self.instance.images(images))]
+
+
+def _evaluated_checkpoint(name: str, m: dict[str, Any], evals: Path) -> dict[str, Any]:
+    """The checkpoint an eval names, its sha256 checked: ``{"eval", "arch", "path", "sha256"}``."""
+    from segpipe.checkpoint import is_checkpoint, weights_sha256
+
+    ck = m.get("checkpoint")
+    where = evals / name / "metrics.json"
+    if not isinstance(ck, dict) or not isinstance(ck.get("path"), str):
+        raise MetricsInputError(f"{where}: no 'checkpoint' path")
+    path = Path(ck["path"])
+    if not is_checkpoint(path) and is_checkpoint(evals / name / path):
+        path = evals / name / path
+    if not is_checkpoint(path):
+        raise MetricsInputError(f"{where}: checkpoint {ck['path']!r} is not a checkpoint directory")
+    sha = weights_sha256(path)
+    if sha != ck.get("sha256"):
+        raise MetricsInputError(f"{path}: sha256 {sha} differs from the evaluated {ck.get('sha256')} "
+                                "(changed since evaluation; rerun segpipe evaluate)")
+    return {"eval": str(evals / name), "arch": m.get("arch"), "path": str(path), "sha256": sha}
+
+
+def run_fused(params: EvaluateParams, evals: Path, shards: Path, out: Path, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate the fusion of the best semantic and the best instance model under ``evals`` (see
+    :func:`best_pair`) on ``params.split`` of ``shards`` with ``params.engine``; write
+    ``out/metrics.json`` (task ``panoptic``, both checkpoints with their sha256, the fusion params,
+    the panoptic metrics) and ``out/per_class_pq.csv`` (``out`` replaced whole). Without a pair
+    (no instance or no semantic evaluation), metrics.json says why under ``skipped``."""
+    from segpipe.checkpoint import check_classes, load_meta
+    from segpipe.inference import DetectionSettings, map_rows
+    from segpipe.params import as_dict
+    from segpipe.shards import open_shards
+
+    evals, out = Path(evals), Path(out)
+    shard_set = open_shards(shards)
+    fusion = params.panoptic.fusion
+    found = read_evals(evals, skip=out)
+    try:
+        sem_name, inst_name = best_pair(found, fusion, shard_set.manifest_sha256, params.split)
+    except MetricsInputError as e:
+        # A run without an instance (or a semantic) model has no pair: say so, and let promote
+        # report the candidate as unreadable, rather than fail every pipeline of semantic models.
+        skipped = {"arch": FUSED_ARCH, "task": "panoptic", "skipped": str(e), "fusion": as_dict(fusion),
+                   "shards_manifest_sha256": shard_set.manifest_sha256, "split": params.split}
+        with atomic_dir(out) as tmp:
+            atomic_write_json(tmp / "metrics.json", skipped)
+            atomic_write_text(tmp / "per_class_pq.csv", per_class_pq_csv(None))
+        return skipped
+    pair = {"semantic": _evaluated_checkpoint(sem_name, found[sem_name], evals),
+            "instance": _evaluated_checkpoint(inst_name, found[inst_name], evals)}
+    metas = {k: load_meta(Path(v["path"])) for k, v in pair.items()}
+    for k, v in pair.items():
+        check_classes(Path(v["path"]), metas[k], list(shard_set.classes))
+    scoring = Scoring(metas["semantic"])
+    if not scoring.thing_ids:
+        raise MetricsInputError(f"{pair['semantic']['path']}: no thing classes to fuse instances of")
+    chunks = plan_chunks(shard_set, params.split, params.batch_size * CHUNK_BATCHES)
+    if not chunks:
+        raise MetricsInputError(f"split {params.split!r} has no images")
+    detection = DetectionSettings(params.score_threshold, params.mask_threshold, params.max_detections)
+    worker = {"instance_checkpoint": pair["instance"]["path"], "fusion": fusion, "shards": shard_set.to_dict(),
+              "split": params.split, "batch_size": params.batch_size}
+    with atomic_dir(out) as tmp:
+        results = map_rows(chunks, Path(pair["semantic"]["path"]), FusedChunkScorer, worker, engine=params.engine,
+                           detection=detection, device=device, outputs={"semantic"})
+        stat, n_images = scoring.pq_stat(), 0
+        for r in sorted(results, key=lambda r: r["first"]):
+            add_pq_counts(stat, r["panoptic"])
+            n_images += r["images"]
+        panoptic = scoring.panoptic_result(stat)
+        metrics = {
+            "arch": FUSED_ARCH,
+            "task": "panoptic",
+            "checkpoints": pair,
+            "fusion": as_dict(fusion),
+            "detection": {"score_threshold": params.score_threshold, "mask_threshold": params.mask_threshold,
+                          "max_detections": params.max_detections},
+            "shards_manifest_sha256": shard_set.manifest_sha256,
+            "split": params.split,
+            "panoptic": panoptic,
+            "images": n_images,
+        }
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_text(tmp / "per_class_pq.csv", per_class_pq_csv(panoptic))
     return metrics
 
 
@@ -360,6 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     what.add_argument("--model", type=Path, help="checkpoint directory")
     what.add_argument("--baselines", action="store_true",
                       help="score the reference predictors (majority class, colour lookup) fitted on the train split")
+    what.add_argument("--fuse-best", type=Path, metavar="EVALS",
+                      help="score the panoptic fusion of the best semantic and the best instance model evaluated "
+                           "under EVALS (segpipe evaluate --out EVALS/<arch>; evaluate.panoptic.fusion)")
     parser.add_argument("--shards", required=True, type=Path, help="shard set directory")
     parser.add_argument("--split", help="split to evaluate (default: evaluate.split in params)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced whole)")
@@ -380,11 +592,23 @@ def main(argv: list[str] | None = None) -> None:
             for name, b in run_baselines(params, args.shards, args.out).items():
                 print(f"baseline {name} on {params.split} ({b['images']} images): miou {b['miou']:.4f} -> {args.out / name}")
             return
+        if args.fuse_best:
+            f = run_fused(params, args.fuse_best, args.shards, args.out, args.device)
+            if "skipped" in f:
+                print(f"segpipe evaluate: no fused pair: {f['skipped']} -> {args.out}", file=sys.stderr)
+                return
+            pq = f["panoptic"]["pq"]
+            print(f"fused {f['checkpoints']['semantic']['arch']} + {f['checkpoints']['instance']['arch']} on "
+                  f"{params.split} ({f['images']} images): pq {'null' if pq is None else f'{pq:.4f}'} -> {args.out}")
+            return
         m = run(params, args.model, args.shards, args.out, args.device)
     except (MetricsInputError, CheckpointError, ShardError) as e:
         raise SystemExit(f"segpipe evaluate: error: {e}") from None
     summary = f"miou {m['miou']:.4f}" if m["miou"] is not None else "miou null"
     if "segm" in m:
         summary += f", segm AP {m['segm']['AP']}" if m["segm"]["AP"] is None else f", segm AP {m['segm']['AP']:.4f}"
+    if "panoptic" in m:
+        pq = m["panoptic"]["pq"]
+        summary += ", pq null" if pq is None else f", pq {pq:.4f}"
     print(f"{m['arch']} on {params.split} ({m['images']} images): {summary} -> {args.out}")
 

@@ -24,11 +24,18 @@ Gates, in order; a candidate must pass all of them to be promoted:
 
 The best candidate passing all gates becomes champion; the best one that passed gates 1-5
 but was not promoted becomes challenger. The whole decision happens under the registry lock.
+
+Panoptic candidates (a model whose eval has ``panoptic`` metrics, i.e. MaskFormer, and the fused
+pair of ``segpipe evaluate --fuse-best``, task ``panoptic``) are ranked again, apart, on
+``panoptic.<panoptic_metric>`` (PQ by default) with the same gates except protected classes (an
+IoU rule), and move the ``panoptic-champion`` / ``panoptic-challenger`` aliases. A fused pair is
+registered as one bundle version holding both checkpoints and the fusion params.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -38,6 +45,7 @@ from typing import Any
 
 from segpipe.checkpoint import WEIGHTS, is_checkpoint
 from segpipe.files import atomic_write_json, atomic_write_text, sha256_file
+from segpipe.metrics import metric_value  # noqa: F401  (also imported from here by report and pipelines)
 from segpipe.params import PromoteParams, add_params_arguments, as_dict, from_args
 from segpipe.registry import (
     DEFAULT_REGISTRY,
@@ -49,6 +57,7 @@ from segpipe.registry import (
 )
 
 REQUIRED_KEYS = ("arch", "task", "checkpoint", "shards_manifest_sha256", "per_class")
+BUNDLE_KEYS = ("arch", "task", "checkpoints", "fusion", "shards_manifest_sha256", "panoptic")  # a fused pair's
 GATES = ("readable", "metric", "min_value", "beats_baseline", "same_data", "margin", "protected_classes")
 CHALLENGER_GATES = GATES[:5]
 
@@ -60,8 +69,10 @@ class Candidate:
     eval_dir: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # a fused pair's: its bundle identity (segpipe.registry.bundle_sha256)
     error: str | None = None
+    bundle: dict[str, Path] | None = None  # a fused pair's checkpoints: {"semantic": DIR, "instance": DIR}
+    bundle_sha256: dict[str, str] | None = None  # and their weights' sha256
 
     @property
     def task(self) -> str | None:
@@ -75,18 +86,6 @@ class Candidate:
 # --------------------------------------------------------------------------------------
 # Pure rules
 # --------------------------------------------------------------------------------------
-
-
-def metric_value(metrics: dict[str, Any], key: str) -> float | None:
-    """``metrics["segm"]["AP"]`` for ``"segm.AP"``; None when missing, not a number, or NaN/inf."""
-    value: Any = metrics
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def primary_metric(params: PromoteParams, task: str | None) -> str:
@@ -209,9 +208,20 @@ def passed(gates: list[dict[str, Any]], names: tuple[str, ...]) -> bool:
     return all(outcome.get(n, False) for n in names)
 
 
+def is_panoptic(c: Candidate) -> bool:
+    """Ranked among the panoptic candidates: a fused pair, or a model whose eval has panoptic metrics."""
+    return c.task == "panoptic" or isinstance(c.metrics.get("panoptic"), dict)
+
+
+def panoptic_key(params: PromoteParams) -> str:
+    """The metrics.json key the panoptic ranking reads (``panoptic.pq`` for ``panoptic_metric: pq``)."""
+    return f"panoptic.{params.panoptic_metric}"
+
+
 def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params: PromoteParams,
-           baselines: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The decision for every candidate, pure: no file is read or written.
+           baselines: list[dict[str, Any]] = (), metric: str | None = None) -> dict[str, Any]:
+    """The decision for every candidate, pure: no file is read or written. ``metric``: the one
+    to rank on (default: :func:`ranking_metric` of the candidates' and the champion's tasks).
 
     Returns ``{"metric", "champion": index|None, "challenger": index|None, "candidates": [...]}``
     where each candidate row has its gates, value and a one-line ``decision``.
@@ -219,7 +229,7 @@ def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params:
     tasks = [c.task for c in candidates if c.error is None]
     if champion is not None:
         tasks.append(champion.get("task"))
-    metric = ranking_metric(params, tasks)
+    metric = metric or ranking_metric(params, tasks)
     rows = []
     for c in candidates:
         gates = judge(c, champion, params, metric, baselines)
@@ -282,6 +292,8 @@ def read_candidate(eval_dir: Path | str) -> Candidate:
         c.error = f"{path}: expected a JSON object"
         return c
     c.metrics = metrics
+    if metrics.get("task") == "panoptic":
+        return _read_bundle(c, path)
     missing = [k for k in REQUIRED_KEYS if k not in metrics]
     if missing:
         c.error = f"{path}: missing key(s) {', '.join(map(repr, missing))}"
@@ -300,6 +312,40 @@ def read_candidate(eval_dir: Path | str) -> Candidate:
     c.sha256 = sha256_file(checkpoint / WEIGHTS)
     if c.sha256 != ck["sha256"]:
         c.error = f"{checkpoint / WEIGHTS}: sha256 {c.sha256} differs from the evaluated {ck['sha256']} (changed since evaluation)"
+    return c
+
+
+def _read_bundle(c: Candidate, path: Path) -> Candidate:
+    """A fused pair's metrics.json (``segpipe evaluate --fuse-best``): both checkpoints must exist
+    with the sha256 the evaluation recorded."""
+    from segpipe.registry import bundle_sha256
+
+    m = c.metrics
+    if "skipped" in m:
+        c.error = f"{path}: no fused pair was evaluated: {m['skipped']}"
+        return c
+    missing = [k for k in BUNDLE_KEYS if k not in m]
+    if missing:
+        c.error = f"{path}: missing key(s) {', '.join(map(repr, missing))}"
+        return c
+    members, paths, shas = m["checkpoints"], {}, {}
+    for k in ("semantic", "instance"):
+        ck = members.get(k) if isinstance(members, dict) else None
+        if not isinstance(ck, dict) or not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
+            c.error = f"{path}: key 'checkpoints.{k}' must be {{\"path\": str, \"sha256\": str}}"
+            return c
+        folder = Path(ck["path"])
+        if not is_checkpoint(folder):
+            c.error = f"{path}: {k} checkpoint {ck['path']!r} is not a checkpoint directory (needs {WEIGHTS} and meta.json)"
+            return c
+        paths[k], shas[k] = folder, sha256_file(folder / WEIGHTS)
+        if shas[k] != ck["sha256"]:
+            c.error = (f"{folder / WEIGHTS}: sha256 {shas[k]} differs from the evaluated {ck['sha256']} "
+                       "(changed since evaluation)")
+            return c
+    c.bundle, c.bundle_sha256 = paths, shas
+    c.checkpoint = paths["semantic"]
+    c.sha256 = bundle_sha256(shas, m["fusion"])
     return c
 
 
@@ -328,8 +374,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     for r in report["candidates"]:
         decision = r["decision"].replace("|", "\\|")
         lines.append(f"| `{r['eval_dir']}` | {r['arch']} | {r['task']} | {_fmt(r['value'])} | {decision} |")
+    pan = report.get("panoptic")
+    if pan:
+        def who(x: dict[str, Any] | None) -> str:
+            return f"{x['version']} ({x['arch']}, {_fmt(x['value'])})" if x else "none"
+
+        lines += ["", "## Panoptic ranking", "",
+                  f"- Ranking metric: `{pan['metric']}`; aliases panoptic-champion, panoptic-challenger",
+                  f"- Champion before: {who(pan['champion_before'])}",
+                  f"- Champion after: {who(pan['champion_after'])}",
+                  f"- Challenger: {pan['challenger'] or 'none'}", "",
+                  "| candidate | arch | task | " + pan["metric"] + " | decision |", "|---|---|---|---|---|"]
+        for r in pan["candidates"]:
+            decision = r["decision"].replace("|", "\\|")
+            lines.append(f"| `{r['eval_dir']}` | {r['arch']} | {r['task']} | {_fmt(r['value'])} | {decision} |")
     lines += ["", "## Gates", ""]
-    for r in report["candidates"]:
+    for r in report["candidates"] + (pan["candidates"] if pan else []):
         lines.append(f"### `{r['eval_dir']}`")
         lines.append("")
         for g in r["gates"]:
@@ -365,6 +425,41 @@ def read_baselines(folder: Path | str | None) -> list[dict[str, Any]]:
     return out
 
 
+def _apply(registry: Path, index: dict[str, Any], read: list[Candidate], decision: dict[str, Any],
+           aliases: tuple[str, str], created: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Inside a transaction: register the decision's champion and challenger (a fused pair as a
+    bundle of both checkpoints) and point ``aliases`` (champion, challenger) at them; returns the
+    entries the aliases point at afterwards. New versions are appended to ``created``."""
+    from segpipe.registry import add_bundle_version
+
+    champion_alias, challenger_alias = aliases
+    new_champion, challenger = alias_entry(index, champion_alias), alias_entry(index, challenger_alias)
+    for alias in aliases:
+        i = decision["champion" if alias == champion_alias else "challenger"]
+        if i is None:
+            continue
+        c = read[i]
+        if c.bundle is not None:
+            source = {"eval_dir": str(c.eval_dir), **{k: str(v) for k, v in c.bundle.items()}}
+            entry, was_new = add_bundle_version(registry, index, c.bundle, c.metrics["fusion"], c.metrics, source,
+                                                c.bundle_sha256)
+        else:
+            source = {"eval_dir": str(c.eval_dir), "checkpoint": str(c.checkpoint), "sha256": c.sha256}
+            entry, was_new = add_version(registry, index, c.checkpoint, c.metrics, source, c.sha256)
+        if was_new:
+            created.append(entry["version"])
+        point_alias(index, alias, entry["version"], f"promote: {decision['candidates'][i]['decision']}")
+        decision["candidates"][i]["version"] = entry["version"]
+        if alias == champion_alias:
+            new_champion = entry
+        else:
+            challenger = entry
+    if new_champion is not None and index["aliases"].get(challenger_alias) == new_champion["version"]:
+        point_alias(index, challenger_alias, None, "became the champion")
+        challenger = None
+    return new_champion, challenger
+
+
 def run(
     params: PromoteParams,
     candidates: list[Path],
@@ -382,30 +477,27 @@ def run(
     registry = Path(registry)
     read = [read_candidate(d) for d in candidates]
     reference = read_baselines(baselines)
+    ranked = [c for c in read if c.task != "panoptic"]  # a fused pair has no semantic or instance metrics
+    panoptic = [c for c in read if is_panoptic(c)]
+    pan_params = dataclasses.replace(params, protected_classes=[])  # protected classes are IoU rules
+    pan: dict[str, Any] | None = None
     with transaction(registry, params.name) as index:
         champion = alias_entry(index, "champion")
-        decision = decide(read, champion, params, reference)
+        decision = decide(ranked, champion, params, reference) if ranked else {
+            "metric": ranking_metric(params, []), "champion": None, "challenger": None, "candidates": []}
         metric = decision["metric"]
         created: list[str] = []
-        new_champion, challenger = champion, alias_entry(index, "challenger")
-        for alias in ("champion", "challenger"):
-            i = decision[alias]
-            if i is None:
-                continue
-            c = read[i]
-            source = {"eval_dir": str(c.eval_dir), "checkpoint": str(c.checkpoint), "sha256": c.sha256}
-            entry, was_new = add_version(registry, index, c.checkpoint, c.metrics, source, c.sha256)
-            if was_new:
-                created.append(entry["version"])
-            point_alias(index, alias, entry["version"], f"promote: {decision['candidates'][i]['decision']}")
-            decision["candidates"][i]["version"] = entry["version"]
-            if alias == "champion":
-                new_champion = entry
-            else:
-                challenger = entry
-        if new_champion is not None and index["aliases"].get("challenger") == new_champion["version"]:
-            point_alias(index, "challenger", None, "became the champion")
-            challenger = None
+        new_champion, challenger = _apply(registry, index, ranked, decision, ("champion", "challenger"), created)
+        if panoptic:
+            pan_champion = alias_entry(index, "panoptic-champion")
+            pan_decision = decide(panoptic, pan_champion, pan_params, reference, metric=panoptic_key(params))
+            pan_after, pan_challenger = _apply(registry, index, panoptic, pan_decision,
+                                               ("panoptic-champion", "panoptic-challenger"), created)
+            key = pan_decision["metric"]
+            pan = {"metric": key, "champion_before": _summary(pan_champion, key),
+                   "champion_after": _summary(pan_after, key),
+                   "challenger": pan_challenger["version"] if pan_challenger else None,
+                   "candidates": pan_decision["candidates"]}
     tags: list[str] = []
     if params.gto_tags and decision["champion"] is not None:
         tags = write_gto_tags(params.name, new_champion["version"], promoted=True)
@@ -422,6 +514,7 @@ def run(
         "git_tags": tags,
         "baselines": {str(b["baseline"]): metric_value(b, metric) for b in reference},
         "candidates": decision["candidates"],
+        "panoptic": pan,
     }
     if report_dir is not None:
         atomic_write_json(Path(report_dir) / "promotion.json", report)

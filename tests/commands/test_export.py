@@ -105,3 +105,27 @@ def test_a_detector_that_detects_nothing_is_compared_at_a_lowered_threshold(tmp_
 
         boxes = ort.InferenceSession(str(out)).run(["boxes"], {"image": export.sample_images(1, 64, 64, seed=1)[0].numpy()})
         assert boxes[0].shape[0] == 0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_maskformer_export_carries_the_raw_outputs_panoptic_post_processing_reads(tmp_path, tiny_checkpoint, fmt):
+    from segpipe.panoptic import maskformer_panoptic
+
+    torch.set_num_threads(1)
+    ck = tiny_checkpoint("maskformer", num_queries=6, hidden_dim=32, dec_layers=1, nheads=2, dim_feedforward=32,
+                         conv_dim=32, mask_dim=32, thing_ids=[1, 2])
+    out = tmp_path / f"maskformer.{fmt}"
+    report = export.run(ck, fmt, out, tolerance=1e-3, batch_sizes=(1, 2))
+    assert report["passed"], report
+    x = export.sample_images(1, 64, 96, seed=5)
+    logits, class_logits, mask_logits = export.runner(out, fmt, "semantic")(x)  # all three, parity-checked
+    assert class_logits.shape == (1, 6, 4) and mask_logits.shape == (1, 6, 64, 96) and logits.shape == (1, 3, 64, 96)
+    from segpipe.checkpoint import load_model
+
+    model, _ = load_model(ck)
+    with torch.no_grad():
+        ref_cls, ref_masks = model.eval().mask_classification(x)
+    served = maskformer_panoptic(ref_cls[0], ref_masks[0], (1, 2), object_mask_threshold=0.0, overlap_threshold=0.0)
+    exported = maskformer_panoptic(torch.from_numpy(class_logits[0]), torch.from_numpy(mask_logits[0]), (1, 2),
+                                   object_mask_threshold=0.0, overlap_threshold=0.0)
+    assert (served[0] != exported[0]).mean() < 0.01  # the same segments, up to float ties at boundaries

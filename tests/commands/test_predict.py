@@ -106,3 +106,76 @@ def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoin
     assert written == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
     for name in written:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------------------
+# --panoptic: COCO panoptic PNGs whose ids are exactly the JSON's segments
+# --------------------------------------------------------------------------------------
+
+TINY_MASKFORMER = {"num_queries": 8, "hidden_dim": 32, "dec_layers": 1, "nheads": 2, "dim_feedforward": 32,
+                   "conv_dim": 32, "mask_dim": 32, "thing_ids": [1, 2]}
+
+
+def _check_panoptic(out, names, classes) -> dict:
+    from segpipe.formats.pngs import read_id_png
+
+    doc = json.loads((out / "panoptic.json").read_text())
+    assert [a["file_name"] for a in doc["annotations"]] == [f"{n}.png" for n in names]
+    assert doc["categories"] == [{"id": c["id"], "name": c["name"], "isthing": int(c["isthing"]), "color": list(c["color"])}
+                                 for c in classes]
+    assert [i["id"] for i in doc["images"]] == [a["image_id"] for a in doc["annotations"]]
+    for ann, img in zip(doc["annotations"], doc["images"]):
+        ids = read_id_png(out / "panoptic" / ann["file_name"])
+        assert ids.shape == (img["height"], img["width"])
+        assert set(np.unique(ids).tolist()) - {0} == {s["id"] for s in ann["segments_info"]}
+        for s in ann["segments_info"]:
+            assert s["area"] == int((ids == s["id"]).sum()) and {"category_id", "iscrowd", "bbox"} <= set(s)
+    return doc
+
+
+def test_predict_panoptic_with_maskformer_natively_and_by_tiles(tmp_path, tiny_checkpoint):
+    from segpipe.checkpoint import load_meta
+    from segpipe.params import MaskFormerPanopticParams, PanopticParams
+
+    torch.set_num_threads(1)
+    ck = tiny_checkpoint("maskformer", **TINY_MASKFORMER)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(site_image(200, 150)).save(tmp_path / "in" / "large.png")  # 4 tiles: fused
+    Image.fromarray(site_image(90, 120, seed=1)).save(tmp_path / "in" / "small.png")  # one tile: Mask2Former's
+    loose = PanopticParams(maskformer=MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
+    summary = predict.run(PredictParams(tile=128, overlap=32, score_threshold=0.0), ck, tmp_path / "in",
+                          tmp_path / "out", progress=False, panoptic=True, panoptic_params=loose)
+    assert summary["panoptic"] is True
+    doc = _check_panoptic(tmp_path / "out", ["large", "small"], load_meta(ck).classes)
+    assert any(a["segments_info"] for a in doc["annotations"])
+    plain = predict.run(PredictParams(tile=128, overlap=32), ck, tmp_path / "in", tmp_path / "plain", progress=False)
+    assert plain["panoptic"] is False and not (tmp_path / "plain" / "panoptic.json").exists()
+
+
+def test_predict_panoptic_refuses_a_model_without_a_panoptic_output(tmp_path, tiny_checkpoint):
+    ck = tiny_checkpoint("unet", base_channels=4, depth=2)
+    Image.fromarray(site_image(40, 40)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"--panoptic: model .* \(unet\) has no panoptic output"):
+        predict.run(PredictParams(), ck, tmp_path / "a.png", tmp_path / "out", progress=False, panoptic=True)
+
+
+def test_predict_a_fused_bundle_runs_both_models(tmp_path, tiny_checkpoint):
+    from segpipe.checkpoint import load_meta
+    from segpipe.params import FusionParams, as_dict
+    from segpipe.registry import add_bundle_version, point_alias, transaction
+
+    torch.set_num_threads(1)
+    sem = tiny_checkpoint("unet", base_channels=4, depth=2)
+    inst = tiny_checkpoint("mask_rcnn", box_score_thresh=0.0, box_detections_per_img=5, detects_things=True)
+    reg = tmp_path / "registry"
+    fusion = as_dict(FusionParams(score_threshold=0.0, stuff_min_area=0))
+    with transaction(reg) as index:
+        entry, _ = add_bundle_version(reg, index, {"semantic": sem, "instance": inst}, fusion, {"arch": "fused"})
+        point_alias(index, "panoptic-champion", entry["version"], "test")
+    Image.fromarray(site_image(200, 150)).save(tmp_path / "site.png")
+    summary = predict.run(PredictParams(tile=128, overlap=32, score_threshold=0.0), "panoptic-champion",
+                          tmp_path / "site.png", tmp_path / "out", registry=reg, progress=False)
+    assert summary["arch"] == "fused" and summary["panoptic"] is True
+    doc = _check_panoptic(tmp_path / "out", ["site"], load_meta(sem).classes)
+    assert doc["annotations"][0]["segments_info"]  # stuff_min_area 0: the semantic map's stuff at least
+    assert (tmp_path / "out" / "detections.json").is_file()

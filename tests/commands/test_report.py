@@ -38,3 +38,33 @@ def test_baselines_are_rows_and_the_training_share_is_stated(tmp_path):
     assert rows[2].startswith("| baseline: colour | semantic") and "0.210" in rows[2]
     assert rows[3].startswith("| baseline: majority")
     assert "90 s in epochs and 10 s of start-up over 1 train stage(s); training share 0.90" in text
+
+
+def test_pq_table_has_maskformer_and_the_fused_pair_and_the_panoptic_champion(tmp_path):
+    pan = {"pq": 0.41, "sq": 0.8, "rq": 0.5, "pq_things": 0.3, "pq_stuff": 0.52}
+    for arch, m in (("unet", {"task": "semantic", "miou": 0.6}),
+                    ("maskformer", {"task": "semantic", "miou": 0.5, "panoptic": pan, "images": 5})):
+        (tmp_path / "eval" / arch).mkdir(parents=True)
+        (tmp_path / "eval" / arch / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "metrics.json").write_text(json.dumps({
+        "task": "panoptic", "arch": "fused", "images": 5, "panoptic": {**pan, "pq": 0.45, "pq_stuff": None},
+        "checkpoints": {"semantic": {"arch": "unet"}, "instance": {"arch": "mask_rcnn"}}}))
+    (tmp_path / "promo").mkdir()
+    (tmp_path / "promo" / "promotion.json").write_text(json.dumps({
+        "metric": "miou", "champion_before": None, "champion_after": None, "candidates": [],
+        "panoptic": {"metric": "panoptic.pq", "champion_before": None,
+                     "champion_after": {"version": "v2", "arch": "fused", "value": 0.45}}}))
+    text = run(tmp_path / "eval", tmp_path / "promo", tmp_path / "summary.md", fused_dir=tmp_path / "fused")
+    assert "## Panoptic quality" in text
+    assert "| model | PQ | SQ | RQ | PQ things | PQ stuff | images |" in text
+    assert "| maskformer | 0.410 | 0.800 | 0.500 | 0.300 | 0.520 | 5 |" in text
+    assert "| fused: unet + mask_rcnn | 0.450 | 0.800 | 0.500 | 0.300 | – | 5 |" in text
+    assert "panoptic champion before: none; after: v2 (fused, panoptic.pq 0.450)" in text
+    assert "| unet | semantic" in text and "| fused | panoptic" not in text
+
+
+def test_no_pq_section_without_panoptic_models(tmp_path):
+    (tmp_path / "eval" / "unet").mkdir(parents=True)
+    (tmp_path / "eval" / "unet" / "metrics.json").write_text(json.dumps({"task": "semantic", "miou": 0.6}))
+    assert "Panoptic" not in run(tmp_path / "eval", tmp_path / "promo", tmp_path / "summary.md")

@@ -212,6 +212,25 @@ def test_instance_outputs_come_from_one_predict_instances_signature(name):
     assert all(p.default is inspect.Parameter.empty for p in params.values())  # the defaults are evaluate's params
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_panoptic_outputs_come_from_mask_classification(name):
+    """A model with a panoptic output gives its raw class and mask logits at input resolution."""
+    method = getattr(build(name), "mask_classification", None)
+    if "panoptic" not in MODELS[name].outputs:
+        assert method is None
+        return
+    model = build(name).eval()
+    images, _ = make_batch()
+    class_logits, mask_logits = model.mask_classification(images)
+    b, _, h, w = images.shape
+    q = model.query_embed.num_embeddings
+    assert class_logits.shape == (b, q, model.num_classes + 1) and mask_logits.shape == (b, q, h, w)
+    assert not model.training
+    with torch.no_grad():  # the semantic output is the same logits mixed
+        np.testing.assert_allclose(model(images).numpy(), torch.einsum(
+            "bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid()).numpy(), atol=1e-5)
+
+
 def test_maskformer_semantic_scores_are_probability_mixtures():
     model = build("maskformer").eval()
     images, _ = make_batch()

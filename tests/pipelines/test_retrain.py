@@ -151,6 +151,7 @@ PARAMS = textwrap.dedent("""\
     train:
       architectures: [a, b]
     retrain:
+      stages: [synth, convert, train, evaluate]   # this toy pipeline has no baselines or fuse stage
       retries: 1
       retry_delay_s: 0
       timeout_s: 120

@@ -203,13 +203,20 @@ def test_evaluate_scores_the_label_map_predict_writes(shard_set, tmp_path, tiny_
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, kwargs", [("unet", {"base_channels": 4, "depth": 2}),
                                           ("mask_rcnn", {"box_head_dim": 32, "mask_head_channels": 16,
-                                                         "detects_things": True})])
+                                                         "detects_things": True}),
+                                          ("maskformer", {"num_queries": 8, "hidden_dim": 32, "dec_layers": 1,
+                                                          "nheads": 2, "dim_feedforward": 32, "conv_dim": 32,
+                                                          "mask_dim": 32, "thing_ids": [1, 2]})])
 def test_ray_engine_gives_the_local_engines_metrics(shard_set, tmp_path, tiny_checkpoint, arch, kwargs):
     import ray
 
+    from segpipe.params import build
+
     root, _ = shard_set
     ckpt = tiny_checkpoint(arch, shards=root / "shards", **kwargs)
-    params = EvaluateParams(batch_size=1, num_overlays=2, score_threshold=0.0)  # 1 per batch: several chunks
+    # 1 per batch: several chunks; loose panoptic thresholds, so maskformer's random queries make segments
+    params = build(EvaluateParams, {"batch_size": 1, "num_overlays": 2, "score_threshold": 0.0, "panoptic": {
+        "maskformer": {"object_mask_threshold": 0.0, "overlap_threshold": 0.0}}}, "test")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # models run with this many threads in both engines: two actors on two CPUs
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
@@ -220,7 +227,136 @@ def test_ray_engine_gives_the_local_engines_metrics(shard_set, tmp_path, tiny_ch
         ray.shutdown()
         torch.set_num_threads(threads)
     assert on_ray == local
-    for name in ("detections.json", "confusion_counts.csv", "per_class_iou.csv"):
+    if arch == "maskformer":
+        assert local["panoptic"]["pq"] is not None
+    for name in ("detections.json", "confusion_counts.csv", "per_class_iou.csv", "per_class_pq.csv"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
     overlays = sorted(p.name for p in (tmp_path / "local" / "overlays").iterdir())
     assert len(overlays) == 2 and overlays == sorted(p.name for p in (tmp_path / "ray" / "overlays").iterdir())
+
+
+# --------------------------------------------------------------------------------------
+# Panoptic: MaskFormer natively, and the fused pair
+# --------------------------------------------------------------------------------------
+
+TINY_MASKFORMER = {"num_queries": 8, "hidden_dim": 32, "dec_layers": 1, "nheads": 2, "dim_feedforward": 32,
+                   "conv_dim": 32, "mask_dim": 32}
+LOOSE_PANOPTIC = {"maskformer": {"object_mask_threshold": 0.0, "overlap_threshold": 0.0}}
+
+
+def _panoptic_checks(p: dict, csv: str) -> None:
+    for key in ("pq", "sq", "rq", "pq_things", "sq_things", "rq_things", "pq_stuff", "sq_stuff", "rq_stuff"):
+        assert key in p and (p[key] is None or 0.0 <= p[key] <= 1.0), key
+    lines = csv.splitlines()
+    assert lines[0] == "class,pq"
+    scored = {n: v["pq"] for n, v in p["per_class"].items() if v["pq"] is not None}
+    assert {n: pytest.approx(v, abs=1e-6) for n, v in scored.items()} == {
+        line.rsplit(",", 1)[0]: float(line.rsplit(",", 1)[1]) for line in lines[1:]}
+
+
+def test_maskformer_evaluation_adds_panoptic_metrics(shard_set, tmp_path, tiny_checkpoint):
+    from segpipe.params import build
+
+    root, _ = shard_set
+    ckpt = tiny_checkpoint("maskformer", shards=root / "shards", thing_ids=[1, 2], **TINY_MASKFORMER)
+    params = build(EvaluateParams, {"batch_size": 2, "num_overlays": 0, "panoptic": LOOSE_PANOPTIC}, "test")
+    m = ev.run(params, ckpt, root / "shards", tmp_path / "eval")
+    _panoptic_checks(m["panoptic"], (tmp_path / "eval" / "per_class_pq.csv").read_text())
+    assert m["panoptic"]["pq"] is not None  # loose thresholds: segments were predicted and scored
+    assert sum(v["tp"] + v["fp"] + v["fn"] for v in m["panoptic"]["per_class"].values()) > 0
+    assert "segm" in m and m["task"] == "semantic"
+
+
+def test_models_without_a_panoptic_output_write_an_empty_pq_table(shard_set, tmp_path, tiny_checkpoint):
+    root, _ = shard_set
+    ckpt = tiny_checkpoint("unet", shards=root / "shards", base_channels=4, depth=2)
+    m = ev.run(EvaluateParams(batch_size=2, num_overlays=0), ckpt, root / "shards", tmp_path / "eval")
+    assert "panoptic" not in m
+    assert (tmp_path / "eval" / "per_class_pq.csv").read_text() == "class,pq\n"
+
+
+def test_best_pair_takes_the_best_of_each_task_on_the_same_shards():
+    from segpipe.params import FusionParams
+
+    evals = {
+        "fcn8s": {"task": "semantic", "miou": 0.4, "shards_manifest_sha256": "a", "split": "val"},
+        "unet": {"task": "semantic", "miou": 0.6, "shards_manifest_sha256": "a", "split": "val"},
+        "deeplabv3": {"task": "semantic", "miou": 0.9, "shards_manifest_sha256": "b", "split": "val"},  # other data
+        "maskformer": {"task": "semantic", "miou": float("nan"), "segm": {"AP": 0.9}, "shards_manifest_sha256": "a",
+                       "split": "val"},
+        "mask_rcnn": {"task": "instance", "segm": {"AP": 0.2}, "shards_manifest_sha256": "a", "split": "val"},
+    }
+    assert ev.best_pair(evals, FusionParams(), "a", "val") == ("unet", "mask_rcnn")
+    assert ev.best_pair(evals, FusionParams()) == ("deeplabv3", "mask_rcnn")
+    with pytest.raises(ev.MetricsInputError, match="no instance evaluation with a finite segm.AP"):
+        ev.best_pair({k: v for k, v in evals.items() if k != "mask_rcnn"}, FusionParams(), "a", "val")
+
+
+def test_fuse_best_evaluates_the_pair_and_records_both_checkpoints(shard_set, tmp_path, tiny_checkpoint, capsys):
+    from segpipe.checkpoint import weights_sha256
+
+    root, _ = shard_set
+    unet = tiny_checkpoint("unet", shards=root / "shards", base_channels=4, depth=2)
+    rcnn = tiny_checkpoint("mask_rcnn", shards=root / "shards", box_head_dim=32, mask_head_channels=16,
+                           detects_things=True)
+    evals = tmp_path / "evals"
+    params = EvaluateParams(batch_size=2, num_overlays=0)
+    ev.run(params, unet, root / "shards", evals / "unet")
+    ev.run(params, rcnn, root / "shards", evals / "mask_rcnn")
+    ev.main(["--fuse-best", str(evals), "--shards", str(root / "shards"), "--out", str(evals / "fused"),
+             "--set", "evaluate.batch_size=2", "--set", "evaluate.panoptic.fusion.score_threshold=0.0"])
+    assert "fused unet + mask_rcnn" in capsys.readouterr().out
+    m = json.loads((evals / "fused" / "metrics.json").read_text())
+    assert m["task"] == "panoptic" and m["arch"] == "fused" and m["images"] > 0
+    assert m["checkpoints"]["semantic"] == {"eval": str(evals / "unet"), "arch": "unet", "path": str(unet),
+                                            "sha256": weights_sha256(unet)}
+    assert m["checkpoints"]["instance"]["sha256"] == weights_sha256(rcnn)
+    assert m["fusion"]["score_threshold"] == 0.0 and m["fusion"]["stuff_min_area"] == 64
+    _panoptic_checks(m["panoptic"], (evals / "fused" / "per_class_pq.csv").read_text())
+    # a second run skips its own output (task panoptic) and gives the same numbers
+    again = ev.run_fused(dataclasses.replace(params, panoptic=dataclasses.replace(
+        params.panoptic, fusion=dataclasses.replace(params.panoptic.fusion, score_threshold=0.0))),
+        evals, root / "shards", evals / "fused")
+    assert again == m
+
+
+def test_fuse_best_without_an_instance_model_says_why_and_promote_reports_it(shard_set, tmp_path, tiny_checkpoint,
+                                                                            capsys):
+    from segpipe.stages import promote
+
+    root, _ = shard_set
+    unet = tiny_checkpoint("unet", shards=root / "shards", base_channels=4, depth=2)
+    evals = tmp_path / "evals"
+    ev.run(EvaluateParams(batch_size=2, num_overlays=0), unet, root / "shards", evals / "unet")
+    ev.main(["--fuse-best", str(evals), "--shards", str(root / "shards"), "--out", str(tmp_path / "fused")])
+    assert "no fused pair: no instance evaluation" in capsys.readouterr().err
+    m = json.loads((tmp_path / "fused" / "metrics.json").read_text())
+    assert m["task"] == "panoptic" and "no instance evaluation" in m["skipped"]
+    assert (tmp_path / "fused" / "per_class_pq.csv").read_text() == "class,pq\n"
+    c = promote.read_candidate(tmp_path / "fused")
+    assert c.error and "no fused pair was evaluated" in c.error
+
+
+@pytest.mark.slow
+def test_fuse_best_gives_the_same_numbers_on_both_engines(shard_set, tmp_path, tiny_checkpoint):
+    import ray
+
+    root, _ = shard_set
+    unet = tiny_checkpoint("unet", shards=root / "shards", base_channels=4, depth=2)
+    rcnn = tiny_checkpoint("mask_rcnn", shards=root / "shards", box_head_dim=32, mask_head_channels=16,
+                           detects_things=True)
+    evals = tmp_path / "evals"
+    params = EvaluateParams(batch_size=1, num_overlays=0, score_threshold=0.0)  # 1 per batch: several chunks
+    ev.run(params, unet, root / "shards", evals / "unet")
+    ev.run(params, rcnn, root / "shards", evals / "mask_rcnn")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        local = ev.run_fused(params, evals, root / "shards", tmp_path / "local")
+        on_ray = ev.run_fused(dataclasses.replace(params, engine="ray"), evals, root / "shards", tmp_path / "ray")
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
+    assert on_ray == local and local["panoptic"]["per_class"]
+    assert (tmp_path / "ray" / "per_class_pq.csv").read_bytes() == (tmp_path / "local" / "per_class_pq.csv").read_bytes()

@@ -278,3 +278,68 @@ def test_beats_baseline_is_not_applicable_to_a_metric_no_baseline_has(tmp_path):
     assert promote.check_baselines({}, 0.3, "miou", [], 0.0) == (True, "no baselines given")
     with pytest.raises(ValueError, match="no <baseline>/metrics.json"):
         promote.read_baselines(tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Panoptic candidates: ranked apart on panoptic.pq, a fused pair registered as a bundle
+# --------------------------------------------------------------------------------------
+
+
+def fused(root: Path, name: str, pq: float, semantic: str, instance: str, data: str = DATA) -> Path:
+    """A fused pair's evaluation directory (segpipe evaluate --fuse-best) naming two real checkpoints."""
+    ck = {k: root / "checkpoints" / n for k, n in (("semantic", semantic), ("instance", instance))}
+    metrics = {
+        "arch": "fused", "task": "panoptic", "shards_manifest_sha256": data, "split": "val",
+        "checkpoints": {k: {"path": str(v), "sha256": sha256_file(v / WEIGHTS), "arch": "unet"} for k, v in ck.items()},
+        "fusion": {"overlap_threshold": 0.5, "stuff_min_area": 64, "score_threshold": 0.5},
+        "panoptic": {"pq": pq, "sq": 0.8, "rq": pq / 0.8, "per_class": {}},
+    }
+    out = root / "eval" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
+def test_panoptic_candidates_rank_apart_and_a_fused_pair_is_a_bundle(tmp_path, params):
+    from segpipe.registry import checkpoint_dir, read_bundle
+
+    reg, rep = tmp_path / "registry", tmp_path / "report"
+    sem = candidate(tmp_path, "sem", 0.60)
+    mf = candidate(tmp_path, "mf", 0.50, extra={"panoptic": {"pq": 0.30}})
+    candidate(tmp_path, "inst", 0.40)
+    pair = fused(tmp_path, "fused", 0.35, "sem", "inst")
+    report = promote.run(params, [sem, mf, pair], reg, rep)
+    index = read_index(reg)
+    assert [c["eval_dir"] for c in report["candidates"]] == [str(sem), str(mf)]  # the fused pair is not in it
+    assert report["champion_after"]["value"] == 0.60
+    pan = report["panoptic"]
+    assert pan["metric"] == "panoptic.pq" and pan["champion_after"]["value"] == 0.35
+    assert [c["value"] for c in pan["candidates"]] == [0.30, 0.35]
+    bundle = next(v for v in index["versions"] if v["version"] == index["aliases"]["panoptic-champion"])
+    assert bundle["task"] == "panoptic" and bundle["fusion"]["stuff_min_area"] == 64
+    assert bundle["bundle"]["semantic"]["checkpoint_sha256"] == sha256_file(tmp_path / "checkpoints/sem" / WEIGHTS)
+    assert bundle["bundle"]["instance"]["checkpoint_sha256"] == sha256_file(tmp_path / "checkpoints/inst" / WEIGHTS)
+    assert index["aliases"]["panoptic-challenger"] == next(v["version"] for v in index["versions"]
+                                                           if v["source"]["eval_dir"] == str(mf))
+    directory = checkpoint_dir("panoptic-champion", reg)  # verifies every file of both members
+    members = read_bundle(directory)["members"]
+    assert load(directory / members["instance"])[1].arch == "unet"
+    assert "## Panoptic ranking" in (rep / "promotion.md").read_text()
+    # tampering with either member is caught on load
+    (directory / "instance" / WEIGHTS).write_bytes(b"x")
+    with pytest.raises(ValueError, match="instance/model.safetensors: sha256"):
+        checkpoint_dir("panoptic-champion", reg)
+    # running again registers nothing new; a worse pair does not move the panoptic champion
+    worse = fused(tmp_path, "worse", 0.20, "sem", "sem")
+    again = promote.run(params, [sem, mf, pair, worse], reg, rep)
+    assert again["created"] == []
+    assert read_index(reg)["aliases"]["panoptic-champion"] == bundle["version"]
+
+
+def test_a_fused_pair_whose_member_changed_is_not_readable(tmp_path, params):
+    candidate(tmp_path, "sem", 0.60)
+    candidate(tmp_path, "inst", 0.40)
+    pair = fused(tmp_path, "fused", 0.35, "sem", "inst")
+    (tmp_path / "checkpoints" / "inst" / WEIGHTS).write_bytes(b"changed")
+    c = promote.read_candidate(pair)
+    assert c.error and "differs from the evaluated" in c.error and "inst" in c.error
