@@ -128,13 +128,13 @@ ARCHITECTURES = ("fcn32s", "fcn16s", "fcn8s", "unet", "deeplabv3", "maskformer",
 # short run seconds of its budget, so those keep their last checkpoint and evaluate scores it.
 _RESNET = {"image_size": 128, "batch_size": 8, "lr": 1e-3, "val_every": 0}
 BUDGETS: dict[str, dict[str, Any]] = {
-    "fcn32s": {"budget_s": 40.0, **_RESNET},
+    "fcn32s": {"budget_s": 45.0, **_RESNET},
     "fcn16s": {"budget_s": 45.0, **_RESNET},
     "fcn8s": {"budget_s": 55.0, **_RESNET},
     "unet": {"budget_s": 140.0, "val_every": 2},
-    "deeplabv3": {"budget_s": 45.0, **_RESNET},
+    "deeplabv3": {"budget_s": 40.0, **_RESNET},
     "maskformer": {"budget_s": 50.0, **_RESNET},
-    "mask_rcnn": {"budget_s": 115.0, **_RESNET, "lr": 5e-4, "grad_clip": 10.0},
+    "mask_rcnn": {"budget_s": 125.0, **_RESNET, "lr": 5e-4, "grad_clip": 10.0},
 }
 
 

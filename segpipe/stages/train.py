@@ -533,8 +533,9 @@ def report(run: WorkerRun, epoch: int, totals: np.ndarray, conf: np.ndarray | No
         ray.train.report(metrics)
         return
     limit = f"{run.schedule.budget_s:g} s" if run.schedule.budget_s else f"{run.p.epochs} epochs"
-    print(f"[{run.arch}] epoch {epoch} step {run.clock.steps} {elapsed:.0f}/{limit} loss {loss:.4f} "
-          f"val_{'miou' if run.task == 'semantic' else 'thing_miou'} {score:.4f} "
+    validated = f"val_{'miou' if run.task == 'semantic' else 'thing_miou'} {score:.4f}" \
+        if not math.isnan(score) else "not validated (train.val_every)"
+    print(f"[{run.arch}] epoch {epoch} step {run.clock.steps} {elapsed:.0f}/{limit} loss {loss:.4f} {validated} "
           f"({row['images_per_s']:.1f} img/s, {run.precision})", flush=True)
     progress = {"elapsed_s": round(elapsed, 3), "steps": run.clock.steps, "epochs": epoch, "stopped_by": stopped_by}
     with tempfile.TemporaryDirectory() as tmp:
@@ -726,7 +727,9 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
             atomic_write_json(tmp / "metrics.json", summary)
     # A finished run leaves nothing to resume: the next run with the same inputs starts afresh.
     delete(runs.child(run_name))
-    print(f"[{arch}] best epoch {summary['best_epoch']} val score {summary['best_val_score']}; "
+    kept = (f"best epoch {summary['best_epoch']} val score {summary['best_val_score']}"
+            if summary["best_val_score"] is not None else f"last epoch {summary['best_epoch']} kept (no validation)")
+    print(f"[{arch}] {kept}; "
           f"{summary['steps']} steps in {summary['train_s']} s, start-up {summary['startup_s']} s; wrote {out}")
     return summary
 
