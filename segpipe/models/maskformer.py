@@ -221,7 +221,28 @@ class MaskFormer(nn.Module):
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def predictions(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Per decoder layer, ``(B x Q x K+1 class logits, B x Q x H/4 x W/4 mask logits)``; last = final."""
+        """Per decoder layer, ``(B x Q x K+1 class logits, B x Q x H/4 x W/4 mask logits)``; last = final.
+
+        In eval mode without gradients the result for the last input tensor is kept: the semantic
+        scores, the instances and the panoptic segments of one batch (``segpipe.inference`` asks
+        for all three) then cost one forward pass, not three. The kept result is dropped when the
+        same tensor has been modified in place, and whenever the model goes back to train mode.
+        """
+        reuse = not (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                     or torch.compiler.is_compiling())
+        last = self.__dict__.get("_last_predictions")
+        if reuse and last is not None and last[0] is images and last[1] == images._version:
+            return last[2]
+        out = self._predictions(images)
+        self.__dict__["_last_predictions"] = (images, images._version, out) if reuse else None
+        return out
+
+    def train(self, mode: bool = True) -> MaskFormer:
+        if mode:
+            self.__dict__["_last_predictions"] = None
+        return super().train(mode)
+
+    def _predictions(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         feats = self.backbone(images)
         pixel = self.pixel_decoder(feats)  # B x D x H/4 x W/4
         src = self.input_proj(feats["c5"])
