@@ -328,18 +328,22 @@ class MaskFormer(nn.Module):
         masks = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False).sigmoid()
         return torch.einsum("bqk,bqhw->bkhw", probs, masks)
 
+    def _final_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The final decoder layer's (class logits, low-resolution mask logits), in eval mode."""
+        check_images(images)
+        was_training = self.training
+        self.eval()
+        try:
+            return self.predictions(images)[-1]
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def mask_classification(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The final layer's raw outputs at input resolution: ``B x Q x K+1`` class logits (the
         last is "no object") and ``B x Q x H x W`` mask logits (bilinearly upsampled), what
         ``segpipe.panoptic.maskformer_panoptic`` turns into segments."""
-        check_images(images)
-        was_training = self.training
-        self.eval()
-        try:
-            class_logits, mask_logits = self.predictions(images)[-1]
-        finally:
-            self.train(was_training)
+        class_logits, mask_logits = self._final_outputs(images)
         masks = F.interpolate(mask_logits, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
         return class_logits, masks
 
@@ -354,13 +358,7 @@ class MaskFormer(nn.Module):
         probability; score = class probability x mean mask probability inside the mask (the
         pixels at or above ``mask_threshold``, as ``segpipe.inference`` binarises masks).
         """
-        check_images(images)
-        was_training = self.training
-        self.eval()
-        try:
-            class_logits, mask_logits = self.predictions(images)[-1]
-        finally:
-            self.train(was_training)
+        class_logits, mask_logits = self._final_outputs(images)
         h, w = images.shape[-2:]
         out = []
         things = torch.tensor(self.thing_ids, dtype=torch.long, device=images.device)
