@@ -228,8 +228,9 @@ class MaskFormer(nn.Module):
         for all three) then cost one forward pass, not three. The kept result is dropped when the
         same tensor has been modified in place, and whenever the model goes back to train mode.
         """
-        reuse = not (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                     or torch.compiler.is_compiling())
+        # Inference-mode tensors have no version counter, so an in-place change could not be seen: not kept.
+        reuse = not (self.training or torch.is_grad_enabled() or images.is_inference() or torch.jit.is_tracing()
+                     or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
         last = self.__dict__.get("_last_predictions")
         if reuse and last is not None and last[0] is images and last[1] == images._version:
             return last[2]

@@ -152,6 +152,7 @@ PARAMS = textwrap.dedent("""\
       architectures: [a, b]
     retrain:
       stages: [synth, convert, train, evaluate]   # this toy pipeline has no baselines or fuse stage
+      metrics: [miou, mdice, pixel_acc, segm.AP]
       retries: 1
       retry_delay_s: 0
       timeout_s: 120
