@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,6 +353,16 @@ def test_prune_keeps_complete_checkpoints_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_a"]
 
 
+def registered_checkpoint(runs: Path) -> bool:
+    """Whether Ray Train has recorded a checkpoint of the run (a run killed before that has nothing to resume)."""
+    for snapshot in runs.glob("unet-*/**/checkpoint_manager_snapshot.json"):
+        try:
+            return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+        except (OSError, ValueError):  # being written
+            return False
+    return False
+
+
 @pytest.mark.slow
 def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shards, tmp_path):
     """`dvc repro` killed mid-train: the rerun with the same params, data and code resumes from the
@@ -372,7 +383,7 @@ def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shar
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     runs = tmp_path / "models" / ".ray_results"
     deadline = time.monotonic() + 240
-    while not list(runs.glob("unet-*/checkpoint_*/meta.json")) or len(list(runs.glob("unet-*/checkpoint_*"))) < 2:
+    while not registered_checkpoint(runs) or len(list(runs.glob("unet-*/checkpoint_*"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
     tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
