@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_tiling import PerPixel, site_image  # the scene and the 1x1-conv model of the tiling tests
 from torch import nn
 
 from segpipe import inference
@@ -15,24 +15,6 @@ from segpipe.models import build_model, normalize
 from segpipe.tiling import Instance, Window, crop_instance, predict_semantic
 
 SEMANTIC = Request(frozenset({"semantic"}), 3, 255)
-
-
-def site_image(h: int, w: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)
-    return np.array(Image.fromarray(small).resize((w, h), Image.BILINEAR))
-
-
-class PerPixel(nn.Module):
-    """Logits depend on the pixel only, so padding must not change them."""
-
-    def __init__(self, k: int = 3) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, k, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) * 4
 
 
 class WholeImage(nn.Module):

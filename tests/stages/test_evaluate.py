@@ -3,6 +3,7 @@ an instance checkpoint, the same numbers from both engines, and the same label m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections import Counter
@@ -16,6 +17,21 @@ from segpipe.metrics.semantic import BACKGROUND
 from segpipe.models import normalize
 from segpipe.params import ConvertParams, EvaluateParams, SynthParams
 from segpipe.stages import evaluate as ev
+
+
+@contextlib.contextmanager
+def one_thread_models_on_ray():
+    """A local Ray of two CPUs, models running with one torch thread in both engines (two actors)."""
+    import ray
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
 
 # pycocotools' decode under numpy 2 (its own deprecation, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -208,7 +224,6 @@ def test_evaluate_scores_the_label_map_predict_writes(shard_set, tmp_path, tiny_
                                                           "nheads": 2, "dim_feedforward": 32, "conv_dim": 32,
                                                           "mask_dim": 32, "thing_ids": [1, 2]})])
 def test_ray_engine_gives_the_local_engines_metrics(shard_set, tmp_path, tiny_checkpoint, arch, kwargs):
-    import ray
 
     from segpipe.params import build
 
@@ -217,15 +232,9 @@ def test_ray_engine_gives_the_local_engines_metrics(shard_set, tmp_path, tiny_ch
     # 1 per batch: several chunks; loose panoptic thresholds, so maskformer's random queries make segments
     params = build(EvaluateParams, {"batch_size": 1, "num_overlays": 2, "score_threshold": 0.0, "panoptic": {
         "maskformer": {"object_mask_threshold": 0.0, "overlap_threshold": 0.0}}}, "test")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # models run with this many threads in both engines: two actors on two CPUs
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    try:
+    with one_thread_models_on_ray():
         local = ev.run(params, ckpt, root / "shards", tmp_path / "local")
         on_ray = ev.run(dataclasses.replace(params, engine="ray"), ckpt, root / "shards", tmp_path / "ray")
-    finally:
-        ray.shutdown()
-        torch.set_num_threads(threads)
     assert on_ray == local
     if arch == "maskformer":
         assert local["panoptic"]["pq"] is not None
@@ -339,7 +348,6 @@ def test_fuse_best_without_an_instance_model_says_why_and_promote_reports_it(sha
 
 @pytest.mark.slow
 def test_fuse_best_gives_the_same_numbers_on_both_engines(shard_set, tmp_path, tiny_checkpoint):
-    import ray
 
     root, _ = shard_set
     unet = tiny_checkpoint("unet", shards=root / "shards", base_channels=4, depth=2)
@@ -349,14 +357,8 @@ def test_fuse_best_gives_the_same_numbers_on_both_engines(shard_set, tmp_path, t
     params = EvaluateParams(batch_size=1, num_overlays=0, score_threshold=0.0)  # 1 per batch: several chunks
     ev.run(params, unet, root / "shards", evals / "unet")
     ev.run(params, rcnn, root / "shards", evals / "mask_rcnn")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    try:
+    with one_thread_models_on_ray():
         local = ev.run_fused(params, evals, root / "shards", tmp_path / "local")
         on_ray = ev.run_fused(dataclasses.replace(params, engine="ray"), evals, root / "shards", tmp_path / "ray")
-    finally:
-        ray.shutdown()
-        torch.set_num_threads(threads)
     assert on_ray == local and local["panoptic"]["per_class"]
     assert (tmp_path / "ray" / "per_class_pq.csv").read_bytes() == (tmp_path / "local" / "per_class_pq.csv").read_bytes()
