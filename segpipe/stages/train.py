@@ -224,13 +224,25 @@ def history_tsv(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def final_meta(best_meta: dict[str, Any], last_meta: dict[str, Any]) -> dict[str, Any]:
-    """The best checkpoint's meta, with the whole run's history, restarts and progress from the last one.
+def final_meta(best_meta: dict[str, Any], last_meta: dict[str, Any], budget_s: float, epochs: int) -> dict[str, Any]:
+    """The best checkpoint's meta, with the whole run's history, restarts and progress from the last
+    one, and why the run stopped (``stop_cause``).
 
     The best epoch may predate a crash and restart; its own meta then knows nothing of what came after.
     """
+    progress = last_meta.get("run", {})
     return {**best_meta, "history": last_meta["history"], "restarts": last_meta.get("restarts", []),
-            "run": last_meta.get("run", {})}
+            "run": {**progress, "stopped_by": stop_cause(progress, budget_s, epochs)}}
+
+
+def stop_cause(progress: dict[str, Any], budget_s: float, epochs: int) -> str:
+    """Why a run ended: ``progress["stopped_by"]`` of its last checkpoint, or, when that is empty,
+    the budget. The workers decide after each epoch's training; when that epoch's validation and
+    checkpoint then use up the budget, the loop ends before another epoch and the last checkpoint,
+    already written, recorded no cause. Only the budget ends a run that way."""
+    if progress.get("stopped_by"):
+        return str(progress["stopped_by"])
+    return "budget" if budget_s > 0 and int(progress.get("epochs", 0)) < epochs else "epochs"
 
 
 # ----------------------------------------------------------------------------- epoch verbs
@@ -708,11 +720,12 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
         last_meta = load_meta(last_dir)
     with best.as_directory() as d:
         best_meta = load_meta(d)
-        history, progress = list(last_meta.history), last_meta.run
+        final = final_meta(best_meta.to_json(), last_meta.to_json(), p.budget_s, p.epochs)
+        history, progress = final["history"], final["run"]
         with output_dir(out, "metrics.json") as staging:
             tmp = staging.path
             shutil.copytree(d, tmp / "checkpoint")
-            write_meta(tmp / "checkpoint", CheckpointMeta.from_json(final_meta(best_meta.to_json(), last_meta.to_json())))
+            write_meta(tmp / "checkpoint", CheckpointMeta.from_json(final))
             atomic_write_text(tmp / "history.tsv", history_tsv(history))
             wall = time.time() - started_at
             train_s = float(progress["elapsed_s"])

@@ -23,6 +23,7 @@ from segpipe.stages.train import (
     resolve_precision,
     run_fingerprint,
     steps_per_epoch,
+    stop_cause,
     train_one_epoch,
     val_score,
     validate,
@@ -207,11 +208,20 @@ def test_fingerprint_changes_with_params_data_and_code():
 def test_final_meta_keeps_best_weights_meta_but_whole_run_history():
     best = {"epoch": 1, "metrics": {"val_score": 0.4}, "history": [{"epoch": 1}], "restarts": []}
     last = {"epoch": 3, "metrics": {"val_score": 0.3}, "history": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}],
-            "restarts": [{"resumed_from_epoch": 1}]}
-    meta = final_meta(best, last)
+            "restarts": [{"resumed_from_epoch": 1}], "run": {"epochs": 3, "stopped_by": "epochs"}}
+    meta = final_meta(best, last, budget_s=0, epochs=3)
     assert meta["epoch"] == 1 and meta["metrics"]["val_score"] == 0.4
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
     assert meta["restarts"] == [{"resumed_from_epoch": 1}]
+    assert meta["run"] == {"epochs": 3, "stopped_by": "epochs"}
+
+
+def test_stop_cause_is_the_budget_when_the_last_checkpoint_was_written_before_it_ran_out():
+    # the last epoch's validation and checkpoint used the budget up after the workers decided to go on
+    assert stop_cause({"epochs": 18, "stopped_by": None}, budget_s=6.0, epochs=1000) == "budget"
+    assert stop_cause({"epochs": 18, "stopped_by": "epochs"}, budget_s=6.0, epochs=1000) == "epochs"
+    assert stop_cause({"epochs": 3, "stopped_by": None}, budget_s=0, epochs=3) == "epochs"
+    assert stop_cause({"epochs": 2, "stopped_by": None}, budget_s=0, epochs=3) == "epochs"
 
 
 def test_history_tsv_columns():
@@ -258,7 +268,8 @@ def test_ray_budget_stops_training_and_metrics_split_startup_from_training(ray_l
                     model={"unet": {"base_channels": 4, "depth": 2}}, overrides={})
     summary = run(p, "unet", tiny_shards, tmp_path / "out")
     assert summary["stopped_by"] == "budget" and summary["epochs"] < 1000
-    assert 6.0 <= summary["train_s"] < 60 and summary["startup_s"] > 0
+    # the last checkpoint is written when the budget is (nearly) used: an epoch is not started for a sliver of it
+    assert 6.0 * (1 - 0.3) <= summary["train_s"] < 60 and summary["startup_s"] > 0
     assert summary["wall_s"] == pytest.approx(summary["train_s"] + summary["startup_s"], abs=0.2)
     meta = load_meta(tmp_path / "out" / "checkpoint")
     assert meta.run["stopped_by"] == "budget" and meta.run["steps"] == summary["steps"] > 0
