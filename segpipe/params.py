@@ -128,7 +128,10 @@ ARCHITECTURES = ("fcn32s", "fcn16s", "fcn8s", "unet", "deeplabv3", "maskformer",
 # short run seconds of its budget, so those keep their last checkpoint and evaluate scores it.
 _RESNET = {"image_size": 128, "batch_size": 8, "lr": 1e-3, "val_every": 0}
 BUDGETS: dict[str, dict[str, Any]] = {
-    "fcn32s": {"budget_s": 45.0, **_RESNET},
+    # FCN-32s trains on whole 256 px scenes: a 128 px crop gives it a 4 x 4 score grid whose every
+    # cell reads the zero padding; evaluation's whole scenes give 8 x 8 (two runs each at 45 s:
+    # val mIoU 0.150 against 0.131, 6.5 classes above 0.01 IoU against 5).
+    "fcn32s": {"budget_s": 45.0, **_RESNET, "image_size": 256, "batch_size": 4},
     "fcn16s": {"budget_s": 45.0, **_RESNET},
     "fcn8s": {"budget_s": 55.0, **_RESNET},
     "unet": {"budget_s": 140.0, "val_every": 2},
