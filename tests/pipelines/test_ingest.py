@@ -137,6 +137,49 @@ def test_ingest_invalid_drop_is_rejected_and_changes_nothing(tmp_path, prefect_h
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("failure", ["copy", "commit"])
+def test_a_failure_after_the_copy_starts_undoes_everything(tmp_path, prefect_harness, init_repo, git_cmd, monkeypatch,
+                                                           failure):
+    """A full disk halfway through the copy, or a git hook refusing the commit after `dvc add`:
+    the repository is as before, and the same name ingests once the cause is gone."""
+    import errno
+    import shutil
+
+    from pipelines.ingest import ingest_flow
+
+    repo = init_repo(tmp_path / "repo", {"params.yaml": PARAMS})
+    head = git_cmd(repo, "rev-parse", "HEAD")
+    drop = make_drop(tmp_path / "drop")
+    hook = repo / ".git/hooks/pre-commit"
+    if failure == "copy":  # the images are copied, then the disk fills on the annotations
+        copy2 = shutil.copy2
+
+        def full_disk(src, dst, *args, **kwargs):
+            if Path(src).name == "instances.json":
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            return copy2(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(shutil, "copy2", full_disk)
+    else:
+        hook.write_text("#!/bin/sh\necho 'pre-commit: refused by policy' >&2\nexit 1\n")
+        hook.chmod(0o755)
+
+    state = ingest_flow(drop=drop, name="site-c", repo=repo, return_state=True)
+
+    assert state.is_failed()
+    assert ("No space left on device" if failure == "copy" else "refused by policy") in state.message
+    assert git_cmd(repo, "rev-parse", "HEAD") == head and git_cmd(repo, "status", "--porcelain") == ""
+    raw = repo / "data/raw"  # no copy, no hidden temporary, no .dvc file, no .gitignore (DVC's cache may keep files)
+    assert not raw.exists() or list(raw.iterdir()) == []
+
+    monkeypatch.undo()
+    hook.unlink(missing_ok=True)
+    result = ingest_flow(drop=drop, name="site-c", repo=repo)
+    assert result["commit"] == git_cmd(repo, "rev-parse", "HEAD") != head
+    assert sorted(p.name for p in raw.iterdir()) == [".gitignore", "site-c", "site-c.dvc"]
+
+
+@pytest.mark.slow
 def test_ingest_refuses_an_existing_collection(tmp_path, prefect_harness, init_repo, git_cmd):
     from pipelines.ingest import ingest_flow
 
