@@ -86,28 +86,6 @@ def test_predict_reads_a_uri_like_a_path(tmp_path, tiny_checkpoint):
         assert (tmp_path / "uri" / name).read_bytes() == (tmp_path / "path" / name).read_bytes(), name
 
 
-@pytest.mark.slow
-def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoint):
-    import ray
-
-    ck = tiny_checkpoint("mask_rcnn", box_score_thresh=0.0, box_detections_per_img=5)
-    (tmp_path / "in").mkdir()
-    for i in range(3):
-        Image.fromarray(site_image(150 + 30 * i, 140, seed=i)).save(tmp_path / "in" / f"site{i}.png")
-    params = PredictParams(tile=128, overlap=32, batch_size=2, score_threshold=0.0)
-    local = predict.run(params, ck, tmp_path / "in", tmp_path / "local", progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    try:
-        on_ray = predict.run(params, ck, tmp_path / "in", tmp_path / "ray", progress=False, engine="ray")
-    finally:
-        ray.shutdown()
-    assert {**on_ray, "engine": "local"} == local and local["instances"] > 0
-    written = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
-    assert written == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
-    for name in written:
-        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
-
-
 # --------------------------------------------------------------------------------------
 # --panoptic: COCO panoptic PNGs whose ids are exactly the JSON's segments
 # --------------------------------------------------------------------------------------
@@ -179,3 +157,40 @@ def test_predict_a_fused_bundle_runs_both_models(tmp_path, tiny_checkpoint):
     doc = _check_panoptic(tmp_path / "out", ["site"], load_meta(sem).classes)
     assert doc["annotations"][0]["segments_info"]  # stuff_min_area 0: the semantic map's stuff at least
     assert (tmp_path / "out" / "detections.json").is_file()
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoint):
+    """Mask R-CNN's labels, overlays and COCO results, and MaskFormer's panoptic PNGs and JSON."""
+    import ray
+
+    from segpipe.checkpoint import load_meta
+    from segpipe.params import MaskFormerPanopticParams, PanopticParams
+
+    rcnn = tiny_checkpoint("mask_rcnn", box_score_thresh=0.0, box_detections_per_img=5)
+    former = tiny_checkpoint("maskformer", **TINY_MASKFORMER)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        Image.fromarray(site_image(150 + 30 * i, 140, seed=i)).save(tmp_path / "in" / f"site{i}.png")
+    Image.fromarray(site_image(90, 120, seed=1)).save(tmp_path / "in" / "site3.png")  # one tile: Mask2Former's own
+    params = PredictParams(tile=128, overlap=32, batch_size=2, score_threshold=0.0)
+    loose = PanopticParams(maskformer=MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
+    runs = {"rcnn": (rcnn, {}), "panoptic": (former, {"panoptic": True, "panoptic_params": loose})}
+    local = {k: predict.run(params, ck, tmp_path / "in", tmp_path / "local" / k, progress=False, **kw)
+             for k, (ck, kw) in runs.items()}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        on_ray = {k: predict.run(params, ck, tmp_path / "in", tmp_path / "ray" / k, progress=False, engine="ray", **kw)
+                  for k, (ck, kw) in runs.items()}
+    finally:
+        ray.shutdown()
+    assert local["rcnn"]["instances"] > 0 and local["panoptic"]["panoptic"] is True
+    for k in runs:
+        assert {**on_ray[k], "engine": "local"} == local[k], k
+    written = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    assert any(p.parts[:2] == ("panoptic", "panoptic") for p in written)  # the PNGs are among the files compared
+    for name in written:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    doc = _check_panoptic(tmp_path / "ray" / "panoptic", [f"site{i}" for i in range(4)], load_meta(former).classes)
+    assert any(a["segments_info"] for a in doc["annotations"])
