@@ -481,6 +481,7 @@ def run(
     panoptic = [c for c in read if is_panoptic(c)]
     pan_params = dataclasses.replace(params, protected_classes=[])  # protected classes are IoU rules
     pan: dict[str, Any] | None = None
+    pan_promoted: str | None = None
     with transaction(registry, params.name) as index:
         champion = alias_entry(index, "champion")
         decision = decide(ranked, champion, params, reference) if ranked else {
@@ -498,9 +499,14 @@ def run(
                    "champion_after": _summary(pan_after, key),
                    "challenger": pan_challenger["version"] if pan_challenger else None,
                    "candidates": pan_decision["candidates"]}
+            if pan_decision["champion"] is not None:
+                pan_promoted = pan_after["version"]
     tags: list[str] = []
     if params.gto_tags and decision["champion"] is not None:
         tags = write_gto_tags(params.name, new_champion["version"], promoted=True)
+    if params.gto_tags and pan_promoted is not None:
+        # the panoptic champion is its own GTO artifact (NAME-panoptic): its prod stage moves apart
+        tags += write_gto_tags(f"{params.name}-panoptic", pan_promoted, promoted=True)
     report = {
         "name": params.name,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -334,6 +336,31 @@ def test_panoptic_candidates_rank_apart_and_a_fused_pair_is_a_bundle(tmp_path, p
     again = promote.run(params, [sem, mf, pair, worse], reg, rep)
     assert again["created"] == []
     assert read_index(reg)["aliases"]["panoptic-champion"] == bundle["version"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_gto_tags_for_the_champion_and_the_panoptic_champion(tmp_path, params, monkeypatch):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "init")
+    for key in ("user.name", "user.email"):
+        git("config", key, "t")
+    monkeypatch.chdir(tmp_path)  # the tags go into the repository promote runs in
+    sem = candidate(tmp_path, "sem", 0.60)
+    candidate(tmp_path, "inst", 0.40)
+    pair = fused(tmp_path, "fused", 0.35, "sem", "inst")
+    tagged = replace(params, gto_tags=True)
+    report = promote.run(tagged, [sem, pair], tmp_path / "registry", tmp_path / "report")
+    champion, panoptic = report["champion_after"]["version"], report["panoptic"]["champion_after"]["version"]
+    assert champion != panoptic
+    assert report["git_tags"] == [f"segmenter@{champion}.0.0", "segmenter#prod#1",
+                                  f"segmenter-panoptic@{panoptic}.0.0", "segmenter-panoptic#prod#1"]
+    assert sorted(git("tag", "--list").split()) == sorted(report["git_tags"])
+    # nothing new promoted: no new tags
+    assert promote.run(tagged, [sem, pair], tmp_path / "registry", tmp_path / "report")["git_tags"] == []
 
 
 def test_a_fused_pair_whose_member_changed_is_not_readable(tmp_path, params):
