@@ -236,8 +236,8 @@ def final_meta(best_meta: dict[str, Any], last_meta: dict[str, Any], budget_s: f
 
 
 def stop_cause(progress: dict[str, Any], budget_s: float, epochs: int) -> str:
-    """Why a run ended: ``progress["stopped_by"]`` of its last checkpoint, or, when that is empty,
-    the budget. The workers decide after each epoch's training; when that epoch's validation and
+    """Why a run ended: ``progress["stopped_by"]`` of its last checkpoint, or, when that is empty
+    and a budget was set, the budget. The workers decide after each epoch's training; when that epoch's validation and
     checkpoint then use up the budget, the loop ends before another epoch and the last checkpoint,
     already written, recorded no cause. Only the budget ends a run that way."""
     if progress.get("stopped_by"):
