@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny synthetic raw data and shards, built once per test session, and a real S3
-server (moto) with a fresh bucket per test."""
+"""Shared fixtures: tiny synthetic raw data and shards, built once per test session, a real S3
+server (moto) with a fresh bucket per test, and throwaway git repositories."""
 
 from __future__ import annotations
 
@@ -194,3 +194,30 @@ def tiny_checkpoint(tmp_path):
         return save_checkpoint(out or tmp_path / arch, model, meta)
 
     return make
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _git_repo(repo: Path) -> Path:
+    """``git init`` in ``repo`` with a committer of its own and one empty commit."""
+    repo.mkdir(parents=True, exist_ok=True)
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "tests@segpipe.invalid")
+    git(repo, "config", "user.name", "segpipe tests")
+    git(repo, "config", "commit.gpgsign", "false")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "init")
+    return repo
+
+
+@pytest.fixture
+def git_cmd():
+    """``git_cmd(repo, *args)``: run git, return its stripped stdout."""
+    return git
+
+
+@pytest.fixture
+def git_repo():
+    """``git_repo(path)``: a git repository with one empty commit at ``path``."""
+    return _git_repo

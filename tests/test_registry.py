@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -155,19 +154,13 @@ def test_alias_history_records_moves(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_gto_tags_in_a_git_repo(tmp_path):
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-
+def test_gto_tags_in_a_git_repo(tmp_path, git_repo, git_cmd):
     assert write_gto_tags("segmenter", "v1", True, cwd=tmp_path) == []  # not a repo: nothing, no error
-    git("init", "-q")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
-    subprocess.run(["git", "config", "user.name", "t"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "config", "user.email", "t@t"], cwd=tmp_path, check=True)
+    git_repo(tmp_path)
     assert write_gto_tags("segmenter", "v1", True, cwd=tmp_path) == ["segmenter@v1.0.0", "segmenter#prod#1"]
     assert write_gto_tags("segmenter", "v2", True, cwd=tmp_path) == ["segmenter@v2.0.0", "segmenter#prod#2"]
     assert write_gto_tags("segmenter", "v1", True, cwd=tmp_path) == ["segmenter#prod#3"]
-    assert git("cat-file", "-t", "segmenter#prod#1").strip() == "tag"  # annotated, as GTO requires
+    assert git_cmd(tmp_path, "cat-file", "-t", "segmenter#prod#1") == "tag"  # annotated, as GTO requires
 
 
 def test_nan_metrics_are_stored_as_null(tmp_path):

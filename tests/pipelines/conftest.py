@@ -3,8 +3,8 @@ git + DVC repositories whose stages are cheap shell commands."""
 
 from __future__ import annotations
 
+import functools
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,17 +23,9 @@ def prefect_harness():
         yield
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _init_repo(repo: Path, files: dict[str, str]) -> Path:
-    """``git init`` + ``dvc init`` in ``repo``, write ``files`` and commit everything."""
-    repo.mkdir(parents=True, exist_ok=True)
-    git(repo, "init", "-q")
-    git(repo, "config", "user.email", "tests@segpipe.invalid")
-    git(repo, "config", "user.name", "segpipe tests")
-    git(repo, "config", "commit.gpgsign", "false")
+def _init_repo(git_repo, git, repo: Path, files: dict[str, str]) -> Path:
+    """A git repository with ``dvc init``, ``files`` written, everything committed."""
+    git_repo(repo)
     commands.run(commands.python_tool("dvc") + ["init", "-q"], cwd=repo, echo=False)
     for rel, text in files.items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -44,12 +36,6 @@ def _init_repo(repo: Path, files: dict[str, str]) -> Path:
 
 
 @pytest.fixture
-def init_repo():
+def init_repo(git_repo, git_cmd):
     """``init_repo(path, {relative path: text})``: a committed git + DVC repository."""
-    return _init_repo
-
-
-@pytest.fixture
-def git_cmd():
-    """``git_cmd(repo, *args)``: run git, return its stripped stdout."""
-    return git
+    return functools.partial(_init_repo, git_repo, git_cmd)

@@ -224,7 +224,6 @@ def test_evaluate_scores_the_label_map_predict_writes(shard_set, tmp_path, tiny_
                                                           "nheads": 2, "dim_feedforward": 32, "conv_dim": 32,
                                                           "mask_dim": 32, "thing_ids": [1, 2]})])
 def test_ray_engine_gives_the_local_engines_metrics(shard_set, tmp_path, tiny_checkpoint, arch, kwargs):
-
     from segpipe.params import build
 
     root, _ = shard_set
@@ -348,7 +347,6 @@ def test_fuse_best_without_an_instance_model_says_why_and_promote_reports_it(sha
 
 @pytest.mark.slow
 def test_fuse_best_gives_the_same_numbers_on_both_engines(shard_set, tmp_path, tiny_checkpoint):
-
     root, _ = shard_set
     unet = tiny_checkpoint("unet", shards=root / "shards", base_channels=4, depth=2)
     rcnn = tiny_checkpoint("mask_rcnn", shards=root / "shards", box_head_dim=32, mask_head_channels=16,

@@ -6,7 +6,6 @@ import json
 import math
 import multiprocessing as mp
 import shutil
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -339,15 +338,8 @@ def test_panoptic_candidates_rank_apart_and_a_fused_pair_is_a_bundle(tmp_path, p
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_gto_tags_for_the_champion_and_the_panoptic_champion(tmp_path, params, monkeypatch):
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                              capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("commit", "-q", "--allow-empty", "-m", "init")
-    for key in ("user.name", "user.email"):
-        git("config", key, "t")
+def test_gto_tags_for_the_champion_and_the_panoptic_champion(tmp_path, params, monkeypatch, git_repo, git_cmd):
+    git_repo(tmp_path)
     monkeypatch.chdir(tmp_path)  # the tags go into the repository promote runs in
     sem = candidate(tmp_path, "sem", 0.60)
     candidate(tmp_path, "inst", 0.40)
@@ -358,7 +350,7 @@ def test_gto_tags_for_the_champion_and_the_panoptic_champion(tmp_path, params, m
     assert champion != panoptic
     assert report["git_tags"] == [f"segmenter@{champion}.0.0", "segmenter#prod#1",
                                   f"segmenter-panoptic@{panoptic}.0.0", "segmenter-panoptic#prod#1"]
-    assert sorted(git("tag", "--list").split()) == sorted(report["git_tags"])
+    assert sorted(git_cmd(tmp_path, "tag", "--list").split()) == sorted(report["git_tags"])
     # nothing new promoted: no new tags
     assert promote.run(tagged, [sem, pair], tmp_path / "registry", tmp_path / "report")["git_tags"] == []
 
