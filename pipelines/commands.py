@@ -17,11 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from segpipe.errors import UserError
+
 GRACE_S = 10.0  # between SIGINT and SIGKILL of a command's process group
 TAIL_CHARS = 4000  # of a failed command's output, kept in its error
 
 
-class CommandError(RuntimeError):
+class CommandError(UserError, RuntimeError):
     """A command exited with a non-zero status; the message holds the command and its output tail."""
 
     def __init__(self, argv: list[str], returncode: int, output: str) -> None:

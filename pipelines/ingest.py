@@ -34,6 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import commands
+from segpipe.errors import UserError
 from segpipe.files import atomic_dir, escape_reason
 from segpipe.params import IngestParams, ParamsError, add_params_arguments, load_section
 
@@ -44,7 +45,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 REPORT_LINES = 50  # quarantine entries shown in the artifact and the error
 
 
-class DropRejected(ValueError):
+class DropRejected(UserError, ValueError):
     """The drop is not a valid collection, or ingesting it would change versioned data."""
 
 

@@ -25,15 +25,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import commands
+from segpipe.errors import UserError
 from segpipe.params import ParamsError, RetrainParams, add_params_arguments, load_section
-from segpipe.stages.promote import metric_value
+from segpipe.results import metric_value
 
 ARTIFACT_KEY = "retrain-report"
 PROMOTION_FILE = "promotion.json"  # what segpipe.stages.promote writes into its report folder
 _RUNNING = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 
 
-class RetrainFailed(RuntimeError):
+class RetrainFailed(UserError, RuntimeError):
     """A stage failed after its retries; nothing was promoted."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from segpipe.errors import UserError
 from segpipe.files import atomic_dir, atomic_write_json, sha256_file
 
 FORMAT = "segpipe-checkpoint/1"
@@ -27,9 +28,11 @@ WEIGHTS = "model.safetensors"
 META = "meta.json"
 STATE = "train_state.safetensors"
 STATE_META = "train_state.json"
+CHECKPOINT_FILES = (WEIGHTS, META)  # what serving a model needs (the registry copies these)
+TRAINING_FILES = (WEIGHTS, META, STATE, STATE_META)  # what resuming a run needs
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory is missing, malformed, or does not fit what it is loaded for."""
 
 
@@ -105,6 +108,8 @@ class CheckpointMeta:
     precision: str | None = None
     worker_nodes: tuple[str, ...] = ()
     attempt: str | None = None  # the training process that wrote it (resuming tells a worker failure from a rerun)
+    # the model it was fine-tuned from (train.init_from): {"ref", "version", "sha256", "arch", "registry"}; None = from scratch
+    parent: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -161,10 +166,10 @@ _KINDS: dict[str, type] = {
     "arch": str, "num_classes": int, "classes": list, "task": str, "model_kwargs": dict, "ignore_index": int,
     "thing_ids": list, "image_size": int, "params": dict, "shards_manifest_sha256": str, "needs_instances": bool,
     "epoch": int, "metrics": dict, "history": list, "restarts": list, "run": dict, "precision": str,
-    "worker_nodes": list, "attempt": str,
+    "worker_nodes": list, "attempt": str, "parent": dict,
 }
 _OPTIONAL = frozenset({"thing_ids", "image_size", "shards_manifest_sha256", "needs_instances", "epoch", "precision",
-                       "attempt"})
+                       "attempt", "parent"})
 _KIND_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false"}
 
 
@@ -267,7 +272,7 @@ def load_model(
     if classes is not None:
         check_classes(directory, meta, classes)
     model = build_from_meta(meta)
-    state = load_file(str(directory / WEIGHTS), device=str(map_location))
+    state = load_weights(directory, map_location)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -276,6 +281,22 @@ def load_model(
         )
     model.to(map_location).eval()
     return model, meta
+
+
+def load_weights(directory: Path | str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint's weights file (safetensors: nothing is unpickled)."""
+    return load_file(str(Path(directory) / WEIGHTS), device=str(map_location))
+
+
+def is_complete(directory: Path | str) -> bool:
+    """Whether ``directory`` holds a whole training checkpoint: every file of TRAINING_FILES,
+    none empty, and a meta that is a JSON object (a write cut short by a full disk or a kill fails)."""
+    d = Path(directory)
+    try:
+        return all((d / f).is_file() and (d / f).stat().st_size > 0 for f in TRAINING_FILES) and \
+            isinstance(json.loads((d / META).read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def load_train_state(

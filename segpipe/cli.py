@@ -1,13 +1,13 @@
 """The ``segpipe`` command: one sub-command per module, the DVC stages in ``segpipe/stages/``
-(synth, convert, train, evaluate, promote), the other commands in ``segpipe/commands/``.
+(synth, convert, train, evaluate, baselines, fuse, promote), the other commands in ``segpipe/commands/``.
 
 Modules are imported only when their command runs, so ``segpipe synth`` does not pay for
 importing Ray and torch.
 
-Errors a user can cause (bad params, input, shards, checkpoints, registry entries, a full disk,
-a missing file) end the command with one line on stderr naming the file, key or argument at
-fault, and a non-zero exit status: 2 for params, 1 for the rest, 130 when interrupted. Anything
-else is a bug and keeps its traceback.
+Errors a user can cause (``segpipe.errors.UserError``: bad params, input, shards, checkpoints,
+registry entries; and OSError: a full disk, a missing file) end the command with one line on
+stderr naming the file, key or argument at fault, and a non-zero exit status: 2 for params, 1 for
+the rest, 130 when interrupted. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("segpipe.commands.stats", "per-class pixel and instance counts per split of a shard set"),
     "train": ("segpipe.stages.train", "train an architecture with Ray Train on Parquet shards"),
     "evaluate": ("segpipe.stages.evaluate", "evaluate a checkpoint on a split; write DVC metrics and plots"),
+    "baselines": ("segpipe.stages.baselines", "score the reference predictors a model must beat"),
+    "fuse": ("segpipe.stages.fuse", "fuse the best semantic and instance models into one panoptic model, scored"),
     "metrics": ("segpipe.commands.metrics", "score label PNGs or COCO results made by any system"),
     "promote": ("segpipe.stages.promote", "promote evaluated candidates into the model registry by rules"),
+    "registry": ("segpipe.commands.registry", "list the registry, print a model's lineage, roll an alias back"),
     "predict": ("segpipe.commands.predict", "run a model on images of any size (sliding window), in this process or on Ray"),
     "export": ("segpipe.commands.export", "export a model to ONNX or TorchScript with a parity check"),
     "report": ("segpipe.commands.report", "write reports/summary.md from evaluations and the promotion"),
@@ -31,42 +34,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("pipelines.retrain", "run the pipeline's stages as a Prefect flow, then promote"),
     "schedule": ("pipelines.deploy", "serve the Prefect retrain flow on its cron schedule"),
     "params": ("segpipe.commands.params", "validate params.yaml (and --set overrides)"),
-    "with-ray": ("segpipe.cluster", "run a command (e.g. dvc repro) against a local Ray started for it"),
+    "with-ray": ("segpipe.commands.with_ray", "run a command (e.g. dvc repro) against a local Ray started for it"),
 }
 
 
-# Exception types that mean "the input is wrong", as (module, class name). An exception can only be
-# raised once its module is imported, so the edge looks them up in sys.modules instead of
-# importing every stage's dependencies (torch, pyarrow) for every command.
-KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
-    ("segpipe.shards", "ShardError"),
-    ("segpipe.checkpoint", "CheckpointError"),
-    ("segpipe.registry", "RegistryError"),
-    ("segpipe.metrics.semantic", "MetricsInputError"),
-    ("segpipe.stages.convert", "ConvertError"),
-    ("segpipe.commands.export", "ExportError"),
-    ("segpipe.stages.train", "TrainError"),
-    ("segpipe.formats.coco", "CocoError"),
-    ("segpipe.formats.pngs", "LabelPngError"),
-    ("segpipe.images", "ImageError"),
-    ("segpipe.files", "PathEscapeError"),
-    ("segpipe.files", "LocalPathError"),
-    ("segpipe.storage", "StorageError"),
-    ("pipelines.ingest", "DropRejected"),
-    ("pipelines.commands", "CommandError"),
-    ("pipelines.retrain", "RetrainFailed"),
-)
-
-
 def known_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is a user-caused error (see KNOWN_ERRORS) or an OSError."""
-    if isinstance(exc, OSError):
-        return True
-    for module, name in KNOWN_ERRORS:
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(exc, getattr(mod, name)):
-            return True
-    return False
+    """Whether ``exc`` is the user's to fix: a :class:`segpipe.errors.UserError` or an OSError
+    (a missing file, a full disk, a permission)."""
+    from segpipe.errors import UserError
+
+    return isinstance(exc, (UserError, OSError))
 
 
 def error_line(command: str, exc: BaseException) -> str:

@@ -1,11 +1,19 @@
-"""``segpipe with-ray CMD ...``: run a command against a local Ray started for it, then stop that Ray.
+"""Connecting to Ray: the one place that does it (train, inference, ``segpipe with-ray``, tests).
 
-``make pipeline`` runs ``segpipe with-ray dvc repro``: one local Ray head (token authentication
-on, loopback only) serves every train stage of the DAG through ``RAY_ADDRESS``, so each stage
-connects in a fraction of a second instead of starting and stopping a Ray of its own. The Ray is
-stopped when the command ends, fails or is interrupted (Ctrl-C, SIGTERM); only the processes of
-this Ray are stopped (found by its own temp folder), never another Ray on the machine. A plain
-``dvc repro`` still works: each train stage then starts its own local Ray.
+Two ways to get a Ray:
+
+- :func:`connect` is what a driver (``segpipe train``, the Ray inference engine) calls: it joins
+  ``RAY_ADDRESS`` (or an explicit address) with token authentication when the cluster has a
+  token, or starts a local, loopback-only Ray inside this process with token authentication on;
+  what it connected or started is disconnected or stopped on exit, and a Ray the caller already
+  initialised is left alone.
+- :func:`local_ray` starts a Ray head as separate processes (``ray start --head``, token
+  authentication on, loopback only, its own temp folder) for several drivers to share through
+  ``RAY_ADDRESS``: ``segpipe with-ray dvc repro`` (``segpipe.commands.with_ray``) and the test
+  suite's session fixture. Only the processes of that Ray are stopped afterwards, never another
+  Ray on the machine.
+
+Ray's own chatter stays at warning level, so that the one progress line per epoch is not buried.
 """
 
 from __future__ import annotations
@@ -13,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def ray_executable() -> str:
@@ -104,39 +112,49 @@ def local_ray(num_cpus: int | None = None) -> Iterator[dict[str, str]]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def run_with_ray(command: list[str]) -> int:
-    """Run ``command`` with a local Ray started for it; its exit status (128 + n when killed by signal n)."""
-    stop = {"signal": 0}
+# Ray Train's controller polls its workers this often (Ray's default is 2 s, which adds up to
+# two idle polls to every start and end of a run); a driver's own setting wins.
+HEALTH_CHECK_INTERVAL_S = "0.25"
 
-    def forward(signum: int, _frame: object) -> None:
-        stop["signal"] = signum
-        raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+def has_ray_token(env: dict[str, str] | None = None) -> bool:
+    """Whether a Ray token is configured: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME", str(Path.home())))
+    return bool(env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (home / ".ray" / "auth_token").is_file())
+
+
+def _quiet() -> dict[str, Any]:
+    import ray
+
+    return {"log_to_driver": True, "logging_level": "warning",
+            "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
+
+
+@contextlib.contextmanager
+def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
+    """A Ray for this driver: ``address`` or ``RAY_ADDRESS`` if set, else a local Ray of
+    ``num_cpus`` (default: this machine's cores) in this process. Yields whether it started a
+    local Ray. Token authentication: on for a local Ray (a token is generated if none exists), and
+    for a cluster whenever this machine has a token (Ray reads the mode when it initialises, so it
+    is set before ``ray.init``). A Ray the caller initialised is used as it is and left running."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or has_ray_token():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    if not address:
+        # A local single-node Ray is never preempted: skip Ray Train's watcher actor (one process less).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    if address:
+        ray.init(address=address, **_quiet())
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **_quiet())
     try:
-        with local_ray() as env:
-            print(f"segpipe with-ray: local Ray at {env['RAY_ADDRESS']} for: {' '.join(command)}", file=sys.stderr)
-            child = subprocess.Popen(command, env=env)
-            try:
-                return child.wait()
-            except KeyboardInterrupt:
-                child.send_signal(stop["signal"] or signal.SIGINT)
-                try:
-                    child.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
-                return 128 + (stop["signal"] or signal.SIGINT)
+        yield not address
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().split("\n")[0] + "\n\nusage: segpipe with-ray COMMAND [ARGS...]   e.g. segpipe with-ray dvc repro")
-        raise SystemExit(0 if argv else 2)
-    raise SystemExit(run_with_ray(argv))
+        ray.shutdown()

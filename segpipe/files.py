@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from segpipe.errors import UserError
+
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -180,7 +182,7 @@ def describe_os_error(e: OSError) -> str:
 # --------------------------------------------------------------------------------------
 
 
-class PathEscapeError(ValueError):
+class PathEscapeError(UserError, ValueError):
     """A path taken from data is absolute or climbs out of the folder it must stay in."""
 
 
@@ -223,7 +225,7 @@ def confined(root: Path | str, name: str) -> Path:
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?:/|$)")
 
 
-class LocalPathError(ValueError):
+class LocalPathError(UserError, ValueError):
     """A URI, or a URI turned into a local path, where a local path is needed."""
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from segpipe.errors import UserError
 
-class ImageError(ValueError):
+
+class ImageError(UserError, ValueError):
     """An image file is missing, not decodable, or over the pixel limit; names the file."""
 
 

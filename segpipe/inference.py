@@ -23,14 +23,14 @@ What a model outputs comes from the registry (``segpipe.models.spec_of(arch).out
 instance-capable model has ``predict_instances(images, score_threshold, mask_threshold,
 max_detections)``, every panoptic-capable one ``mask_classification(images)``. One function per
 output kind (:func:`_semantic`, :func:`_instances`, :func:`_panoptic`: Mask2Former's inference,
-``evaluate.panoptic.maskformer``), one field each of :class:`Prediction`; :func:`fuse` makes a
+:class:`PanopticSettings`), one field each of :class:`Prediction`; :func:`fuse` makes a
 panoptic result of any semantic prediction with any instance prediction (Panoptic FPN's
-heuristic, ``evaluate.panoptic.fusion``).
+heuristic). Thresholds come from the caller's own params section (``evaluate``, ``predict``,
+``train.val_detection``, ``fuse``): this module states no default of its own.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segpipe import tiling
-from segpipe.params import ENGINES, EvaluateParams, FusionParams, PanopticParams
+from segpipe.params import ENGINES, DetectionParams, FusionParams, MaskFormerPanopticParams
 from segpipe.tiling import Instance
 
 if TYPE_CHECKING:
@@ -51,17 +51,19 @@ if TYPE_CHECKING:
 PAD_MULTIPLE = 32
 NO_CLASS_COLOR = (0, 0, 0)  # label values without a class: no detection, ignore
 UNCOLOURED_CLASS = (128, 128, 128)  # a class whose table gives no colour
-_EVALUATE = EvaluateParams()
-_PANOPTIC: PanopticParams = _EVALUATE.panoptic  # frozen: a safe default argument
+
+_DETECTION = DetectionParams()  # frozen: safe default arguments
+_FUSION = FusionParams()
 
 
 @dataclass(frozen=True)
-class DetectionSettings:
-    """How raw detections become kept ones. The defaults are ``EvaluateParams``'s, where they are set."""
+class PanopticSettings:
+    """How panoptic outputs are made: Mask2Former's inference on MaskFormer's whole-image outputs
+    (``maskformer``), and Panoptic FPN's fusion of a semantic map and detections (``fusion``: a
+    fused pair, or a large image by tiles). Each caller passes its own params section's values."""
 
-    score_threshold: float = _EVALUATE.score_threshold
-    mask_threshold: float = _EVALUATE.mask_threshold
-    max_detections: int = _EVALUATE.max_detections
+    maskformer: MaskFormerPanopticParams = MaskFormerPanopticParams()
+    fusion: FusionParams = _FUSION
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,13 @@ class Request:
     outputs: frozenset[str]
     num_classes: int
     ignore_index: int
-    detection: DetectionSettings = DetectionSettings()
+    detection: DetectionParams = _DETECTION
     thing_ids: tuple[int, ...] = ()  # classes segmented per instance (panoptic)
-    # maskformer: whole images; fusion: a large image by tiles (predict_tiled). Defaults: evaluate.panoptic's.
-    panoptic: PanopticParams = _PANOPTIC
+    panoptic: PanopticSettings = PanopticSettings()
 
     @classmethod
-    def for_meta(cls, meta: CheckpointMeta, detection: DetectionSettings = DetectionSettings(),
-                 panoptic: PanopticParams = _PANOPTIC, outputs: Collection[str] | None = None) -> Request:
+    def for_meta(cls, meta: CheckpointMeta, detection: DetectionParams = _DETECTION,
+                 panoptic: PanopticSettings = PanopticSettings(), outputs: Collection[str] | None = None) -> Request:
         """The checkpoint's architecture's outputs (those of them in ``outputs`` when given)."""
         from segpipe.models import spec_of
 
@@ -125,7 +126,7 @@ def pad(x: Tensor, height: int, width: int) -> Tensor:
 
 
 def select_detections(raw: Mapping[str, Tensor], height: int, width: int,
-                      detection: DetectionSettings) -> list[Instance]:
+                      detection: DetectionParams) -> list[Instance]:
     """One image's raw detections (``labels``, ``scores``, ``boxes`` x1 y1 x2 y2, ``masks``
     N x 1 x H' x W' probabilities, on any device) -> the kept ones, cropped to ``height x width``:
     score >= ``score_threshold``, mask pixels >= ``mask_threshold``, non-empty, best score first
@@ -234,7 +235,7 @@ def _semantic(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]
 
 
 def _instances(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]],
-               detection: DetectionSettings) -> list[list[Instance]]:
+               detection: DetectionParams) -> list[list[Instance]]:
     """Per image the selected detections, cropped to each image's size."""
     raw = model.predict_instances(x, detection.score_threshold, detection.mask_threshold, detection.max_detections)
     return [select_detections(d, h, w, detection) for d, (h, w) in zip(raw, sizes)]
@@ -273,7 +274,7 @@ def instance_masks(instances: Sequence[Instance], height: int, width: int) -> np
 
 
 def fuse(semantic: Prediction, instances: Prediction, thing_ids: Sequence[int],
-         fusion: FusionParams = _PANOPTIC.fusion) -> tuple[np.ndarray, list[dict[str, Any]]]:
+         fusion: FusionParams = _FUSION) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Panoptic segments of one image from a semantic model's prediction (its ``labels``) and an
     instance model's (its ``instances``), by Panoptic FPN's heuristic
     (``segpipe.panoptic.fuse_panoptic`` with ``fusion``'s thresholds)."""
@@ -378,8 +379,8 @@ class Predictor:
     memory format when the registry says its convolutions run fastest so (same label maps)."""
 
     def __init__(self, model: torch.nn.Module, meta: CheckpointMeta,
-                 detection: DetectionSettings = DetectionSettings(), device: str | torch.device = "cpu", *,
-                 panoptic: PanopticParams = _PANOPTIC, outputs: Collection[str] | None = None) -> None:
+                 detection: DetectionParams = _DETECTION, device: str | torch.device = "cpu", *,
+                 panoptic: PanopticSettings = PanopticSettings(), outputs: Collection[str] | None = None) -> None:
         """``outputs``: the model's outputs to produce (default: all it has)."""
         from segpipe.models import spec_of
 
@@ -390,8 +391,8 @@ class Predictor:
         self.request = Request.for_meta(meta, detection, panoptic, outputs)
 
     @classmethod
-    def load(cls, checkpoint: Path | str, detection: DetectionSettings = DetectionSettings(),
-             device: str | torch.device = "cpu", *, panoptic: PanopticParams = _PANOPTIC,
+    def load(cls, checkpoint: Path | str, detection: DetectionParams = _DETECTION,
+             device: str | torch.device = "cpu", *, panoptic: PanopticSettings = PanopticSettings(),
              outputs: Collection[str] | None = None) -> Predictor:
         from segpipe.checkpoint import load_model
 
@@ -417,8 +418,8 @@ WorkerFactory = Callable[..., Callable[[Row], Row]]
 
 def map_rows(rows: Sequence[Row], checkpoint: Path | str, make_worker: WorkerFactory,
              worker_kwargs: Mapping[str, Any] | None = None, *, engine: str = "local",
-             detection: DetectionSettings = DetectionSettings(), device: str = "cpu",
-             panoptic: PanopticParams = _PANOPTIC, outputs: Collection[str] | None = None) -> Iterator[Row]:
+             detection: DetectionParams = _DETECTION, device: str = "cpu",
+             panoptic: PanopticSettings = PanopticSettings(), outputs: Collection[str] | None = None) -> Iterator[Row]:
     """``make_worker(predictor, **worker_kwargs)(row)`` for every row, the predictor loaded from
     ``checkpoint`` (with ``detection``, ``panoptic``, ``outputs`` as :class:`Predictor` takes
     them); the engines differ only in where that runs:
@@ -463,13 +464,14 @@ class ModelActor:
 
 def _map_on_ray(rows: Sequence[Row], checkpoint: str, make_worker: WorkerFactory, worker_kwargs: dict[str, Any],
                 loading: dict[str, Any], device: str) -> Iterator[Row]:
-    import ray
-    import ray.data
-
     if not rows:
         return
-    started = _init_ray()
-    try:
+    from segpipe.cluster import connect
+
+    with connect():
+        import ray  # after connect: it sets the auth mode that Ray reads when it initialises
+        import ray.data
+
         gpu = torch.device(device).type == "cuda"
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
@@ -489,28 +491,10 @@ def _map_on_ray(rows: Sequence[Row], checkpoint: str, make_worker: WorkerFactory
                                    "loading": loading, "device": device, "threads": threads})
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from batch.to_pylist()
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _init_ray() -> bool:
-    """Connect to ``RAY_ADDRESS``, or start a local Ray with this machine's CPUs; False when Ray
-    was already initialised by the caller (who then also stops it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    quiet = {"logging_level": "warning", "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
-    return True
 
 
 __all__ = [
-    "ENGINES", "DetectionSettings", "Instance", "ModelActor", "PAD_MULTIPLE", "Prediction", "Predictor", "Request",
+    "ENGINES", "Instance", "PanopticSettings", "ModelActor", "PAD_MULTIPLE", "Prediction", "Predictor", "Request",
     "coco_results", "colorize", "fuse", "instance_masks", "map_rows", "pad", "padded_size", "palette",
     "panoptic_labels", "predict_images", "predict_tiled", "render_instances", "rle_counts", "select_detections",
 ]

@@ -17,10 +17,12 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from segpipe.errors import UserError
+
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params file or override is invalid; the message names the key and the file."""
 
 
@@ -114,6 +116,25 @@ class ConvertParams:
         ])
 
 
+@dataclass(frozen=True)
+class DetectionParams:
+    """How an instance model's raw detections become kept ones (``segpipe.inference.select_detections``):
+    score >= ``score_threshold``, mask probability >= ``mask_threshold``, at most ``max_detections``
+    per image. Evaluate, train validation and predict each have their own (COCO's AP wants a low score
+    threshold; a prediction shown to a person wants a higher one)."""
+
+    score_threshold: float = 0.05
+    mask_threshold: float = 0.5
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("score_threshold", _unit(self.score_threshold), "must be in [0, 1]"),
+            ("mask_threshold", _unit(self.mask_threshold), "must be in [0, 1]"),
+            ("max_detections", self.max_detections >= 1, "must be >= 1"),
+        ])
+
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLASS_WEIGHTINGS = ("none", "sqrt_inverse")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -172,6 +193,7 @@ class TrainParams:
     warmup: float = 0.05  # share of the run (of the budget, or of the steps) spent warming up
     grad_clip: float = 0.0  # clip the gradient norm to this; 0 = no clipping
     val_every: int = 1  # validate (and checkpoint) every N epochs and at the end; 0 = never validate
+    val_detection: DetectionParams = field(default_factory=DetectionParams)  # instance models' validation
     class_weighting: str = "sqrt_inverse"  # cross-entropy class weights from train pixel counts
     seed: int = 0
     # The generated default data has one ground scale and fixed lighting: random scaling and colour
@@ -235,8 +257,8 @@ class MaskFormerPanopticParams:
 
 @dataclass(frozen=True)
 class FusionParams:
-    """Panoptic FPN's fusion of a semantic and an instance model (``segpipe.panoptic.fuse_panoptic``),
-    and how ``segpipe evaluate --fuse-best`` picks the pair from the evaluated models."""
+    """Panoptic FPN's fusion of a semantic and an instance model (``segpipe.panoptic.fuse_panoptic``):
+    the fuse stage, a fused registry bundle, and predict's panoptic output of large images."""
 
     overlap_threshold: float = 0.5  # an instance keeps at least this share of its mask free of better ones
     # COCO's 4096 px is 1.3% of a 640 x 480 image; on the 64-256 px synthetic scenes it would void
@@ -244,48 +266,68 @@ class FusionParams:
     # slivers a semantic model leaves along object borders.
     stuff_min_area: int = 64
     score_threshold: float = 0.5  # instances below this score are not fused
-    semantic_metric: str = "miou"  # the semantic model fused: the best on this among semantic evals
-    instance_metric: str = "segm.AP"  # the instance model fused: the best on this among instance evals
 
     def __post_init__(self) -> None:
         require(self, [
             ("overlap_threshold", _unit(self.overlap_threshold), "must be in [0, 1]"),
             ("stuff_min_area", self.stuff_min_area >= 0, "must be >= 0 pixels"),
             ("score_threshold", _unit(self.score_threshold), "must be in [0, 1]"),
-            ("semantic_metric", bool(self.semantic_metric), "must name a metric"),
-            ("instance_metric", bool(self.instance_metric), "must name a metric"),
         ])
 
 
 @dataclass(frozen=True)
-class PanopticParams:
-    maskformer: MaskFormerPanopticParams = field(default_factory=MaskFormerPanopticParams)
-    fusion: FusionParams = field(default_factory=FusionParams)
-
-
-@dataclass(frozen=True)
 class EvaluateParams:
+    """How a model is scored. The fuse and baselines stages and promote's re-scoring of the champion
+    score with these too, so that every number compared in a promotion is computed alike."""
+
     split: str = "val"
     batch_size: int = 8
     num_overlays: int = 4
-    score_threshold: float = 0.05  # detections below are dropped
-    mask_threshold: float = 0.5
-    max_detections: int = 100
-    colour_bits: int = 4  # colour baseline: bits kept per RGB channel (4 = 4096 colour bins)
     engine: str = "local"  # local: this process; ray: a Ray Data actor pool (segpipe.inference.map_rows)
-    panoptic: PanopticParams = field(default_factory=PanopticParams)
+    detection: DetectionParams = field(default_factory=DetectionParams)
+    panoptic: MaskFormerPanopticParams = field(default_factory=MaskFormerPanopticParams)
 
     def __post_init__(self) -> None:
         require(self, [
             ("split", bool(self.split), "must name a split"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("num_overlays", self.num_overlays >= 0, "must be >= 0"),
-            ("score_threshold", _unit(self.score_threshold), "must be in [0, 1]"),
-            ("mask_threshold", _unit(self.mask_threshold), "must be in [0, 1]"),
-            ("max_detections", self.max_detections >= 1, "must be >= 1"),
-            ("colour_bits", 1 <= self.colour_bits <= 8, "must be in [1, 8]"),
             ("engine", self.engine in ENGINES, f"must be one of {', '.join(ENGINES)}"),
         ])
+
+    def scoring_key(self) -> str:
+        """What decides the numbers (split, detection and panoptic thresholds), not how fast they come
+        (batch size, engine, overlays): results with different keys are not compared."""
+        import hashlib
+        import json
+
+        numbers = {k: v for k, v in as_dict(self).items() if k not in ("batch_size", "engine", "num_overlays")}
+        return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FuseParams:
+    """The fuse stage: the best semantic and the best instance model, fused (``fusion``) and scored."""
+
+    fusion: FusionParams = field(default_factory=FusionParams)
+    semantic_metric: str = "miou"  # the semantic model fused: the best on this among semantic evals
+    instance_metric: str = "segm.AP"  # the instance model fused: the best on this among instance evals
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("semantic_metric", bool(self.semantic_metric), "must name a metric"),
+            ("instance_metric", bool(self.instance_metric), "must name a metric"),
+        ])
+
+
+@dataclass(frozen=True)
+class BaselinesParams:
+    """The reference predictors a candidate must beat (``segpipe.stages.baselines``), fitted on the train split."""
+
+    colour_bits: int = 4  # colour lookup: bits kept per RGB channel (4 = 4096 colour bins)
+
+    def __post_init__(self) -> None:
+        require(self, [("colour_bits", 1 <= self.colour_bits <= 8, "must be in [1, 8]")])
 
 
 @dataclass(frozen=True)
@@ -300,6 +342,10 @@ class PromoteParams:
     baseline_margin: float = 0.0  # a candidate must beat the best reference predictor by this much
     protected_classes: list[str] = field(default_factory=list)
     protected_tolerance: float = 0.05
+    # source collections (data/raw/<name>) on which a candidate may not fall behind the champion by
+    # more than protected_collection_tolerance (the ranking metric, same data): a list, or "all"
+    protected_collections: list[str] | str = "all"
+    protected_collection_tolerance: float = 0.05
     gto_tags: bool = False
 
     def __post_init__(self) -> None:
@@ -312,6 +358,9 @@ class PromoteParams:
             ("margin", self.margin >= 0, "must be >= 0"),
             ("baseline_margin", self.baseline_margin >= 0, "must be >= 0"),
             ("protected_tolerance", self.protected_tolerance >= 0, "must be >= 0"),
+            ("protected_collections", isinstance(self.protected_collections, list) or self.protected_collections == "all",
+             "must be a list of collection names, or all"),
+            ("protected_collection_tolerance", self.protected_collection_tolerance >= 0, "must be >= 0"),
         ])
 
 
@@ -320,14 +369,16 @@ class PredictParams:
     tile: int = 512
     overlap: int = 64
     batch_size: int = 4
-    score_threshold: float = 0.5
+    # a prediction a person looks at keeps only confident detections
+    detection: DetectionParams = field(default_factory=lambda: DetectionParams(score_threshold=0.5))
+    panoptic: MaskFormerPanopticParams = field(default_factory=MaskFormerPanopticParams)
+    fusion: FusionParams = field(default_factory=FusionParams)  # MaskFormer's panoptic output of a large image
 
     def __post_init__(self) -> None:
         require(self, [
             ("tile", self.tile >= MIN_IMAGE_SIZE, f"must be >= {MIN_IMAGE_SIZE}"),
             ("overlap", 0 <= self.overlap < self.tile, "must be >= 0 and below tile"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("score_threshold", _unit(self.score_threshold), "must be in [0, 1]"),
         ])
 
 
@@ -377,6 +428,8 @@ SECTIONS: dict[str, type] = {
     "convert": ConvertParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "fuse": FuseParams,
+    "baselines": BaselinesParams,
     "promote": PromoteParams,
     "predict": PredictParams,
     "retrain": RetrainParams,

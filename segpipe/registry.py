@@ -28,11 +28,12 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from segpipe.checkpoint import META, WEIGHTS, CheckpointMeta, is_checkpoint, load_meta
+from segpipe.checkpoint import CHECKPOINT_FILES, META, WEIGHTS, CheckpointMeta, is_checkpoint, load_meta
+from segpipe.errors import UserError
 from segpipe.files import (
     atomic_dir,
     atomic_write_json,
@@ -41,6 +42,7 @@ from segpipe.files import (
     sha256_bytes,
     sha256_file,
 )
+from segpipe.results import bundle_sha256
 
 FORMAT = "segpipe-registry/1"
 INDEX = "index.json"
@@ -49,12 +51,14 @@ LOCK = ".lock"
 ALIASES = ("champion", "challenger", "panoptic-champion", "panoptic-challenger")
 BUNDLE = "bundle.json"  # in a fused version: its members' folders and the fusion params
 BUNDLE_MEMBERS = ("semantic", "instance")
-CHECKPOINT_FILES = (WEIGHTS, META)  # train_state is not needed to serve a model and is not copied
 DEFAULT_REGISTRY = Path("models/registry")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
+if TYPE_CHECKING:
+    from segpipe.results import EvalResult
 
-class RegistryError(ValueError):
+
+class RegistryError(UserError, ValueError):
     """The registry, an entry of it, or a registered file is missing, malformed or tampered with."""
 
 
@@ -220,36 +224,35 @@ def _version_folders(registry: Path) -> set[str]:
 def register(
     registry: Path | str,
     checkpoint: Path | str,
-    metrics: dict[str, Any],
+    result: EvalResult | None = None,
     *,
     name: str = "segmenter",
     source: dict[str, Any] | None = None,
-    expected_sha256: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Copy a checkpoint into the registry as the next version; returns (entry, created).
+    """Copy a checkpoint folder into the registry as the next version; returns (entry, created).
 
+    ``result`` is its evaluation (``segpipe.results.EvalResult``), or None for a model registered
+    by hand (no scores yet); the checkpoint must be the one the result scored (same sha256).
     A checkpoint whose weights are already registered is not copied again: the existing entry
     comes back with ``created=False`` (this is what makes promotion idempotent).
-    ``expected_sha256`` (what an evaluation recorded) must match the weights being copied.
     """
     with transaction(registry, name) as index:
-        return add_version(Path(registry), index, Path(checkpoint), metrics, source, expected_sha256)
+        return add_version(Path(registry), index, Path(checkpoint), result, source)
 
 
 def add_version(
     registry: Path,
     index: dict[str, Any],
     checkpoint: Path,
-    metrics: dict[str, Any],
+    result: EvalResult | None = None,
     source: dict[str, Any] | None = None,
-    expected_sha256: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Inside a transaction: copy ``checkpoint`` to the next ``vN`` and add its entry to ``index``."""
+    """Inside a transaction: copy ``checkpoint`` to the next ``vN`` and add its entry to ``index``,
+    with ``result``'s metrics as its first score."""
     hashes = checkpoint_hashes(checkpoint)
-    if expected_sha256 is not None and hashes[WEIGHTS] != expected_sha256:
-        raise RegistryError(
-            f"{checkpoint / WEIGHTS}: sha256 {hashes[WEIGHTS]} differs from the evaluated {expected_sha256}"
-        )
+    expected = result.checkpoint.sha256 if result is not None and result.checkpoint is not None else None
+    if expected is not None and hashes[WEIGHTS] != expected:
+        raise RegistryError(f"{checkpoint / WEIGHTS}: sha256 {hashes[WEIGHTS]} differs from the evaluated {expected}")
     existing = find_by_sha(index, hashes[WEIGHTS])
     if existing is not None:
         return existing, False
@@ -264,6 +267,7 @@ def add_version(
         copied = {f: sha256_file(tmp / f) for f in CHECKPOINT_FILES}
         if copied != hashes:
             raise RegistryError(f"{checkpoint}: changed while being copied into the registry")
+    metrics = result.data if result is not None else {}
     entry = {
         "version": version,
         "path": version,
@@ -274,41 +278,34 @@ def add_version(
         "metrics": finite_or_null(metrics),
         "shards_manifest_sha256": metrics.get("shards_manifest_sha256", meta.shards_manifest_sha256),
         "params_sha256": params_sha256(meta.params),
+        "parent": meta.parent,
         "git_commit": git_commit(),
         "created": _now(),
         "source": source or {"checkpoint": str(checkpoint)},
+        "scores": [],
     }
+    if result is not None:
+        add_score(entry, result.data, "registered")
     index["versions"].append(entry)
     return entry, True
-
-
-def bundle_sha256(members: dict[str, str], fusion: dict[str, Any]) -> str:
-    """The identity of a fused bundle: sha256 of its members' weights sha256 and the fusion params."""
-    return sha256_bytes(json.dumps({"members": members, "fusion": fusion}, sort_keys=True,
-                                   separators=(",", ":")).encode())
 
 
 def add_bundle_version(
     registry: Path,
     index: dict[str, Any],
-    checkpoints: dict[str, Path],
-    fusion: dict[str, Any],
-    metrics: dict[str, Any],
+    result: EvalResult,
     source: dict[str, Any] | None = None,
-    expected_sha256: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Inside a transaction: copy a fused pair (``checkpoints``: ``{"semantic": DIR, "instance":
-    DIR}``) to the next ``vN`` as ``vN/semantic``, ``vN/instance`` and ``vN/bundle.json`` (the
-    fusion params); every copied file's sha256 is in the entry's ``files``, so loading verifies
-    both models. ``expected_sha256`` (what the fused evaluation recorded) must match each member's
-    weights. A bundle already registered (same members and fusion params) comes back unchanged."""
+    """Inside a transaction: copy a fused pair (``result``: the fuse stage's EvalResult, whose two
+    checkpoints are verified against the sha256 it recorded) to the next ``vN`` as ``vN/semantic``,
+    ``vN/instance`` and ``vN/bundle.json`` (the fusion params); every copied file's sha256 is in the
+    entry's ``files``, so loading verifies both models. A bundle already registered (same members
+    and fusion params) comes back unchanged."""
+    checkpoints = result.verify()
+    fusion = dict(result.fusion or {})
     if sorted(checkpoints) != sorted(BUNDLE_MEMBERS):
         raise RegistryError(f"a bundle needs checkpoints {', '.join(BUNDLE_MEMBERS)}, got {sorted(checkpoints)}")
     hashes = {k: checkpoint_hashes(Path(v)) for k, v in checkpoints.items()}
-    for k, h in hashes.items():
-        if expected_sha256 is not None and h[WEIGHTS] != expected_sha256.get(k):
-            raise RegistryError(f"{Path(checkpoints[k]) / WEIGHTS}: sha256 {h[WEIGHTS]} differs from the evaluated "
-                                f"{expected_sha256.get(k)}")
     identity = bundle_sha256({k: h[WEIGHTS] for k, h in hashes.items()}, fusion)
     existing = find_by_sha(index, identity)
     if existing is not None:
@@ -329,21 +326,61 @@ def add_bundle_version(
     entry = {
         "version": version,
         "path": version,
-        "arch": metrics.get("arch", "fused"),
+        "arch": result.arch,
         "task": "panoptic",
         "checkpoint_sha256": identity,
         "files": files,
         "bundle": {k: {"arch": metas[k].arch, "checkpoint_sha256": hashes[k][WEIGHTS],
                        "params_sha256": params_sha256(metas[k].params)} for k in BUNDLE_MEMBERS},
         "fusion": fusion,
-        "metrics": finite_or_null(metrics),
-        "shards_manifest_sha256": metrics.get("shards_manifest_sha256"),
+        "metrics": finite_or_null(result.data),
+        "shards_manifest_sha256": result.manifest,
         "git_commit": git_commit(),
         "created": _now(),
         "source": source or {k: str(v) for k, v in checkpoints.items()},
+        "scores": [],
     }
+    add_score(entry, result.data, "registered")
     index["versions"].append(entry)
     return entry, True
+
+
+# --------------------------------------------------------------------------------------
+# Scores per data version: a version is scored once per (shard manifest, split, scoring key)
+# --------------------------------------------------------------------------------------
+
+
+def scores_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entry's scores, ``[{"shards_manifest_sha256", "split", "scoring", "metrics", "how",
+    "time"}]``. An entry registered before scores were kept has one: its registered metrics."""
+    if "scores" in entry and entry["scores"]:
+        return list(entry["scores"])
+    m = entry.get("metrics") or {}
+    if not m:
+        return []
+    return [{"shards_manifest_sha256": m.get("shards_manifest_sha256", entry.get("shards_manifest_sha256")),
+             "split": m.get("split"), "scoring": m.get("scoring"), "metrics": m, "how": "registered",
+             "time": entry.get("created")}]
+
+
+def score_on(entry: dict[str, Any], manifest: str, split: str, scoring: str | None) -> dict[str, Any] | None:
+    """The entry's score on that data (shard manifest and split) with that scoring key, or None."""
+    for sc in scores_of(entry):
+        if (sc["shards_manifest_sha256"], sc["split"], sc.get("scoring")) == (manifest, split, scoring):
+            return sc
+    return None
+
+
+def add_score(entry: dict[str, Any], metrics: dict[str, Any], how: str) -> dict[str, Any]:
+    """Inside a transaction: record ``metrics`` (a metrics.json object of this version, with its
+    ``shards_manifest_sha256``, ``split`` and ``scoring``) as the entry's score on that data,
+    replacing an older one on the same data. ``how``: ``registered`` or ``re-scored``."""
+    score = {"shards_manifest_sha256": metrics["shards_manifest_sha256"], "split": metrics["split"],
+             "scoring": metrics.get("scoring"), "metrics": finite_or_null(metrics), "how": how, "time": _now()}
+    key = (score["shards_manifest_sha256"], score["split"], score["scoring"])
+    entry["scores"] = [sc for sc in scores_of(entry)
+                       if (sc["shards_manifest_sha256"], sc["split"], sc.get("scoring")) != key] + [score]
+    return score
 
 
 def read_bundle(directory: Path | str) -> dict[str, Any] | None:
@@ -385,6 +422,61 @@ def set_alias(registry: Path | str, alias: str, version: str | None, reason: str
     """Point ``alias`` at ``version`` (None removes it); returns whether the index changed."""
     with transaction(registry, name) as index:
         return point_alias(index, alias, version, reason)
+
+
+def previous_version(index: dict[str, Any], alias: str) -> str | None:
+    """The version ``alias`` pointed at before its current one (from the alias history), or None."""
+    current = index["aliases"].get(alias)
+    for move in reversed(index["history"]):
+        if move["alias"] == alias and move["to"] == current and move["from"] not in (None, current):
+            return move["from"]
+    return None
+
+
+def rollback(registry: Path | str, alias: str = "champion", to: str | None = None, reason: str = "",
+             name: str = "segmenter") -> tuple[str | None, str]:
+    """Point ``alias`` back at ``to`` (default: the version it pointed at before), logging why;
+    returns (from, to). RegistryError when there is nothing to go back to."""
+    with transaction(registry, name) as index:
+        before = index["aliases"].get(alias)
+        target = to or previous_version(index, alias)
+        if target is None:
+            raise RegistryError(f"{Path(registry) / INDEX}: {alias!r} has no earlier version to roll back to "
+                                f"(it is {before or 'unset'}); name one with --to vN")
+        find_version(index, target)
+        point_alias(index, alias, target, f"rollback: {reason or 'by hand'}")
+        return before, target
+
+
+def lineage(ref: str | Path, registry: Path | str = DEFAULT_REGISTRY) -> list[dict[str, Any]]:
+    """A model's ancestry, itself first, back to its from-scratch ancestor: one dict per model,
+    ``{"model", "arch", "sha256", "parent"}`` (``model``: the registry version, or the path of an
+    unregistered checkpoint). A parent no longer in the registry ends the chain with ``missing``."""
+    index = read_index(registry)
+    directory, _ = resolve(ref, registry)
+    meta = load_meta(directory) if is_checkpoint(directory) else None
+    sha = sha256_file(Path(directory) / WEIGHTS) if meta is not None else None
+    entry = find_by_sha(index, sha) if sha else alias_entry(index, str(ref)) if str(ref) in ALIASES else None
+    if entry is None and _VERSION.match(str(ref)):
+        entry = find_version(index, str(ref))
+    chain: list[dict[str, Any]] = []
+    parent = entry.get("parent") if entry is not None else (meta.parent if meta is not None else None)
+    chain.append({"model": entry["version"] if entry else str(directory), "arch": entry["arch"] if entry else meta.arch,
+                  "sha256": entry["checkpoint_sha256"] if entry else sha, "parent": parent})
+    seen = {chain[0]["sha256"]}
+    while parent:
+        if parent.get("sha256") in seen:
+            raise RegistryError(f"lineage of {ref}: {parent.get('sha256')} is its own ancestor")
+        seen.add(parent.get("sha256"))
+        found = find_by_sha(index, parent.get("sha256", ""))
+        if found is None:
+            chain.append({"model": parent.get("version") or parent.get("ref"), "arch": parent.get("arch"),
+                          "sha256": parent.get("sha256"), "parent": None, "missing": True})
+            break
+        parent = found.get("parent")
+        chain.append({"model": found["version"], "arch": found["arch"], "sha256": found["checkpoint_sha256"],
+                      "parent": parent})
+    return chain
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segpipe import storage
+from segpipe.errors import UserError
 from segpipe.files import atomic_path, escape_reason, sha256_file
 from segpipe.storage import Location, Staging
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the collection column
+UNNAMED_COLLECTION = "all"
 MANIFEST = "manifest.json"
 
 # Measured by benchmarks/convert.py (512 x 512 label maps, read back from Parquet): raw bytes
@@ -69,6 +71,7 @@ SCHEMA = pa.schema(
         ("source_image_id", pa.string()),  # == image_id unless the row is a tile
         ("tile_x", pa.int32()),  # tile origin in the source image (0, 0 when not tiled)
         ("tile_y", pa.int32()),
+        ("collection", pa.string()),  # the source collection (data/raw/<name>, or the input folder's name)
     ]
 )
 
@@ -76,7 +79,7 @@ SCHEMA = pa.schema(
 COMPRESSION = {name: ("none" if name in ("image", "semantic") else "zstd") for name in SCHEMA.names}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard set is missing, inconsistent with its manifest, or corrupt; names the file."""
 
 
@@ -178,6 +181,8 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
         "source_image_id": str(row.get("source_image_id") or row["image_id"]),
         "tile_x": int(row.get("tile_x") or 0),
         "tile_y": int(row.get("tile_y") or 0),
+        # shards of schema 1 have no collection column: all their rows are one collection
+        "collection": str(row.get("collection") or UNNAMED_COLLECTION),
     }
 
 
@@ -310,6 +315,7 @@ class ShardSet:
     splits: dict[str, int]
     files: tuple[ShardFile, ...]
     class_pixels: dict[str, tuple[int, ...]]
+    collections: dict[str, dict[str, int]] = field(default_factory=dict)  # rows per collection and split
 
     @property
     def num_classes(self) -> int:
@@ -336,14 +342,16 @@ class ShardSet:
         return {"root": self.root, "manifest_sha256": self.manifest_sha256, "classes": list(self.classes),
                 "ignore_index": self.ignore_index, "splits": dict(self.splits),
                 "files": [vars(f) for f in self.files],
-                "class_pixels": {k: list(v) for k, v in self.class_pixels.items()}}
+                "class_pixels": {k: list(v) for k, v in self.class_pixels.items()},
+                "collections": {k: dict(v) for k, v in self.collections.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardSet:
         return cls(root=d["root"], manifest_sha256=d["manifest_sha256"], classes=tuple(d["classes"]),
                    ignore_index=int(d["ignore_index"]), splits=dict(d["splits"]),
                    files=tuple(ShardFile(**f) for f in d["files"]),
-                   class_pixels={k: tuple(v) for k, v in d.get("class_pixels", {}).items()})
+                   class_pixels={k: tuple(v) for k, v in d.get("class_pixels", {}).items()},
+                   collections={k: dict(v) for k, v in d.get("collections", {}).items()})
 
 
 def open_shards(path: Path | str | Location) -> ShardSet:
@@ -361,6 +369,7 @@ def open_shards(path: Path | str | Location) -> ShardSet:
         files=tuple(ShardFile(path=e["path"], split=e["split"], rows=int(e["rows"]), bytes=int(e["bytes"]),
                               sha256=e["sha256"]) for e in manifest["shards"]),
         class_pixels={k: tuple(int(x) for x in v) for k, v in (manifest.get("class_pixels") or {}).items()},
+        collections={str(k): {str(s): int(n) for s, n in v.items()} for k, v in (manifest.get("collections") or {}).items()},
     )
 
 

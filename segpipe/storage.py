@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from segpipe.errors import UserError
 from segpipe.files import LocalPathError, atomic_dir, atomic_write_bytes, check_local, sha256_file, uri_scheme
 
 OBJECT_STORES = ("s3", "gs")
@@ -47,7 +48,7 @@ CHUNK = 8 << 20
 WRITING = ".segpipe-writing"  # marks an object-store folder that output_dir is writing or left unfinished
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """A path or URI that cannot be used, naming the argument or param it came from."""
 
 

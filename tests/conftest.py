@@ -3,6 +3,7 @@ server (moto) with a fresh bucket per test, and throwaway git repositories."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -221,3 +222,55 @@ def git_cmd():
 def git_repo():
     """``git_repo(path)``: a git repository with one empty commit at ``path``."""
     return _git_repo
+
+
+def _fused_result(semantic: Path, instance: Path, fusion: dict, manifest: str = "x" * 64, split: str = "val",
+                  pq: float = 0.5):
+    from segpipe.checkpoint import load_meta
+    from segpipe.results import CheckpointRef, EvalResult
+
+    members = {k: {"arch": load_meta(d).arch, **CheckpointRef.of(d).to_json()}
+               for k, d in (("semantic", semantic), ("instance", instance))}
+    data = {"arch": "fused", "task": "panoptic", "checkpoints": members, "fusion": fusion,
+            "shards_manifest_sha256": manifest, "split": split, "panoptic": {"pq": pq}}
+    return EvalResult.from_json(data, "(test) fused/metrics.json")
+
+
+@pytest.fixture
+def fused_result():
+    """``fused_result(semantic_dir, instance_dir, fusion_dict, manifest=..., split=..., pq=...)``: the
+    EvalResult the fuse stage would write for that pair."""
+    return _fused_result
+
+
+@pytest.fixture(scope="session")
+def eval_shards(tmp_path_factory) -> Path:
+    """A small shard set with a validation split of a few 64 x 80 scenes, for scoring tests."""
+    from segpipe.formats import coco
+    from segpipe.stages import convert, synth
+
+    root = tmp_path_factory.mktemp("eval")
+    synth.run(SynthParams(images=6, size=(64, 80), workers=1, seed=3), root / "raw")
+    src = coco.read([root / "raw" / "annotations" / "instances.json"], root / "raw" / "images", root / "raw" / "masks")
+    manifest = convert.run(ConvertParams(workers=1, val_fraction=0.5), src, root / "shards", progress=False)
+    assert manifest["splits"].get("val", 0) > 0
+    return root / "shards"
+
+
+TINY_MASKFORMER = {"num_queries": 8, "hidden_dim": 32, "dec_layers": 1, "nheads": 2, "dim_feedforward": 32,
+                   "conv_dim": 32, "mask_dim": 32}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test run, shared by every test that needs a Ray but not one of its
+    own (token authentication on; 4 logical CPUs, so two training workers and Ray Data fit on a
+    2-core machine). Code under test connects through ``segpipe.cluster.connect``, which uses an
+    initialised Ray as it is and leaves it running."""
+    from segpipe.cluster import connect
+
+    os.environ.pop("RAY_ADDRESS", None)
+    with connect(num_cpus=max(4, os.cpu_count() or 1)):
+        import ray
+
+        yield ray

@@ -10,8 +10,9 @@ from test_tiling import PerPixel, site_image  # the scene and the 1x1-conv model
 from torch import nn
 
 from segpipe import inference
-from segpipe.inference import DetectionSettings, Request, predict_images, predict_tiled, select_detections
+from segpipe.inference import Request, predict_images, predict_tiled, select_detections
 from segpipe.models import build_model, normalize
+from segpipe.params import DetectionParams
 from segpipe.tiling import Instance, Window, crop_instance, predict_semantic
 
 SEMANTIC = Request(frozenset({"semantic"}), 3, 255)
@@ -75,18 +76,18 @@ def test_a_prediction_does_not_depend_on_what_it_is_batched_with():
 
 
 def test_selection_thresholds_drops_empty_masks_orders_and_clips():
-    d = DetectionSettings(score_threshold=0.1, mask_threshold=0.5, max_detections=10)
+    d = DetectionParams(score_threshold=0.1, mask_threshold=0.5, max_detections=10)
     kept = select_detections(raw_detections(), 7, 7, d)
     # 0.9 has an empty mask at 0.5, 0.05 is below the score threshold
     assert [(k.label, k.score) for k in kept] == [(2, pytest.approx(0.6)), (1, pytest.approx(0.3))]
     assert kept[1].box == (0, 0, 4, 4) and kept[1].bbox == (0.0, 0.0, 4.0, 4.0)  # clipped to the image
-    assert select_detections(raw_detections(), 7, 7, DetectionSettings(0.1, 0.5, 1))[0].score == pytest.approx(0.6)
-    assert select_detections(raw_detections(), 7, 7, DetectionSettings(0.95, 0.5, 10)) == []
+    assert select_detections(raw_detections(), 7, 7, DetectionParams(0.1, 0.5, 1))[0].score == pytest.approx(0.6)
+    assert select_detections(raw_detections(), 7, 7, DetectionParams(0.95, 0.5, 10)) == []
 
 
 def test_instance_models_are_called_through_one_signature_and_rendered():
     model = Detector(raw_detections(32, 32))
-    request = Request(frozenset({"instances"}), 3, 255, DetectionSettings(0.1, 0.5, 7))
+    request = Request(frozenset({"instances"}), 3, 255, DetectionParams(0.1, 0.5, 7))
     pred = predict_images(model, [np.zeros((7, 7, 3), np.uint8)], request)[0]
     assert model.calls == [((1, 3, 32, 32), 0.1, 0.5, 7)]
     assert [k.label for k in pred.instances] == [2, 1]
@@ -188,14 +189,14 @@ class Doubler:
 
 
 def test_maskformer_panoptic_prediction_is_its_mask_classification_post_processed(tiny_checkpoint):
-    from segpipe.inference import Predictor
+    from segpipe.inference import PanopticSettings, Predictor
     from segpipe.panoptic import maskformer_panoptic
-    from segpipe.params import MaskFormerPanopticParams, PanopticParams
+    from segpipe.params import MaskFormerPanopticParams
 
     torch.manual_seed(0)
     ckpt = tiny_checkpoint("maskformer", backbone="resnet18", num_queries=6, hidden_dim=32, dec_layers=1, nheads=2,
                            dim_feedforward=32, conv_dim=32, mask_dim=32, thing_ids=[1, 2])
-    loose = PanopticParams(maskformer=MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
+    loose = PanopticSettings(maskformer=MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
     p = Predictor.load(ckpt, panoptic=loose)
     assert p.request.outputs == {"semantic", "instances", "panoptic"} and p.request.thing_ids == (1, 2)
     image = site_image(50, 70)  # padded to 64 x 96, cropped back

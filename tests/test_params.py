@@ -129,7 +129,7 @@ def test_params_yaml_states_exactly_the_dataclass_defaults():
     ("train:\n  budget_s: -1\n", "train.budget_s"),
     ("train:\n  warmup: 1.0\n", "train.warmup"),
     ("train:\n  precision: fp8\n", "train.precision"),
-    ("evaluate:\n  score_threshold: 1.5\n", "evaluate.score_threshold"),
+    ("evaluate:\n  detection:\n    score_threshold: 1.5\n", "evaluate.detection.score_threshold"),
     ("predict:\n  overlap: 600\n", "predict.overlap"),
     ("synth:\n  images: 0\n", "synth.images"),
     ("retrain:\n  retries: -1\n", "retrain.retries"),
@@ -158,19 +158,23 @@ def test_segpipe_params_rejects_out_of_range_values_and_non_mapping_sections(tmp
         assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
-def test_nested_panoptic_section_is_typed_and_range_checked(tmp_path):
-    from segpipe.params import EvaluateParams, FusionParams
+def test_nested_sections_are_typed_and_range_checked(tmp_path):
+    from segpipe.params import DetectionParams, FuseParams, FusionParams, PredictParams
 
-    p = write(tmp_path, "evaluate:\n  panoptic:\n    fusion:\n      stuff_min_area: 100\n")
-    e = load_section("evaluate", p)
-    assert isinstance(e, EvaluateParams) and e.panoptic.fusion == FusionParams(stuff_min_area=100)
-    assert e.panoptic.maskformer.object_mask_threshold == 0.8  # the rest keep their defaults
-    with pytest.raises(ParamsError, match=r"evaluate\.panoptic\.fusion\.stuff_min_area = -1: must be >= 0") as err:
-        load_section("evaluate", p, ["evaluate.panoptic.fusion.stuff_min_area=-1"])
+    p = write(tmp_path, "fuse:\n  fusion:\n    stuff_min_area: 100\n")
+    f = load_section("fuse", p)
+    assert isinstance(f, FuseParams) and f.fusion == FusionParams(stuff_min_area=100)
+    assert f.semantic_metric == "miou"  # the rest keep their defaults
+    with pytest.raises(ParamsError, match=r"fuse\.fusion\.stuff_min_area = -1: must be >= 0") as err:
+        load_section("fuse", p, ["fuse.fusion.stuff_min_area=-1"])
     assert str(p) in str(err.value)
-    with pytest.raises(ParamsError, match=r"evaluate\.panoptic\.maskformer: unknown key\(s\) 'nope'"):
-        load_section("evaluate", p, ["evaluate.panoptic.maskformer.nope=1"])
-    with pytest.raises(ParamsError, match=r"evaluate\.panoptic\.maskformer\.overlap_threshold = 1\.5"):
-        load_section("evaluate", p, ["evaluate.panoptic.maskformer.overlap_threshold=1.5"])
+    with pytest.raises(ParamsError, match=r"evaluate\.panoptic: unknown key\(s\) 'nope'"):
+        load_section("evaluate", p, ["evaluate.panoptic.nope=1"])
+    with pytest.raises(ParamsError, match=r"evaluate\.panoptic\.overlap_threshold = 1\.5"):
+        load_section("evaluate", p, ["evaluate.panoptic.overlap_threshold=1.5"])
+    # one dataclass, one set of defaults; predict's own default keeps only confident detections
+    assert load_section("predict", p).detection == DetectionParams(score_threshold=0.5)
+    assert load_section("train", p).val_detection == load_section("evaluate", p).detection == DetectionParams()
+    assert PredictParams().fusion == FusionParams()
     with pytest.raises(ParamsError, match=r"evaluate\.panoptic: expected a mapping"):
         load_section("evaluate", write(tmp_path, "evaluate:\n  panoptic: 3\n"))

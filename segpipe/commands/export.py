@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segpipe.errors import UserError
 from segpipe.files import atomic_path, atomic_write_json
 from segpipe.registry import DEFAULT_REGISTRY, load
 
@@ -60,7 +61,7 @@ NO_DETECTIONS_SCORE_THRESH = 1.01
 CHECK_SCORE_THRESH = 0.0
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The model cannot be exported in the requested format, or the export disagrees with PyTorch."""
 
 
@@ -235,10 +236,11 @@ def reference(model: torch.nn.Module, task: str) -> Any:
 def served_detections(model: torch.nn.Module, x: torch.Tensor) -> int:
     """How many detections PyTorch's Mask R-CNN gives on ``x`` at its own score threshold, counted
     by ``segpipe.inference``'s selection (non-empty masks), as evaluate and predict serve them."""
-    from segpipe.inference import DetectionSettings, select_detections
+    from segpipe.inference import select_detections
+    from segpipe.params import DetectionParams
 
     heads = model.detector.roi_heads
-    settings = DetectionSettings(score_threshold=heads.score_thresh, max_detections=heads.detections_per_img)
+    settings = DetectionParams(score_threshold=heads.score_thresh, max_detections=heads.detections_per_img)
     with torch.no_grad():
         raw = model.detector(list(x))
     return sum(len(select_detections(d, x.shape[-2], x.shape[-1], settings)) for d in raw)

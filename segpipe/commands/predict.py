@@ -19,7 +19,7 @@ Writes, per input image ``NAME.ext``::
 with the bundle's own fusion params). MaskFormer gives Mask2Former's panoptic inference on an
 image within one tile; on larger images, its tiled semantic map and tiled detections fused by
 Panoptic FPN's heuristic (segments cut by tile borders merge reliably only as detections do).
-Thresholds: ``evaluate.panoptic`` (the ones evaluate scored with), a bundle's fusion its own.
+Thresholds: the ``predict`` section's (``detection``, ``panoptic``, ``fusion``); a bundle's fusion its own.
 
 Every image goes through ``segpipe.inference.predict_tiled``, the code ``segpipe evaluate`` scores
 with: an image within one tile is predicted whole, exactly as evaluate predicts it; larger ones by
@@ -45,7 +45,7 @@ from PIL import Image
 
 from segpipe.files import atomic_write_bytes, atomic_write_json
 from segpipe.images import ImageError, ImageTooLarge, open_image
-from segpipe.params import FusionParams, PanopticParams, PredictParams, add_params_arguments, from_args
+from segpipe.params import FusionParams, PredictParams, add_params_arguments, from_args
 from segpipe.registry import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
@@ -165,15 +165,14 @@ def run(
     progress: bool = True,
     engine: str = "local",
     panoptic: bool = False,
-    panoptic_params: PanopticParams | None = None,
 ) -> dict[str, Any]:
     """Predict every image of ``inputs`` into ``out`` with ``engine``; returns a summary dict.
-    ``panoptic``: also write COCO panoptic output (always for a fused bundle), with
-    ``panoptic_params`` (default: ``evaluate.panoptic``'s defaults)."""
+    ``panoptic``: also write COCO panoptic output (always for a fused bundle). Thresholds are
+    ``params``' (``detection``, ``panoptic``, ``fusion``)."""
     from tqdm import tqdm
 
     from segpipe.checkpoint import load_meta
-    from segpipe.inference import DetectionSettings, map_rows
+    from segpipe.inference import PanopticSettings, map_rows
     from segpipe.models import spec_of
     from segpipe.params import build
     from segpipe.registry import checkpoint_dir, read_bundle
@@ -199,8 +198,8 @@ def run(
     rows = [{"id": i, "path": path} for i, path in enumerate(images, start=1)]
     outputs = {"semantic", "instances"} | ({"panoptic"} if panoptic and bundle is None else set())
     results = map_rows(rows, directory, ImagePredictor, worker, engine=engine,
-                       detection=DetectionSettings(score_threshold=params.score_threshold), device=device,
-                       panoptic=panoptic_params or PanopticParams(), outputs=outputs)
+                       detection=params.detection, device=device,
+                       panoptic=PanopticSettings(params.panoptic, params.fusion), outputs=outputs)
     out = Path(out)
     table, detections, annotations = [], [], []
     for r in tqdm(results, total=len(rows), desc="predict", unit="image", disable=not progress):
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="champion", help="champion | challenger | vN | CHECKPOINT_DIR (default: champion)")
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="registry directory (default: %(default)s)")
     parser.add_argument("--input", required=True, help="an image, a directory of images, or a URI of either")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (local)")
     parser.add_argument("--tile", type=int, help="tile size in pixels (default: params predict.tile)")
     parser.add_argument("--overlap", type=int, help="tile overlap in pixels (default: params predict.overlap)")
     parser.add_argument("--engine", choices=ENGINES, default="local",
@@ -243,18 +242,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--panoptic", action="store_true",
                         help="also write COCO panoptic PNGs and panoptic.json (maskformer, or a fused registry bundle "
-                             "such as panoptic-champion); thresholds: evaluate.panoptic")
+                             "such as panoptic-champion); thresholds: predict.panoptic, predict.fusion")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "predict")
-    panoptic_params = from_args(args, "evaluate").panoptic  # the thresholds evaluate scored with
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
     if overrides:
         from dataclasses import replace
 
         params = replace(params, **overrides)
-    summary = run(params, args.model, args.input, args.out, args.registry, args.device, engine=args.engine,
-                  panoptic=args.panoptic, panoptic_params=panoptic_params)
+    from segpipe.storage import require_local
+
+    summary = run(params, args.model, args.input, require_local(args.out, "--out"), args.registry, args.device,
+                  engine=args.engine, panoptic=args.panoptic)
     print(json.dumps(summary))
 
 

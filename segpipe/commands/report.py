@@ -1,5 +1,7 @@
-"""``segpipe report``: ``reports/summary.md``, an architecture x metric table, a panoptic quality
-table (models with a panoptic output and the fused pair) and the promotion decisions."""
+"""``segpipe report``: ``reports/summary.md``, an architecture x metric table, a collection x model
+table, a panoptic quality table (models with a panoptic output and the fused pair) and the
+promotion decisions. Results are read through ``segpipe.results`` (one error policy: an
+unreadable result is named under the table, and the others are shown)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.files import atomic_write_text
-from segpipe.stages.promote import metric_value
+from segpipe.results import EvalResult, champion_line, metric_value, read_results
 
 # (column title, key path in an evaluate metrics.json)
 COLUMNS: list[tuple[str, str]] = [
@@ -79,6 +81,24 @@ def pq_table(evals: dict[str, dict[str, Any]], fused: dict[str, dict[str, Any]])
     return "\n".join(lines)
 
 
+def collection_table(evals: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]] | None = None,
+                     metric: str = "miou") -> str:
+    """Markdown table, one row per source collection of the split and one column per model (and
+    reference predictor): ``metric`` on that collection's images (evaluate's ``per_collection``).
+    Empty when no result has per-collection metrics."""
+    cols = [(arch, m) for arch, m in sorted(evals.items()) if m.get("per_collection")]
+    cols += [(f"baseline: {name}", m) for name, m in sorted((baselines or {}).items()) if m.get("per_collection")]
+    if not cols:
+        return ""
+    names = sorted({c for _, m in cols for c in m["per_collection"]})
+    lines = ["| collection | images | " + " | ".join(label for label, _ in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for name in names:
+        images = next((m["per_collection"][name].get("images") for _, m in cols if name in m["per_collection"]), None)
+        cells = [fmt(metric_value(m["per_collection"].get(name, {}), metric)) for _, m in cols]
+        lines.append(f"| {name} | {fmt(images)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def training_share(train: dict[str, dict[str, Any]]) -> str:
     """One sentence: seconds spent in epochs against start-up, summed over the train stages."""
     t = sum(float(m.get("train_s") or 0) for m in train.values())
@@ -95,13 +115,14 @@ def promotion_section(promotion: dict[str, Any] | None) -> str:
     before, after = promotion.get("champion_before"), promotion.get("champion_after")
 
     def who(x: dict[str, Any] | None) -> str:
-        return f"{x['version']} ({x['arch']}, {promotion['metric']} {fmt(x['value'])})" if x else "none"
+        return f"{x['version']} ({x['arch']})" if x else "none"
 
-    lines = [f"Ranking metric `{promotion['metric']}`. Champion before: {who(before)}; after: {who(after)}."]
+    lines = [f"Ranking metric `{promotion['metric']}`. Champion before: {who(before)}; after: {who(after)}.",
+             f"Champion judged: {champion_line(promotion.get('champion_judged'), promotion['metric'])}."]
     pan = promotion.get("panoptic")
     if pan:
         def pwho(x: dict[str, Any] | None) -> str:
-            return f"{x['version']} ({x['arch']}, {pan['metric']} {fmt(x['value'])})" if x else "none"
+            return f"{x['version']} ({x['arch']})" if x else "none"
 
         lines.append(f"Panoptic ranking `{pan['metric']}`: panoptic champion before: {pwho(pan['champion_before'])}; "
                      f"after: {pwho(pan['champion_after'])}.")
@@ -121,12 +142,17 @@ def render(evals: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]], p
     panoptic = ["## Panoptic quality", "",
                 "PQ, SQ, RQ (COCO's definition, see docs/metrics.md) of the models with a panoptic output "
                 "and of the fused best semantic + best instance pair.", "", pq, ""] if pq else []
+    collections = collection_table(semantic, baselines)
+    per_collection = ["## Per collection", "",
+                      "mIoU of each model on each source collection of the split (data/raw/<name>): where a "
+                      "new site is weaker, or a drop made the old sites worse.", "", collections, ""] if collections else []
     return "\n".join([
         "# segpipe summary", "",
         "Validation metrics per architecture (fractions in [0, 1]; COCO AP/AR for instance-capable models), "
         "and of the reference predictors fitted on the train split (majority class, colour lookup).", "",
         metrics_table(semantic, train, baselines), "",
         training_share(train), "",
+        *per_collection,
         *panoptic,
         "## Promotion", "",
         promotion_section(promotion), "",
@@ -137,20 +163,28 @@ def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _read_all(folder: Path | None) -> dict[str, dict[str, Any]]:
-    """``{name: metrics}`` of every ``folder/<name>/metrics.json``."""
-    if folder is None or not Path(folder).is_dir():
-        return {}
-    return {d.name: m for d in sorted(Path(folder).iterdir()) if d.is_dir() and (m := _read(d / "metrics.json"))}
+def _results(folder: Path | None, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """``{name: metrics}`` of the results under ``folder``; unreadable ones are added to ``problems``."""
+    found = read_results(folder)
+    problems += found.problems.values()
+    return {name: r.data for name, r in found.ok.items()}
 
 
 def run(evals_dir: Path, promotion_dir: Path, out: Path, train_dir: Path | None = None,
         baselines_dir: Path | None = None, fused_dir: Path | None = None) -> str:
+    problems: list[str] = []
     fused = {}
-    if fused_dir is not None and (m := _read(Path(fused_dir) / "metrics.json")):
-        fused[Path(fused_dir).name] = m
-    text = render(_read_all(evals_dir), _read_all(train_dir), _read(Path(promotion_dir) / "promotion.json"),
-                  _read_all(baselines_dir), fused)
+    if fused_dir is not None and (Path(fused_dir) / "metrics.json").is_file():
+        try:
+            fused[Path(fused_dir).name] = EvalResult.read(fused_dir).data
+        except ValueError as e:
+            problems.append(str(e))
+    train = {d.name: m for d in sorted(Path(train_dir).iterdir()) if d.is_dir() and (m := _read(d / "metrics.json"))} \
+        if train_dir is not None and Path(train_dir).is_dir() else {}
+    text = render(_results(evals_dir, problems), train, _read(Path(promotion_dir) / "promotion.json"),
+                  _results(baselines_dir, problems), fused)
+    if problems:
+        text += "\n## Not shown\n\n" + "\n".join(f"- {p}" for p in problems) + "\n"
     atomic_write_text(out, text)
     return text
 

@@ -54,6 +54,9 @@ class Record:
     # optional: things worth knowing that do not make the image wrong (e.g. derived data that
     # disagrees with its source of truth); listed in the manifest's "warnings", image kept.
     warnings: list[str] = field(default_factory=list)
+    # optional: the source collection (data/raw/<name>) when a reader reads several; else the
+    # converter names every record after the input folder (Source.collection)
+    collection: str | None = None
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Source:
     files: list[Path]  # every source file, hashed into the manifest's source hash
     problems: list[str] = field(default_factory=list)  # dataset-level problems (e.g. duplicate ids)
     count: int | None = None  # optional: number of records, for the progress bar
+    collection: str = ""  # the records' source collection when they do not name one ("" = the input folder's name)
 
 
 class Reader(Protocol):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.errors import UserError
 from segpipe.files import PathEscapeError, confined, escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
 from segpipe.formats.pngs import MAX_LABEL_PIXELS
@@ -32,7 +33,7 @@ SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "va
 LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
 
 
-class CocoError(ValueError):
+class CocoError(UserError, ValueError):
     """The COCO files cannot be read at all (not JSON, wrong structure, conflicting classes)."""
 
 
@@ -298,11 +299,15 @@ def read_collection(root: Path) -> Source:
 
 
 def read_collections(root: Path) -> Source:
-    """Every collection under ``root`` as one Source; with several, image ids become
-    ``<collection>/<id>`` so they stay unique. All collections must share one class table."""
+    """Every collection under ``root`` as one Source, each record naming its collection. When
+    ``root`` is a folder of collections (``data/raw``), image ids become ``<collection>/<id>``, even
+    with one collection: ids stay unique, and adding a collection never changes the ids (nor the
+    hash splits) of the images already there. All collections must share one class table."""
     dirs = collection_dirs(root)
     if dirs == [Path(root)]:
-        return read_collection(Path(root))
+        source = read_collection(Path(root))
+        source.collection = Path(root).resolve().name
+        return source
     sources = [(d.name, read_collection(d)) for d in dirs]
     first_name, first = sources[0]
     table = [(c.id, c.name, c.isthing) for c in first.classes]
@@ -317,6 +322,7 @@ def read_collections(root: Path) -> Source:
         for name, src in sources:
             for rec in src.records():
                 rec.image_id = f"{name}/{rec.image_id}"
+                rec.collection = name
                 yield rec
 
     return Source(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segpipe.errors import UserError
 from segpipe.images import ImageTooLarge, open_image
 
 # A label map this large is a decompression bomb, not a photo (the converter's default
@@ -20,7 +21,7 @@ from segpipe.images import ImageTooLarge, open_image
 MAX_LABEL_PIXELS = 200_000_000
 
 
-class LabelPngError(ValueError):
+class LabelPngError(UserError, ValueError):
     """A label PNG is missing, unreadable, too large or holds values it should not."""
 
 

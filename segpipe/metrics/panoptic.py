@@ -176,6 +176,21 @@ class PQStat:
         if other.category_ids != self.category_ids:
             raise ValueError(f"cannot combine PQStat over categories {self.category_ids} and {other.category_ids}")
 
+    def to_json(self) -> dict[str, Any]:
+        """The accumulators as JSON values, to carry a worker's counts to where they are summed."""
+        return {"category_ids": list(self.category_ids), "iou_sum": self.iou_sum.tolist(), "tp": self.tp.tolist(),
+                "fp": self.fp.tolist(), "fn": self.fn.tolist(), "images": self.images}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PQStat:
+        """The inverse of :meth:`to_json`."""
+        stat = cls(data["category_ids"])
+        stat.iou_sum[:] = np.asarray(data["iou_sum"], dtype=np.float64)
+        for k in ("tp", "fp", "fn"):
+            getattr(stat, k)[:] = np.asarray(data[k], dtype=np.int64)
+        stat.images = int(data["images"])
+        return stat
+
     def compute(self, names: Sequence[str], isthing: Sequence[bool]) -> dict[str, Any]:
         """``compute(self.iou_sum, self.tp, self.fp, self.fn, names, isthing)``."""
         return compute(self.iou_sum, self.tp, self.fp, self.fn, names, isthing)

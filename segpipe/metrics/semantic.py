@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.errors import UserError
 
-class MetricsInputError(ValueError):
+
+class MetricsInputError(UserError, ValueError):
     """Input to a metric is invalid; the message names the file, image id or annotation id at fault."""
 
 

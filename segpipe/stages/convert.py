@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from segpipe import shards, storage, validation
+from segpipe.errors import UserError
 from segpipe.files import sha256_file
 from segpipe.formats import FORMATS, get_reader
 from segpipe.formats.base import Record, Source
@@ -43,7 +44,7 @@ from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_
 BATCH = 4  # records per pool task
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A bad item under ``--strict``, or input that cannot be converted at all."""
 
 
@@ -61,6 +62,7 @@ class Context:
     tile_overlap: int = 0
     tile_min_area: int = 0
     encode: bool = True  # False for `segpipe validate`: check only
+    collection: str = ""  # the collection of records that name none (the input folder's name)
 
 
 @dataclass
@@ -256,7 +258,7 @@ def process_record(record: Record, ctx: Context) -> Outcome:
     if semantic is None:
         semantic = rasterise(structs, height, width, ctx.ignore_index, dtype)
     split = record.split or hash_split(record.image_id, ctx.val_fraction, ctx.test_fraction)
-    base = {"split": split, "source_image_id": record.image_id}
+    base = {"split": split, "source_image_id": record.image_id, "collection": record.collection or ctx.collection}
     if not tiled:
         sem_bytes, sem_enc = shards.encode_semantic(semantic, dtype)
         out.rows.append({**base, "image_id": record.image_id, "height": height, "width": width, "image": data,
@@ -420,8 +422,17 @@ def make_context(source: Source, params: ConvertParams, encode: bool = True) -> 
         dtype=shards.semantic_dtype(max(ids + [source.ignore_index])).name,
         max_image_pixels=params.max_image_pixels, val_fraction=params.val_fraction,
         test_fraction=params.test_fraction, tile_size=params.tile_size, tile_overlap=params.tile_overlap,
-        tile_min_area=params.tile_min_area, encode=encode,
+        tile_min_area=params.tile_min_area, encode=encode, collection=source.collection or default_collection(source),
     )
+
+
+def default_collection(source: Source) -> str:
+    """The collection of records that name none: the folder holding all of the source's files
+    (the dataset's root), or ``shards.UNNAMED_COLLECTION`` when there are none."""
+    files = [Path(f).resolve() for f in source.files]
+    if not files:
+        return shards.UNNAMED_COLLECTION
+    return Path(os.path.commonpath([str(f.parent) for f in files])).name or shards.UNNAMED_COLLECTION
 
 
 def dataset_entries(source: Source) -> list[dict[str, str]]:
@@ -477,6 +488,7 @@ def run(params: ConvertParams, source: Source, out: Path | str | storage.Locatio
         raise ConvertError(f"--strict: {quarantine[0]['reason']}")
     images = 0
     pixels: dict[str, np.ndarray] = {}
+    collections: dict[str, dict[str, int]] = {}
     with shards.new_set(out) as staging:
         writers: dict[str, shards.ShardWriter] = {}
         try:
@@ -490,6 +502,8 @@ def run(params: ConvertParams, source: Source, out: Path | str | storage.Locatio
                 for row in outcome.rows:
                     counts = np.asarray(row.pop(PIXELS_KEY), dtype=np.int64)
                     pixels[row["split"]] = pixels.get(row["split"], 0) + counts
+                    per_split = collections.setdefault(row["collection"], {})
+                    per_split[row["split"]] = per_split.get(row["split"], 0) + 1
                     w = writers.get(row["split"])
                     if w is None:
                         w = writers[row["split"]] = shards.ShardWriter(staging.path, row["split"],
@@ -513,6 +527,8 @@ def run(params: ConvertParams, source: Source, out: Path | str | storage.Locatio
             "splits": {split: sum(s["rows"] for s in shard_list if s["split"] == split) for split in sorted(writers)},
             # labelled pixels per class id, per split: class weights for training, stats at a glance
             "class_pixels": {split: pixels[split].tolist() for split in sorted(pixels)},
+            # rows per source collection and split (evaluate scores each collection apart)
+            "collections": {name: dict(sorted(collections[name].items())) for name in sorted(collections)},
             "shards": shard_list,
             "source_sha256": source_hash(source.files),
             "quarantine": quarantine,

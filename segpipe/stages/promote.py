@@ -1,35 +1,45 @@
 """``segpipe promote``: choose a champion among evaluated candidates by rules read from params.
 
-Every candidate is the output directory of ``segpipe evaluate`` (its ``metrics.json`` and the
-checkpoint that file names). One metric ranks everything in a run:
+    segpipe promote --candidates models/eval/* models/fused --shards data/shards --baselines models/baselines
+                    --registry models/registry --report reports/promotion
 
-* the task's primary metric (``semantic_metric`` / ``instance_metric``) when every candidate and
-  the current champion share a task;
-* otherwise ``mixed_metric`` (``miou_things`` by default): the mean IoU over the thing classes,
-  which evaluate writes for every model and which is the same quantity for both tasks (a
-  class's IoU depends only on its own ground-truth and predicted pixels). Plain ``miou`` is not:
-  an instance model's is over things plus one merged background class.
+Every candidate is an evaluation result (``segpipe.results.EvalResult``: the output folder of
+``segpipe evaluate`` or ``segpipe fuse``). Numbers are compared only when they were computed on the
+same data: the current shards (``--shards``: their manifest sha256), the split and the scoring
+settings of ``evaluate``. So the champion is judged on the candidates' data too: when its
+registered scores were computed on another shard manifest (a new drop was ingested since), it is
+**re-scored** on the current shards with the same scoring code (``segpipe.scoring``) before any
+gate runs, and the score is kept in the registry, per data version, so it is computed once per
+manifest, not once per run. A champion that cannot be re-scored (its files are missing or fail
+their checksum) stops the promotion with an error naming the version: nothing is promoted.
+
+One metric ranks everything in a run: the task's primary metric (``semantic_metric`` /
+``instance_metric``) when every candidate and the champion share a task, else ``mixed_metric``
+(``miou_things``: defined the same way for both tasks).
 
 Gates, in order; a candidate must pass all of them to be promoted:
 
-1. ``readable``: metrics.json is valid, the checkpoint it names exists and its sha256 matches;
-2. ``metric``: the ranking metric is a finite number (NaN or missing never promotes);
-3. ``min_value``: the metric is at least ``min_value``;
-4. ``beats_baseline``: the metric beats the best reference predictor (``segpipe evaluate
-   --baselines``: majority class, colour lookup) scored on the same shards and split, by more than
-   ``baseline_margin``; passes when no baselines are given or none defines the metric;
-5. ``same_data``: evaluated on the champion's shard manifest hash;
-6. ``margin``: beats the champion by at least ``margin`` (and strictly);
-7. ``protected_classes``: no protected class's IoU drops by more than ``protected_tolerance``.
+1. ``readable``: the result is valid, its checkpoint(s) exist and match the sha256 it recorded;
+2. ``current_data``: it was computed on the current shards, split and scoring settings (a result
+   left over from an older run is refused, with the manifests named);
+3. ``metric``: the ranking metric is a finite number (NaN or missing never promotes);
+4. ``min_value``: the metric is at least ``min_value``;
+5. ``beats_baseline``: the metric beats the best reference predictor scored on the same data by
+   more than ``baseline_margin`` (passes when no baselines are given or none defines the metric);
+6. ``margin``: beats the champion's score on the same data by at least ``margin`` (and strictly);
+7. ``protected_classes``: no protected class's IoU drops more than ``protected_tolerance`` below
+   the champion's on the same data;
+8. ``protected_collections``: on no protected source collection (``protected_collections``: a
+   list, or ``all``) does the ranking metric drop more than ``protected_collection_tolerance``
+   below the champion's on the same data.
 
-The best candidate passing all gates becomes champion; the best one that passed gates 1-5
-but was not promoted becomes challenger. The whole decision happens under the registry lock.
+The best candidate passing all gates becomes champion; the best one that passed gates 1-5 but was
+not promoted becomes challenger. The registry update happens in one locked transaction.
 
-Panoptic candidates (a model whose eval has ``panoptic`` metrics, i.e. MaskFormer, and the fused
-pair of ``segpipe evaluate --fuse-best``, task ``panoptic``) are ranked again, apart, on
-``panoptic.<panoptic_metric>`` (PQ by default) with the same gates except protected classes (an
-IoU rule), and move the ``panoptic-champion`` / ``panoptic-challenger`` aliases. A fused pair is
-registered as one bundle version holding both checkpoints and the fusion params.
+Panoptic candidates (a model whose result has ``panoptic`` metrics, i.e. MaskFormer, and the fused
+pair of ``segpipe fuse``) are ranked again, apart, on ``panoptic.<panoptic_metric>`` (PQ) with
+the same gates except protected classes (an IoU rule), and move the ``panoptic-champion`` /
+``panoptic-challenger`` aliases. A fused pair is registered as one bundle version.
 """
 
 from __future__ import annotations
@@ -37,50 +47,102 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segpipe.checkpoint import WEIGHTS, is_checkpoint
-from segpipe.files import atomic_write_json, atomic_write_text, sha256_file
-from segpipe.metrics import metric_value  # noqa: F401  (also imported from here by report and pipelines)
-from segpipe.params import PromoteParams, add_params_arguments, as_dict, from_args
+from segpipe.errors import UserError
+from segpipe.files import atomic_write_json, atomic_write_text
+from segpipe.params import EvaluateParams, PromoteParams, add_params_arguments, as_dict, from_args
 from segpipe.registry import (
     DEFAULT_REGISTRY,
+    add_bundle_version,
+    add_score,
     add_version,
     alias_entry,
+    find_version,
     point_alias,
+    read_index,
+    score_on,
     transaction,
     write_gto_tags,
 )
+from segpipe.results import EvalResult, ResultError, champion_line, metric_value, read_results
 
-REQUIRED_KEYS = ("arch", "task", "checkpoint", "shards_manifest_sha256", "per_class")
-BUNDLE_KEYS = ("arch", "task", "checkpoints", "fusion", "shards_manifest_sha256", "panoptic")  # a fused pair's
-GATES = ("readable", "metric", "min_value", "beats_baseline", "same_data", "margin", "protected_classes")
+GATES = ("readable", "current_data", "metric", "min_value", "beats_baseline", "margin", "protected_classes",
+         "protected_collections")
 CHALLENGER_GATES = GATES[:5]
+RANKINGS = {"model": ("champion", "challenger"), "panoptic": ("panoptic-champion", "panoptic-challenger")}
+
+
+class PromoteError(UserError, RuntimeError):
+    """Promotion cannot judge fairly (e.g. the champion cannot be re-scored); nothing was promoted."""
+
+
+@dataclass(frozen=True)
+class Data:
+    """What every compared number must have been computed on: a shard manifest, a split, and the
+    scoring settings (``EvaluateParams.scoring_key``)."""
+
+    manifest: str
+    split: str
+    scoring: str
+
+    def of(self, metrics: dict[str, Any]) -> bool:
+        return (metrics.get("shards_manifest_sha256"), metrics.get("split"), metrics.get("scoring")) == \
+            (self.manifest, self.split, self.scoring)
+
+    def __str__(self) -> str:
+        return f"shard manifest {self.manifest[:12]}..., split {self.split!r}, scoring {self.scoring}"
+
+    @staticmethod
+    def describe(metrics: dict[str, Any]) -> str:
+        manifest = str(metrics.get("shards_manifest_sha256"))[:12]
+        return f"shard manifest {manifest}..., split {metrics.get('split')!r}, scoring {metrics.get('scoring')}"
 
 
 @dataclass
 class Candidate:
-    """One evaluated candidate as read from disk; ``error`` set when it cannot be judged."""
+    """One candidate: its result, or why it cannot be judged (``error``)."""
 
     eval_dir: Path
-    metrics: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Path | None = None
-    sha256: str | None = None  # a fused pair's: its bundle identity (segpipe.registry.bundle_sha256)
+    result: EvalResult | None = None
     error: str | None = None
-    bundle: dict[str, Path] | None = None  # a fused pair's checkpoints: {"semantic": DIR, "instance": DIR}
-    bundle_sha256: dict[str, str] | None = None  # and their weights' sha256
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.result.data if self.result is not None else {}
 
     @property
     def task(self) -> str | None:
-        return self.metrics.get("task")
+        return self.result.task if self.result is not None else None
 
     @property
     def arch(self) -> str | None:
-        return self.metrics.get("arch")
+        return self.result.arch if self.result is not None else None
+
+    @property
+    def sha256(self) -> str | None:
+        return self.result.identity() if self.result is not None and self.error is None else None
+
+
+@dataclass
+class Champion:
+    """The reigning champion of a ranking: its registry entry, its score on the candidates' data
+    (``scored``: as registered, or re-scored now) and how that score came to be."""
+
+    entry: dict[str, Any]
+    scored: dict[str, Any]
+    how: str  # "registered" (its own score on this data) or "re-scored"
+
+    @property
+    def version(self) -> str:
+        return str(self.entry["version"])
+
+    @property
+    def registered(self) -> dict[str, Any]:
+        return self.entry.get("metrics") or {}
 
 
 # --------------------------------------------------------------------------------------
@@ -134,72 +196,99 @@ def check_protected(
     return failures
 
 
-def check_baselines(candidate: dict[str, Any], value: float, metric: str, baselines: list[dict[str, Any]],
+def protected_collection_names(params: PromoteParams, candidate: dict[str, Any], champion: dict[str, Any]) -> list[str]:
+    """The collections the gate checks: ``protected_collections``, or with ``all`` every collection
+    of the champion's score on this data (those it can be compared on)."""
+    if params.protected_collections == "all":
+        return sorted(set(champion.get("per_collection") or {}) | set(candidate.get("per_collection") or {}))
+    return list(params.protected_collections)
+
+
+def check_collections(candidate: dict[str, Any], champion: dict[str, Any], names: list[str], metric: str,
+                      tolerance: float) -> list[str]:
+    """Reasons a candidate fails the protected-collection gate: on each collection in ``names``,
+    ``metric`` may not drop more than ``tolerance`` below the champion's (same data)."""
+    failures = []
+    mine, theirs = candidate.get("per_collection") or {}, champion.get("per_collection") or {}
+    for name in names:
+        if name not in theirs and name not in mine:
+            failures.append(f"protected collection {name!r} is not in the split")
+            continue
+        c = metric_value(mine.get(name, {}), metric)
+        h = metric_value(theirs.get(name, {}), metric)
+        if h is None:
+            continue  # nothing of the champion's to hold on this collection (e.g. no image of a class)
+        if c is None:
+            failures.append(f"protected collection {name!r}: {metric} undefined (champion {h:.4f})")
+        elif c < h - tolerance:
+            failures.append(f"protected collection {name!r}: {metric} {c:.4f} < champion {h:.4f} - tolerance {tolerance}")
+    return failures
+
+
+def check_baselines(candidate: dict[str, Any], value: float, metric: str, baselines: list[EvalResult],
                     margin: float) -> tuple[bool, str]:
     """(passed, detail) of the ``beats_baseline`` gate: ``value`` must exceed the best baseline
     scored on the candidate's shards and split by more than ``margin``."""
     if not baselines:
         return True, "no baselines given"
-    same = [b for b in baselines if b.get("shards_manifest_sha256") == candidate.get("shards_manifest_sha256")
-            and b.get("split") == candidate.get("split")]
+    same = [b for b in baselines if (b.manifest, b.split) == (candidate.get("shards_manifest_sha256"),
+                                                              candidate.get("split"))]
     if not same:
         return False, "no baseline was scored on the candidate's shards and split: not comparable"
-    scored = [(str(b.get("baseline")), v) for b in same if (v := metric_value(b, metric)) is not None]
+    scored = [(b.name, v) for b in same if (v := b.metric(metric)) is not None]
     if not scored:
         return True, f"no baseline defines {metric}: not applicable"
     name, best = max(scored, key=lambda nv: nv[1])
     return value > best + margin, f"{metric} {value:.4f} vs best baseline {name} {best:.4f} + baseline_margin {margin}"
 
 
-def judge(
-    candidate: Candidate, champion: dict[str, Any] | None, params: PromoteParams, metric: str,
-    baselines: list[dict[str, Any]] = (),
-) -> list[dict[str, Any]]:
-    """Every gate's outcome for one candidate: ``[{"gate", "passed", "detail"}]`` (stops at the first failure).
-
-    ``champion`` is the champion's registry entry (with its ``metrics``) or None; ``baselines``
-    the metrics of the reference predictors.
-    """
+def judge(candidate: Candidate, champion: Champion | None, params: PromoteParams, metric: str, data: Data,
+          baselines: list[EvalResult] = ()) -> list[dict[str, Any]]:
+    """Every gate's outcome for one candidate: ``[{"gate", "passed", "detail"}]`` (stops at the
+    first failure). ``champion``'s ``scored`` metrics were computed on ``data``, like the candidate's."""
     gates: list[dict[str, Any]] = []
 
     def gate(name: str, passed: bool, detail: str) -> bool:
         gates.append({"gate": name, "passed": passed, "detail": detail})
         return passed
 
-    if not gate("readable", candidate.error is None, candidate.error or f"checkpoint {candidate.checkpoint}"):
+    if not gate("readable", candidate.error is None, candidate.error or f"{candidate.result.where}"):
         return gates
-    value = metric_value(candidate.metrics, metric)
+    m = candidate.metrics
+    if not gate("current_data", data.of(m), f"computed on the current data ({data})" if data.of(m) else
+                f"computed on {data.describe(m)}, but the current data is {data}: not comparable (a result left "
+                "over from an older run, or scored with other evaluate settings; evaluate it again)"):
+        return gates
+    value = metric_value(m, metric)
     if not gate("metric", value is not None, f"{metric} = {value}" if value is not None else f"{metric} is missing or NaN"):
         return gates
     if not gate("min_value", value >= params.min_value, f"{metric} {value:.4f} vs min_value {params.min_value}"):
         return gates
-    if not gate("beats_baseline", *check_baselines(candidate.metrics, value, metric, list(baselines),
-                                                   params.baseline_margin)):
+    if not gate("beats_baseline", *check_baselines(m, value, metric, list(baselines), params.baseline_margin)):
         return gates
     if champion is None:
-        gate("same_data", True, "no champion yet")
-        gate("margin", True, "no champion yet")
-        gate("protected_classes", True, "no champion yet")
+        for name in GATES[5:]:
+            gate(name, True, "no champion yet")
         return gates
-    ours, theirs = candidate.metrics.get("shards_manifest_sha256"), champion.get("shards_manifest_sha256")
-    if not gate(
-        "same_data", ours == theirs,
-        "same shard manifest as the champion" if ours == theirs
-        else f"evaluated on shard manifest {ours}, champion {champion['version']} on {theirs}: not comparable",
-    ):
+    if candidate.sha256 == champion.entry["checkpoint_sha256"]:
+        gate("margin", False, f"this checkpoint is the champion ({champion.version})")
         return gates
-    if candidate.sha256 == champion["checkpoint_sha256"]:
-        gate("margin", False, f"this checkpoint is the champion ({champion['version']})")
-        return gates
-    best = metric_value(champion.get("metrics", {}), metric)
+    best = metric_value(champion.scored, metric)
     if best is None:
-        gate("margin", False, f"the champion {champion['version']} has no finite {metric} to compare with")
+        gate("margin", False, f"the champion {champion.version} has no finite {metric} on this data to compare with")
         return gates
     passed = value > best and value - best >= params.margin
-    if not gate("margin", passed, f"{metric} {value:.4f} vs champion {champion['version']} {best:.4f} + margin {params.margin}"):
+    if not gate("margin", passed, f"{metric} {value:.4f} vs champion {champion.version} {best:.4f} ({champion.how} "
+                                  f"on this data) + margin {params.margin}"):
         return gates
-    failures = check_protected(candidate.metrics, champion.get("metrics", {}), params.protected_classes, params.protected_tolerance)
-    gate("protected_classes", not failures, "; ".join(failures) or f"{len(params.protected_classes)} protected class(es) held")
+    failures = check_protected(m, champion.scored, params.protected_classes, params.protected_tolerance)
+    if not gate("protected_classes", not failures, "; ".join(failures) or f"{len(params.protected_classes)} protected "
+                                                                          "class(es) held"):
+        return gates
+    names = protected_collection_names(params, m, champion.scored)
+    failures = check_collections(m, champion.scored, names, metric, params.protected_collection_tolerance)
+    gate("protected_collections", not failures,
+         "; ".join(failures) or f"{metric} held on {len(names)} protected collection(s): {', '.join(names) or 'none'}")
     return gates
 
 
@@ -209,7 +298,7 @@ def passed(gates: list[dict[str, Any]], names: tuple[str, ...]) -> bool:
 
 
 def is_panoptic(c: Candidate) -> bool:
-    """Ranked among the panoptic candidates: a fused pair, or a model whose eval has panoptic metrics."""
+    """Ranked among the panoptic candidates: a fused pair, or a model whose result has panoptic metrics."""
     return c.task == "panoptic" or isinstance(c.metrics.get("panoptic"), dict)
 
 
@@ -218,38 +307,36 @@ def panoptic_key(params: PromoteParams) -> str:
     return f"panoptic.{params.panoptic_metric}"
 
 
-def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params: PromoteParams,
-           baselines: list[dict[str, Any]] = (), metric: str | None = None) -> dict[str, Any]:
+def decide(candidates: list[Candidate], champion: Champion | None, params: PromoteParams, data: Data,
+           baselines: list[EvalResult] = (), metric: str | None = None) -> dict[str, Any]:
     """The decision for every candidate, pure: no file is read or written. ``metric``: the one
     to rank on (default: :func:`ranking_metric` of the candidates' and the champion's tasks).
 
     Returns ``{"metric", "champion": index|None, "challenger": index|None, "candidates": [...]}``
-    where each candidate row has its gates, value and a one-line ``decision``.
+    where each candidate row has its gates, value, the champion's values (as registered and on
+    this data) and a one-line ``decision``.
     """
     tasks = [c.task for c in candidates if c.error is None]
     if champion is not None:
-        tasks.append(champion.get("task"))
+        tasks.append(champion.entry.get("task"))
     metric = metric or ranking_metric(params, tasks)
     rows = []
     for c in candidates:
-        gates = judge(c, champion, params, metric, baselines)
+        gates = judge(c, champion, params, metric, data, baselines)
         rows.append({
             "eval_dir": str(c.eval_dir),
             "arch": c.arch,
             "task": c.task,
-            "checkpoint": str(c.checkpoint) if c.checkpoint else None,
             "sha256": c.sha256,
             "value": metric_value(c.metrics, metric) if c.error is None else None,
+            "champion_registered": metric_value(champion.registered, metric) if champion else None,
+            "champion_on_this_data": metric_value(champion.scored, metric) if champion else None,
             "gates": gates,
         })
-
-    reigning = champion["checkpoint_sha256"] if champion else None
+    reigning = champion.entry["checkpoint_sha256"] if champion else None
 
     def best(names: tuple[str, ...], exclude: int | None) -> int | None:
-        ok = [
-            i for i, r in enumerate(rows)
-            if passed(r["gates"], names) and i != exclude and r["sha256"] != reigning
-        ]
+        ok = [i for i, r in enumerate(rows) if passed(r["gates"], names) and i != exclude and r["sha256"] != reigning]
         # Highest value wins; ties go to the candidate listed first.
         return max(ok, key=lambda i: (rows[i]["value"], -i)) if ok else None
 
@@ -276,77 +363,87 @@ def decide(candidates: list[Candidate], champion: dict[str, Any] | None, params:
 
 
 def read_candidate(eval_dir: Path | str) -> Candidate:
-    """Read ``EVAL_DIR/metrics.json`` and check the checkpoint it names; problems land in ``error``."""
-    eval_dir = Path(eval_dir)
-    c = Candidate(eval_dir)
-    path = eval_dir / "metrics.json"
+    """Read a candidate's result and verify the checkpoint(s) it names; problems land in ``error``."""
+    c = Candidate(Path(eval_dir))
     try:
-        metrics = json.loads(path.read_text())
-    except FileNotFoundError:
-        c.error = f"{path}: not found (is {eval_dir} an output of segpipe evaluate?)"
-        return c
-    except json.JSONDecodeError as e:
-        c.error = f"{path}: not valid JSON: {e}"
-        return c
-    if not isinstance(metrics, dict):
-        c.error = f"{path}: expected a JSON object"
-        return c
-    c.metrics = metrics
-    if metrics.get("task") == "panoptic":
-        return _read_bundle(c, path)
-    missing = [k for k in REQUIRED_KEYS if k not in metrics]
-    if missing:
-        c.error = f"{path}: missing key(s) {', '.join(map(repr, missing))}"
-        return c
-    ck = metrics["checkpoint"]
-    if not isinstance(ck, dict) or not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
-        c.error = f"{path}: key 'checkpoint' must be {{\"path\": str, \"sha256\": str}}"
-        return c
-    checkpoint = Path(ck["path"])
-    if not is_checkpoint(checkpoint) and not checkpoint.is_absolute() and is_checkpoint(eval_dir / checkpoint):
-        checkpoint = eval_dir / checkpoint
-    if not is_checkpoint(checkpoint):
-        c.error = f"{path}: checkpoint {ck['path']!r} is not a checkpoint directory (needs {WEIGHTS} and meta.json)"
-        return c
-    c.checkpoint = checkpoint
-    c.sha256 = sha256_file(checkpoint / WEIGHTS)
-    if c.sha256 != ck["sha256"]:
-        c.error = f"{checkpoint / WEIGHTS}: sha256 {c.sha256} differs from the evaluated {ck['sha256']} (changed since evaluation)"
+        c.result = EvalResult.read(c.eval_dir)
+        if c.result.kind == "baseline":
+            raise ResultError(f"{c.result.where}: a reference predictor, not a model")
+        if c.result.skipped is not None:
+            raise ResultError(f"{c.result.where}: no fused pair was evaluated: {c.result.skipped}")
+        c.result.verify()
+    except ResultError as e:
+        c.error = str(e)
     return c
 
 
-def _read_bundle(c: Candidate, path: Path) -> Candidate:
-    """A fused pair's metrics.json (``segpipe evaluate --fuse-best``): both checkpoints must exist
-    with the sha256 the evaluation recorded."""
-    from segpipe.registry import bundle_sha256
+def read_baselines(folder: Path | str | None) -> list[EvalResult]:
+    """The results of the reference predictors under ``folder`` (``segpipe baselines --out``);
+    ResultError naming the file when one is unreadable, or when the folder holds none."""
+    if folder is None:
+        return []
+    found = read_results(folder)
+    if found.problems:
+        raise ResultError("; ".join(found.problems.values()))
+    baselines = list(found.of_kind("baseline").values())
+    if not baselines:
+        raise ResultError(f"--baselines {folder}: no <baseline>/metrics.json inside (run segpipe baselines)")
+    return baselines
 
-    m = c.metrics
-    if "skipped" in m:
-        c.error = f"{path}: no fused pair was evaluated: {m['skipped']}"
-        return c
-    missing = [k for k in BUNDLE_KEYS if k not in m]
-    if missing:
-        c.error = f"{path}: missing key(s) {', '.join(map(repr, missing))}"
-        return c
-    members, paths, shas = m["checkpoints"], {}, {}
-    for k in ("semantic", "instance"):
-        ck = members.get(k) if isinstance(members, dict) else None
-        if not isinstance(ck, dict) or not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
-            c.error = f"{path}: key 'checkpoints.{k}' must be {{\"path\": str, \"sha256\": str}}"
-            return c
-        folder = Path(ck["path"])
-        if not is_checkpoint(folder):
-            c.error = f"{path}: {k} checkpoint {ck['path']!r} is not a checkpoint directory (needs {WEIGHTS} and meta.json)"
-            return c
-        paths[k], shas[k] = folder, sha256_file(folder / WEIGHTS)
-        if shas[k] != ck["sha256"]:
-            c.error = (f"{folder / WEIGHTS}: sha256 {shas[k]} differs from the evaluated {ck['sha256']} "
-                       "(changed since evaluation)")
-            return c
-    c.bundle, c.bundle_sha256 = paths, shas
-    c.checkpoint = paths["semantic"]
-    c.sha256 = bundle_sha256(shas, m["fusion"])
-    return c
+
+def rescore(entry: dict[str, Any], registry: Path, shards: Any, scoring: EvaluateParams, device: str) -> dict[str, Any]:
+    """The registry version ``entry`` scored on ``scoring.split`` of ``shards`` with the scoring code
+    every candidate was scored with; its files are verified against the registry first.
+    PromoteError naming the version when it cannot be (missing or tampered files)."""
+    from segpipe.params import FusionParams, build
+    from segpipe.registry import RegistryError, checkpoint_dir, read_bundle
+    from segpipe.scoring import score_checkpoint, score_fused
+
+    version = entry["version"]
+    try:
+        directory = checkpoint_dir(version, registry)
+        bundle = read_bundle(directory)
+        if bundle is None:
+            return score_checkpoint(directory, shards, scoring, device)
+        fusion = build(FusionParams, bundle["fusion"], f"{registry / version / 'bundle.json'}: fusion")
+        return score_fused(directory / bundle["members"]["semantic"], directory / bundle["members"]["instance"],
+                           fusion, shards, scoring, device)
+    except (RegistryError, ResultError, OSError) as e:
+        raise PromoteError(f"the champion {version} cannot be re-scored on the current shards, so no candidate "
+                           f"can be judged against it and nothing is promoted: {e}") from None
+
+
+def champion_on(index: dict[str, Any], alias: str, data: Data) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the entry ``alias`` points at, its score on ``data`` or None when it must be re-scored)."""
+    entry = alias_entry(index, alias)
+    if entry is None:
+        return None, None
+    return entry, score_on(entry, data.manifest, data.split, data.scoring)
+
+
+def champions(registry: Path, name: str, data: Data, shards: Any, scoring: EvaluateParams, device: str,
+              aliases: list[str]) -> dict[str, Champion]:
+    """Each alias's champion with its score on ``data``: its own, or re-scored now (and recorded in
+    the registry: once per data version). Scoring runs outside the registry lock; the scores are
+    recorded only if the alias still points at the same version."""
+    found: dict[str, Champion] = {}
+    computed: dict[str, dict[str, Any]] = {}
+    for alias in aliases:
+        entry, score = champion_on(read_index(registry, name), alias, data)
+        if entry is None:
+            continue
+        if score is None:
+            version = entry["version"]
+            if version not in computed:
+                computed[version] = rescore(entry, registry, shards, scoring, device)
+            found[alias] = Champion(entry, computed[version], "re-scored")
+        else:
+            found[alias] = Champion(entry, score["metrics"], score["how"])
+    if computed:
+        with transaction(registry, name) as index:
+            for version, metrics in computed.items():
+                add_score(find_version(index, version), metrics, "re-scored")
+    return found
 
 
 def _fmt(v: float | None) -> str:
@@ -361,33 +458,37 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Time: {report['time']}",
         f"- Registry: `{report['registry']}`",
+        f"- Data: shard manifest `{report['data']['manifest'][:12]}...`, split `{report['data']['split']}`, "
+        f"scoring `{report['data']['scoring']}`",
         f"- Ranking metric: `{report['metric']}`",
         f"- Baselines to beat: {', '.join(f'{k} {_fmt(v)}' for k, v in report.get('baselines', {}).items()) or 'none given'}",
-        f"- Champion before: {before['version'] + ' (' + before['arch'] + ', ' + _fmt(before['value']) + ')' if before else 'none'}",
-        f"- Champion after: {after['version'] + ' (' + after['arch'] + ', ' + _fmt(after['value']) + ')' if after else 'none'}",
+        f"- Champion judged: {champion_line(report['champion_judged'], report['metric'])}",
+        f"- Champion before: {before['version'] + ' (' + before['arch'] + ')' if before else 'none'}",
+        f"- Champion after: {after['version'] + ' (' + after['arch'] + ')' if after else 'none'}",
         f"- Challenger: {report['challenger'] or 'none'}",
         f"- New versions: {', '.join(report['created']) or 'none'}",
         "",
-        "| candidate | arch | task | " + report["metric"] + " | decision |",
-        "|---|---|---|---|---|",
     ]
-    for r in report["candidates"]:
-        decision = r["decision"].replace("|", "\\|")
-        lines.append(f"| `{r['eval_dir']}` | {r['arch']} | {r['task']} | {_fmt(r['value'])} | {decision} |")
+
+    def table(rows: list[dict[str, Any]], metric: str) -> list[str]:
+        out = [f"| candidate | arch | task | {metric} | champion as registered | champion on this data | decision |",
+               "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            decision = r["decision"].replace("|", "\\|")
+            out.append(f"| `{r['eval_dir']}` | {r['arch']} | {r['task']} | {_fmt(r['value'])} | "
+                       f"{_fmt(r['champion_registered'])} | {_fmt(r['champion_on_this_data'])} | {decision} |")
+        return out
+
+    lines += table(report["candidates"], report["metric"])
     pan = report.get("panoptic")
     if pan:
-        def who(x: dict[str, Any] | None) -> str:
-            return f"{x['version']} ({x['arch']}, {_fmt(x['value'])})" if x else "none"
-
         lines += ["", "## Panoptic ranking", "",
                   f"- Ranking metric: `{pan['metric']}`; aliases panoptic-champion, panoptic-challenger",
-                  f"- Champion before: {who(pan['champion_before'])}",
-                  f"- Champion after: {who(pan['champion_after'])}",
-                  f"- Challenger: {pan['challenger'] or 'none'}", "",
-                  "| candidate | arch | task | " + pan["metric"] + " | decision |", "|---|---|---|---|---|"]
-        for r in pan["candidates"]:
-            decision = r["decision"].replace("|", "\\|")
-            lines.append(f"| `{r['eval_dir']}` | {r['arch']} | {r['task']} | {_fmt(r['value'])} | {decision} |")
+                  f"- Champion judged: {champion_line(pan['champion_judged'], pan['metric'])}",
+                  f"- Champion before: {pan['champion_before']['version'] if pan['champion_before'] else 'none'}",
+                  f"- Champion after: {pan['champion_after']['version'] if pan['champion_after'] else 'none'}",
+                  f"- Challenger: {pan['challenger'] or 'none'}", ""]
+        lines += table(pan["candidates"], pan["metric"])
     lines += ["", "## Gates", ""]
     for r in report["candidates"] + (pan["candidates"] if pan else []):
         lines.append(f"### `{r['eval_dir']}`")
@@ -398,31 +499,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _summary(entry: dict[str, Any] | None, metric: str) -> dict[str, Any] | None:
-    if entry is None:
+def _summary(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if entry is None else {"version": entry["version"], "arch": entry["arch"]}
+
+
+def _judged(champion: Champion | None, metric: str) -> dict[str, Any] | None:
+    if champion is None:
         return None
-    return {"version": entry["version"], "arch": entry["arch"], "value": metric_value(entry.get("metrics", {}), metric)}
-
-
-def read_baselines(folder: Path | str | None) -> list[dict[str, Any]]:
-    """The metrics of every reference predictor under ``folder`` (``segpipe evaluate --baselines --out``);
-    ValueError naming the file when one is unreadable, or when the folder holds none."""
-    if folder is None:
-        return []
-    folder = Path(folder)
-    files = sorted(folder.glob("*/metrics.json"))
-    if not files:
-        raise ValueError(f"--baselines {folder}: no <baseline>/metrics.json inside (run segpipe evaluate --baselines)")
-    out = []
-    for f in files:
-        try:
-            m = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{f}: not a readable baseline metrics file: {e}") from None
-        if not isinstance(m, dict) or "baseline" not in m:
-            raise ValueError(f"{f}: not a baseline's metrics (no 'baseline' key)")
-        out.append(m)
-    return out
+    return {"version": champion.version, "arch": champion.entry["arch"], "how": champion.how,
+            "registered": metric_value(champion.registered, metric),
+            "registered_manifest": champion.registered.get("shards_manifest_sha256"),
+            "on_this_data": metric_value(champion.scored, metric)}
 
 
 def _apply(registry: Path, index: dict[str, Any], read: list[Candidate], decision: dict[str, Any],
@@ -430,8 +517,6 @@ def _apply(registry: Path, index: dict[str, Any], read: list[Candidate], decisio
     """Inside a transaction: register the decision's champion and challenger (a fused pair as a
     bundle of both checkpoints) and point ``aliases`` (champion, challenger) at them; returns the
     entries the aliases point at afterwards. New versions are appended to ``created``."""
-    from segpipe.registry import add_bundle_version
-
     champion_alias, challenger_alias = aliases
     new_champion, challenger = alias_entry(index, champion_alias), alias_entry(index, challenger_alias)
     for alias in aliases:
@@ -439,13 +524,12 @@ def _apply(registry: Path, index: dict[str, Any], read: list[Candidate], decisio
         if i is None:
             continue
         c = read[i]
-        if c.bundle is not None:
-            source = {"eval_dir": str(c.eval_dir), **{k: str(v) for k, v in c.bundle.items()}}
-            entry, was_new = add_bundle_version(registry, index, c.bundle, c.metrics["fusion"], c.metrics, source,
-                                                c.bundle_sha256)
+        if c.result.kind == "fused":
+            entry, was_new = add_bundle_version(registry, index, c.result, {"eval_dir": str(c.eval_dir)})
         else:
-            source = {"eval_dir": str(c.eval_dir), "checkpoint": str(c.checkpoint), "sha256": c.sha256}
-            entry, was_new = add_version(registry, index, c.checkpoint, c.metrics, source, c.sha256)
+            checkpoint = c.result.verify()["model"]
+            entry, was_new = add_version(registry, index, checkpoint, c.result,
+                                         {"eval_dir": str(c.eval_dir), "checkpoint": str(checkpoint), "sha256": c.sha256})
         if was_new:
             created.append(entry["version"])
         point_alias(index, alias, entry["version"], f"promote: {decision['candidates'][i]['decision']}")
@@ -460,43 +544,49 @@ def _apply(registry: Path, index: dict[str, Any], read: list[Candidate], decisio
     return new_champion, challenger
 
 
-def run(
-    params: PromoteParams,
-    candidates: list[Path],
-    registry: Path = DEFAULT_REGISTRY,
-    report_dir: Path | None = Path("reports/promotion"),
-    baselines: Path | None = None,
-) -> dict[str, Any]:
-    """Judge ``candidates`` (against the reference predictors under ``baselines``, if given), update
-    the registry in one locked transaction, write the report.
+def run(params: PromoteParams, candidates: list[Path], shards: Path | str, scoring: EvaluateParams,
+        registry: Path = DEFAULT_REGISTRY, report_dir: Path | None = Path("reports/promotion"),
+        baselines: Path | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Judge ``candidates`` on the current ``shards`` (re-scoring a champion scored on other data),
+    update the registry in one locked transaction, write the report; returns it (also written as
+    ``promotion.json`` and ``promotion.md``)."""
+    from segpipe.shards import open_shards
+    from segpipe.storage import resolve
 
-    Returns the report dict (also written as ``promotion.json`` and ``promotion.md``).
-    """
     if not candidates:
-        raise ValueError("promote: no --candidates given")
+        raise PromoteError("promote: no --candidates given")
     registry = Path(registry)
+    shard_set = open_shards(resolve(shards, "--shards"))
+    data = Data(shard_set.manifest_sha256, scoring.split, scoring.scoring_key())
     read = [read_candidate(d) for d in candidates]
     reference = read_baselines(baselines)
     ranked = [c for c in read if c.task != "panoptic"]  # a fused pair has no semantic or instance metrics
     panoptic = [c for c in read if is_panoptic(c)]
+    wanted = (["champion"] if ranked else []) + (["panoptic-champion"] if panoptic else [])
+    judged = champions(registry, params.name, data, shard_set, scoring, device, wanted)
     pan_params = dataclasses.replace(params, protected_classes=[])  # protected classes are IoU rules
     pan: dict[str, Any] | None = None
     pan_promoted: str | None = None
     with transaction(registry, params.name) as index:
-        champion = alias_entry(index, "champion")
-        decision = decide(ranked, champion, params, reference) if ranked else {
+        # the aliases may have moved while the champions were re-scored: judge the ones there now
+        for alias in list(judged):
+            if index["aliases"].get(alias) != judged[alias].version:
+                raise PromoteError(f"{alias} moved to {index['aliases'].get(alias)} while {judged[alias].version} "
+                                   "was being re-scored (another promotion ran): run promote again")
+        champion = judged.get("champion")
+        decision = decide(ranked, champion, params, data, reference) if ranked else {
             "metric": ranking_metric(params, []), "champion": None, "challenger": None, "candidates": []}
         metric = decision["metric"]
         created: list[str] = []
-        new_champion, challenger = _apply(registry, index, ranked, decision, ("champion", "challenger"), created)
+        new_champion, challenger = _apply(registry, index, ranked, decision, RANKINGS["model"], created)
         if panoptic:
-            pan_champion = alias_entry(index, "panoptic-champion")
-            pan_decision = decide(panoptic, pan_champion, pan_params, reference, metric=panoptic_key(params))
-            pan_after, pan_challenger = _apply(registry, index, panoptic, pan_decision,
-                                               ("panoptic-champion", "panoptic-challenger"), created)
-            key = pan_decision["metric"]
-            pan = {"metric": key, "champion_before": _summary(pan_champion, key),
-                   "champion_after": _summary(pan_after, key),
+            pan_champion = judged.get("panoptic-champion")
+            key = panoptic_key(params)
+            pan_decision = decide(panoptic, pan_champion, pan_params, data, reference, metric=key)
+            pan_after, pan_challenger = _apply(registry, index, panoptic, pan_decision, RANKINGS["panoptic"], created)
+            pan = {"metric": key, "champion_judged": _judged(pan_champion, key),
+                   "champion_before": _summary(pan_champion.entry if pan_champion else None),
+                   "champion_after": _summary(pan_after),
                    "challenger": pan_challenger["version"] if pan_challenger else None,
                    "candidates": pan_decision["candidates"]}
             if pan_decision["champion"] is not None:
@@ -512,13 +602,15 @@ def run(
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "registry": str(registry),
         "params": as_dict(params),
+        "data": dataclasses.asdict(data),
         "metric": metric,
-        "champion_before": _summary(champion, metric),
-        "champion_after": _summary(new_champion, metric),
+        "champion_judged": _judged(champion, metric),
+        "champion_before": _summary(champion.entry if champion else None),
+        "champion_after": _summary(new_champion),
         "challenger": challenger["version"] if challenger else None,
         "created": created,
         "git_tags": tags,
-        "baselines": {str(b["baseline"]): metric_value(b, metric) for b in reference},
+        "baselines": {b.name: b.metric(metric) for b in reference},
         "candidates": decision["candidates"],
         "panoptic": pan,
     }
@@ -530,22 +622,23 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="segpipe promote", description=__doc__.split("\n")[0])
-    parser.add_argument("--candidates", nargs="+", type=Path, required=True, metavar="EVAL_DIR",
-                        help="output directories of segpipe evaluate")
+    parser.add_argument("--candidates", nargs="+", required=True, metavar="EVAL_DIR",
+                        help="output folders of segpipe evaluate / segpipe fuse")
+    parser.add_argument("--shards", required=True, help="the current shard set (folder or URI): what every compared "
+                                                        "number must have been computed on")
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="registry directory (default: %(default)s)")
     parser.add_argument("--report", type=Path, default=Path("reports/promotion"), help="report directory (default: %(default)s)")
     parser.add_argument("--baselines", type=Path, default=None, metavar="DIR",
-                        help="reference predictors to beat (segpipe evaluate --baselines --out DIR)")
+                        help="reference predictors to beat (segpipe baselines --out DIR)")
+    parser.add_argument("--device", default="cpu", help="where a champion is re-scored: cpu | cuda (default: cpu)")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
-    params = from_args(args, "promote")
-    report = run(params, args.candidates, args.registry, args.report, args.baselines)
-    for r in report["candidates"]:
+    report = run(from_args(args, "promote"), [Path(c) for c in args.candidates], args.shards,
+                 from_args(args, "evaluate"), args.registry, args.report, args.baselines, args.device)
+    print(f"judged on {report['data']['split']} of shard manifest {report['data']['manifest'][:12]}...; champion: "
+          f"{champion_line(report['champion_judged'], report['metric'])}")
+    for r in report["candidates"] + ((report["panoptic"] or {}).get("candidates") or []):
         print(f"{r['eval_dir']}: {r['decision']}")
     after = report["champion_after"]
     print(f"champion: {after['version'] + ' (' + after['arch'] + ')' if after else 'none'}; "
           f"report: {args.report / 'promotion.md'}")
-
-
-if __name__ == "__main__":
-    main()

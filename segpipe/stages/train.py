@@ -35,14 +35,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segpipe.errors import UserError
 from segpipe.files import atomic_write_json, atomic_write_text
-from segpipe.params import ParamsError, TrainParams, add_params_arguments, as_dict, build, from_args
+from segpipe.params import (
+    DetectionParams,
+    ParamsError,
+    TrainParams,
+    add_params_arguments,
+    as_dict,
+    build,
+    from_args,
+)
 
 if TYPE_CHECKING:  # at run time imported where used: Ray's controller imports this module and needs none of it
     from segpipe.shards import ShardSet
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training failed; the message names the architecture and the first cause (file, key, error)."""
 
 
@@ -52,9 +61,6 @@ RUN_LEVEL_KEYS = ("architectures", "overrides", "model")
 FAIL_AT_EPOCH_ENV = "SEGPIPE_FAIL_AT_EPOCH"
 # An epoch that would have less than this share of the last epoch's time left is not started.
 SLIVER = 0.2
-# Ray Train's controller polls its workers this often (Ray's default is 2 s, which adds up to
-# two idle polls to every start and end of a run); a driver's own setting wins.
-HEALTH_CHECK_INTERVAL_S = "0.25"
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -306,15 +312,15 @@ def train_one_epoch(model: Any, batches: Iterable[dict[str, Any]], optimizer: An
 
 
 def validate(model: Any, batches: Any, task: str, names: list[str], thing_ids: list[int], ignore: int, device: Any,
-             detection: Any = None) -> np.ndarray:
+             detection: DetectionParams) -> np.ndarray:
     """Confusion matrix over the validation batches (summable across workers), in fp32.
 
     Label maps come from ``segpipe.inference.predict_images``, the entry point ``segpipe evaluate``
     runs: argmax maps (semantic models) scored against all classes, or detections selected by
-    ``detection`` (a DetectionSettings; evaluate's defaults when None) and rendered to a label map
+    ``detection`` (``train.val_detection``) and rendered to a label map
     (instance models), scored against things plus one background.
     """
-    from segpipe.inference import DetectionSettings, Request, predict_images
+    from segpipe.inference import Request, predict_images
     from segpipe.metrics.semantic import ConfusionMatrix, ThingsVsBackground
 
     model = getattr(model, "module", model)  # unwrapped: the workers' shares of val differ, so no collective forward
@@ -322,7 +328,7 @@ def validate(model: Any, batches: Any, task: str, names: list[str], thing_ids: l
     things = ThingsVsBackground(names, thing_ids, ignore) if task == "instance" else None
     cm = things.matrix() if things else ConfusionMatrix(len(names), ignore)
     request = Request(frozenset({"semantic" if things is None else "instances"}), len(names), ignore,
-                      detection or DetectionSettings())
+                      detection)
     for batch in batches:
         for gt, pred in zip(batch["semantic"], predict_images(model, list(batch["image"]), request, device)):
             if things is None:
@@ -403,7 +409,7 @@ def setup_worker(config: dict[str, Any]) -> WorkerRun:
     import ray.train.torch
     import torch
 
-    from segpipe.checkpoint import load_meta, load_train_state
+    from segpipe.checkpoint import load_meta, load_train_state, load_weights
     from segpipe.data import validation_batches
     from segpipe.metrics.semantic import class_names
     from segpipe.models import build_model, spec_of
@@ -428,7 +434,7 @@ def setup_worker(config: dict[str, Any]) -> WorkerRun:
     if ckpt:
         try:
             with ckpt.as_directory() as d:
-                model.load_state_dict(_load_weights(Path(d)))
+                model.load_state_dict(load_weights(Path(d)))
                 last = load_train_state(Path(d), optimizer, scaler=scaler)
                 previous = load_meta(Path(d))
         except Exception as e:  # truncated by a full disk, or deleted: start afresh rather than crash-loop
@@ -498,7 +504,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         conf = None
         if config["has_val"] and run.p.val_every:
             conf = run.summed(validate(run.model, run.val_batches, run.task, run.names, run.meta["thing_ids"],
-                                       run.meta["ignore_index"], run.device))
+                                       run.meta["ignore_index"], run.device, run.p.val_detection))
         totals = run.summed(np.array([stats["train_loss"], stats["images"], stats["seconds"]], dtype=np.float64))
         report(run, epoch, totals, conf, stopped_by)
         if last:
@@ -558,12 +564,6 @@ def report(run: WorkerRun, epoch: int, totals: np.ndarray, conf: np.ndarray | No
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
 
 
-def _load_weights(directory: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(directory / "model.safetensors"))
-
-
 def make_optimizer(model: Any, p: TrainParams) -> Any:
     import torch
 
@@ -582,41 +582,6 @@ def augment_config(p: TrainParams, meta: dict[str, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------- the Ray edge
-
-
-def connect_ray(address: str | None) -> tuple[bool, bool]:
-    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray.
-
-    Returns (connected here, started a local instance here); what was connected here is
-    disconnected by the caller, and a Ray initialised by the caller is left alone.
-    """
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and has_ray_token():
-        # A cluster with token authentication needs the driver to opt in too; Ray reads this
-        # when it is first imported, so set it before the import.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
-    if not address:
-        # A local single-node Ray is never preempted: skip the watcher actor (one process less).
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return False, False
-    # Ray's own per-report chatter (and, with the dashboard off, a state-API warning every
-    # second from Train's placement-group cleaner) would bury the one progress line per epoch.
-    quiet = {"log_to_driver": True, "logging_level": "warning",
-             "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
-    if address:
-        ray.init(address=address, **quiet)
-        return True, False
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
-    return True, True
-
-
-def has_ray_token() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").is_file())
 
 
 def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, meta: dict[str, Any],
@@ -691,22 +656,23 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
     fingerprint = run_fingerprint(as_dict(p), shards.manifest_sha256, code_sha256())
     run_name = f"{arch}-{fingerprint}"
     storage = runs.uri
-    connected, started = connect_ray(ray_address)
-    import ray  # after connect_ray: it sets the auth mode that Ray reads on import
-    import ray.train
+    from segpipe.cluster import connect
 
     try:
-        total = float(ray.cluster_resources().get("CPU", 1))
-        cpw = plan_cpus_per_worker(total, p.workers, p.cpus_per_worker) if started else p.cpus_per_worker
-        if cpw != p.cpus_per_worker:
-            print(f"[{arch}] {p.workers} worker(s) x {p.cpus_per_worker} CPU would starve Ray Data on {total:g} CPUs; "
-                  f"using {cpw} CPU per worker", file=sys.stderr)
-        result = fit(p, arch, shards, storage, run_name, meta, cpw)
-    except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
-        raise TrainError(f"[{arch}] training failed: {root_cause(e)}") from e
+        with connect(ray_address) as started:
+            import ray  # after connect: it sets the auth mode that Ray reads when it initialises
+            import ray.train
+
+            try:
+                total = float(ray.cluster_resources().get("CPU", 1))
+                cpw = plan_cpus_per_worker(total, p.workers, p.cpus_per_worker) if started else p.cpus_per_worker
+                if cpw != p.cpus_per_worker:
+                    print(f"[{arch}] {p.workers} worker(s) x {p.cpus_per_worker} CPU would starve Ray Data on "
+                          f"{total:g} CPUs; using {cpw} CPU per worker", file=sys.stderr)
+                result = fit(p, arch, shards, storage, run_name, meta, cpw)
+            except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
+                raise TrainError(f"[{arch}] training failed: {root_cause(e)}") from e
     finally:
-        if connected:
-            ray.shutdown()
         if runs.local:
             # Checkpoints cut short (a full disk, a kill) are removed: they free the space and are never resumed from.
             prune_incomplete_checkpoints(runs.child(run_name).local_path())
@@ -749,18 +715,12 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
 
 def prune_incomplete_checkpoints(run_dir: Path) -> list[Path]:
     """Remove the checkpoint folders of a Ray run folder that are not complete segpipe checkpoints
-    (a weights, meta and training-state file each, none empty, the meta valid JSON); returns them."""
-    from segpipe.checkpoint import META, STATE, STATE_META, WEIGHTS
+    (``segpipe.checkpoint.is_complete``); returns them."""
+    from segpipe.checkpoint import is_complete
 
     removed = []
     for d in sorted(Path(run_dir).glob("checkpoint_*")) if Path(run_dir).is_dir() else []:
-        files = [d / WEIGHTS, d / META, d / STATE, d / STATE_META]
-        try:
-            complete = all(f.is_file() and f.stat().st_size > 0 for f in files) and \
-                isinstance(json.loads((d / META).read_text()), dict)
-        except (OSError, ValueError):
-            complete = False
-        if not complete:
+        if not is_complete(d):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from segpipe.commands import predict
-from segpipe.params import PredictParams
+from segpipe.params import DetectionParams, PredictParams
 
 
 def site_image(h: int = 700, w: int = 1000, seed: int = 0) -> np.ndarray:
@@ -59,7 +60,7 @@ def test_predict_mask_rcnn_writes_coco_results(tmp_path, tiny_checkpoint):
     img = tmp_path / "site.png"
     Image.fromarray(site_image(200, 150)).save(img)
     out = tmp_path / "out"
-    params = PredictParams(tile=128, overlap=32, batch_size=4, score_threshold=0.0)
+    params = PredictParams(tile=128, overlap=32, batch_size=4, detection=DetectionParams(score_threshold=0.0))
     predict.run(params, ck, img, out, progress=False)
     results = json.loads((out / "detections.json").read_text())
     assert 0 < len(results) <= 4 * 5  # 4 tiles of at most 5 detections, minus merged duplicates
@@ -113,16 +114,17 @@ def _check_panoptic(out, names, classes) -> dict:
 
 def test_predict_panoptic_with_maskformer_natively_and_by_tiles(tmp_path, tiny_checkpoint):
     from segpipe.checkpoint import load_meta
-    from segpipe.params import MaskFormerPanopticParams, PanopticParams
+    from segpipe.params import MaskFormerPanopticParams
 
     torch.set_num_threads(1)
     ck = tiny_checkpoint("maskformer", **TINY_MASKFORMER)
     (tmp_path / "in").mkdir()
     Image.fromarray(site_image(200, 150)).save(tmp_path / "in" / "large.png")  # 4 tiles: fused
     Image.fromarray(site_image(90, 120, seed=1)).save(tmp_path / "in" / "small.png")  # one tile: Mask2Former's
-    loose = PanopticParams(maskformer=MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
-    summary = predict.run(PredictParams(tile=128, overlap=32, score_threshold=0.0), ck, tmp_path / "in",
-                          tmp_path / "out", progress=False, panoptic=True, panoptic_params=loose)
+    loose = MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0)
+    summary = predict.run(PredictParams(tile=128, overlap=32, detection=DetectionParams(detection=DetectionParams(score_threshold=0.0)),
+                                        panoptic=loose), ck, tmp_path / "in", tmp_path / "out", progress=False,
+                          panoptic=True)
     assert summary["panoptic"] is True
     doc = _check_panoptic(tmp_path / "out", ["large", "small"], load_meta(ck).classes)
     assert any(a["segments_info"] for a in doc["annotations"])
@@ -137,7 +139,7 @@ def test_predict_panoptic_refuses_a_model_without_a_panoptic_output(tmp_path, ti
         predict.run(PredictParams(), ck, tmp_path / "a.png", tmp_path / "out", progress=False, panoptic=True)
 
 
-def test_predict_a_fused_bundle_runs_both_models(tmp_path, tiny_checkpoint):
+def test_predict_a_fused_bundle_runs_both_models(tmp_path, tiny_checkpoint, fused_result):
     from segpipe.checkpoint import load_meta
     from segpipe.params import FusionParams, as_dict
     from segpipe.registry import add_bundle_version, point_alias, transaction
@@ -148,10 +150,10 @@ def test_predict_a_fused_bundle_runs_both_models(tmp_path, tiny_checkpoint):
     reg = tmp_path / "registry"
     fusion = as_dict(FusionParams(score_threshold=0.0, stuff_min_area=0))
     with transaction(reg) as index:
-        entry, _ = add_bundle_version(reg, index, {"semantic": sem, "instance": inst}, fusion, {"arch": "fused"})
+        entry, _ = add_bundle_version(reg, index, fused_result(sem, inst, fusion))
         point_alias(index, "panoptic-champion", entry["version"], "test")
     Image.fromarray(site_image(200, 150)).save(tmp_path / "site.png")
-    summary = predict.run(PredictParams(tile=128, overlap=32, score_threshold=0.0), "panoptic-champion",
+    summary = predict.run(PredictParams(tile=128, overlap=32, detection=DetectionParams(score_threshold=0.0)), "panoptic-champion",
                           tmp_path / "site.png", tmp_path / "out", registry=reg, progress=False)
     assert summary["arch"] == "fused" and summary["panoptic"] is True
     doc = _check_panoptic(tmp_path / "out", ["site"], load_meta(sem).classes)
@@ -165,7 +167,7 @@ def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoin
     import ray
 
     from segpipe.checkpoint import load_meta
-    from segpipe.params import MaskFormerPanopticParams, PanopticParams
+    from segpipe.params import MaskFormerPanopticParams
 
     rcnn = tiny_checkpoint("mask_rcnn", box_score_thresh=0.0, box_detections_per_img=5)
     former = tiny_checkpoint("maskformer", **TINY_MASKFORMER)
@@ -173,15 +175,15 @@ def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoin
     for i in range(3):
         Image.fromarray(site_image(150 + 30 * i, 140, seed=i)).save(tmp_path / "in" / f"site{i}.png")
     Image.fromarray(site_image(90, 120, seed=1)).save(tmp_path / "in" / "site3.png")  # one tile: Mask2Former's own
-    params = PredictParams(tile=128, overlap=32, batch_size=2, score_threshold=0.0)
-    loose = PanopticParams(maskformer=MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
-    runs = {"rcnn": (rcnn, {}), "panoptic": (former, {"panoptic": True, "panoptic_params": loose})}
-    local = {k: predict.run(params, ck, tmp_path / "in", tmp_path / "local" / k, progress=False, **kw)
-             for k, (ck, kw) in runs.items()}
+    params = PredictParams(tile=128, overlap=32, batch_size=2, detection=DetectionParams(score_threshold=0.0))
+    loose = MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0)
+    runs = {"rcnn": (rcnn, params, {}), "panoptic": (former, dataclasses.replace(params, panoptic=loose), {"panoptic": True})}
+    local = {k: predict.run(p, ck, tmp_path / "in", tmp_path / "local" / k, progress=False, **kw)
+             for k, (ck, p, kw) in runs.items()}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
-        on_ray = {k: predict.run(params, ck, tmp_path / "in", tmp_path / "ray" / k, progress=False, engine="ray", **kw)
-                  for k, (ck, kw) in runs.items()}
+        on_ray = {k: predict.run(p, ck, tmp_path / "in", tmp_path / "ray" / k, progress=False, engine="ray", **kw)
+                  for k, (ck, p, kw) in runs.items()}
     finally:
         ray.shutdown()
     assert local["rcnn"]["instances"] > 0 and local["panoptic"]["panoptic"] is True

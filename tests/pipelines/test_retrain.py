@@ -51,7 +51,7 @@ def test_ran_stages_reads_dvc_output():
 
 
 def test_metric_lookup_dotted_and_non_finite():
-    from segpipe.stages.promote import metric_value as lookup
+    from segpipe.results import metric_value as lookup
 
     m = {"miou": 0.5, "segm": {"AP": 0.25}, "bad": float("inf"), "flag": True}
     assert lookup(m, "miou") == 0.5 and lookup(m, "segm.AP") == 0.25

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from segpipe.checkpoint import CheckpointError, load_meta, load_model
-from segpipe.params import ParamsError, TrainParams
+from segpipe.params import DetectionParams, ParamsError, TrainParams
 from segpipe.stages.train import (
     FAIL_AT_EPOCH_ENV,
     Clock,
@@ -62,7 +62,7 @@ def test_validate_semantic_counts_every_labelled_pixel():
     sem = np.array([[[0, 1], [1, 255]]], dtype=np.uint8)
     batch = {"image": np.zeros((1, 2, 2, 3), np.uint8), "semantic": sem, "instance_map": np.zeros((1, 2, 2), np.int16),
              "instance_label": np.full((1, 4), -1, np.int32), "instance_crowd": np.zeros((1, 4), np.uint8)}
-    conf = validate(Fixed(), [batch], "semantic", ["a", "b", "c"], [], 255, torch.device("cpu"))
+    conf = validate(Fixed(), [batch], "semantic", ["a", "b", "c"], [], 255, torch.device("cpu"), DetectionParams())
     assert conf.tolist() == [[0, 1, 0], [0, 2, 0], [0, 0, 0]]
     assert val_score(conf, "semantic", ["a", "b", "c"], [], 255) == pytest.approx((0 + 2 / 3) / 2)
 
@@ -82,7 +82,7 @@ def test_validate_instance_renders_detections_like_evaluate():
     batch = {"image": np.zeros((1, 2, 2, 3), np.uint8), "semantic": sem, "instance_map": np.zeros((1, 2, 2), np.int16),
              "instance_label": np.full((1, 4), -1, np.int32), "instance_crowd": np.zeros((1, 4), np.uint8)}
     names = ["soil", "pipe", "truck"]
-    conf = validate(Detector(), [batch], "instance", names, [1, 2], 255, torch.device("cpu"))
+    conf = validate(Detector(), [batch], "instance", names, [1, 2], 255, torch.device("cpu"), DetectionParams())
     # rows/cols: pipe, truck, background; the 0.01 pipe detection is below the score threshold
     assert conf.tolist() == [[0, 0, 0], [0, 2, 1], [0, 0, 1]]
     assert val_score(conf, "instance", names, [1, 2], 255) == pytest.approx(2 / 3)  # pipe absent: skipped
@@ -427,7 +427,9 @@ def test_train_refuses_unusable_locations_naming_them_before_ray_starts(tiny_sha
     from segpipe.storage import StorageError
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "connect_ray", lambda address: pytest.fail("Ray was started"))
+    from segpipe import cluster
+
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray was started"))
     p = TrainParams(storage_path=value if where == "storage" else "", architectures=["unet"], overrides={})
     with pytest.raises(StorageError, match=message.replace("(", r"\(")):
         train.run(p, "unet", value if where == "shards" else str(tiny_shards), value if where == "out" else "out")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segpipe.baselines import ColourLookup, Majority, colour_index, fit_baselines
+from segpipe.stages.baselines import ColourLookup, Majority, colour_index, fit_baselines
 
 
 def image(colours):
@@ -42,3 +42,32 @@ def test_ties_go_to_the_lowest_class_id_and_empty_data_is_an_error():
         fit_baselines([(image([(1, 1, 1)]), np.array([[255]], np.uint8))], num_classes=2, ignore_index=255)
     with pytest.raises(ValueError, match="differ in size"):
         fit_baselines([(image([(1, 1, 1)]), np.zeros((2, 2), np.uint8))], num_classes=2, ignore_index=255)
+
+
+def test_baselines_are_fitted_on_train_and_scored_like_models(tiny_shards, tmp_path, capsys):
+    import json
+
+    from segpipe.metrics.semantic import ConfusionMatrix, compute
+    from segpipe.params import BaselinesParams, EvaluateParams
+    from segpipe.shards import iter_samples, open_shards
+    from segpipe.stages import baselines
+
+    out = tmp_path / "baselines"
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    baselines.main(["--shards", str(tiny_shards), "--out", str(out), "--params", str(tmp_path / "defaults.yaml")])
+    printed = capsys.readouterr().out
+    assert "baseline majority on val" in printed and "baseline colour on val" in printed
+    s = open_shards(tiny_shards)
+    fitted = fit_baselines(((x["image"], x["semantic"]) for x in iter_samples(s, split="train")), s.num_classes,
+                           s.ignore_index, BaselinesParams().colour_bits)
+    for name in ("majority", "colour"):
+        m = json.loads((out / name / "metrics.json").read_text())
+        cm = ConfusionMatrix(s.num_classes, s.ignore_index)
+        for x in iter_samples(s, split="val"):
+            cm.update(x["semantic"], fitted[name].predict(x["image"]))
+        assert m["miou"] == pytest.approx(compute(cm.mat)["miou"])
+        assert m["baseline"] == name and m["shards_manifest_sha256"] == s.manifest_sha256 and m["split"] == "val"
+        assert m["scoring"] == EvaluateParams().scoring_key()
+        assert "miou_things" in m and (out / name / "per_class_iou.csv").read_text().startswith("class,iou\n")
+        (collection,) = m["per_collection"]
+        assert m["per_collection"][collection]["miou"] == pytest.approx(m["miou"])
