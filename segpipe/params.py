@@ -73,6 +73,17 @@ class SynthParams:
     rle_fraction: float = 0.15  # share of instances written as RLE (half compressed, half list)
     crowd_fraction: float = 0.04  # share of images with an iscrowd region
     ignore_band: int = 1  # pixels of 255 on some object borders; 0 disables
+    # The site (segpipe/synth/sites.py; `segpipe synth --site NAME` sets all five): the defaults are
+    # the default pipeline's site, byte for byte.
+    palette: str = "default"  # ground palette: default (temperate) or arid (sand, sparse scrub, few ponds)
+    lighting: float = 1.0  # exposure multiplier of every scene (0.7: overcast or dusk)
+    warmth: float = 0.0  # white balance: > 0 warmer (red up, blue down), < 0 cooler
+    haze: float = 0.0  # share of each pixel veiled by bright bluish haze (0 = clear air)
+    density: float = 1.0  # multiplier of the 3-12 objects per scene
+
+    # segpipe.synth.sites.GROUNDS' names, pinned equal by a test: params.py, a dep of every stage,
+    # imports no generator code
+    PALETTES: typing.ClassVar[tuple[str, ...]] = ("default", "arid")
 
     def __post_init__(self) -> None:
         require(self, [
@@ -85,6 +96,12 @@ class SynthParams:
             ("rle_fraction", _unit(self.rle_fraction), "must be in [0, 1]"),
             ("crowd_fraction", _unit(self.crowd_fraction), "must be in [0, 1]"),
             ("ignore_band", 0 <= self.ignore_band <= 8, "must be in [0, 8] pixels"),
+            ("palette", self.palette in self.PALETTES, f"must be one of {', '.join(self.PALETTES)}"),
+            ("lighting", 0.2 <= self.lighting <= 2.0, "must be in [0.2, 2]"),
+            ("warmth", -0.5 <= self.warmth <= 0.5, "must be in [-0.5, 0.5]"),
+            ("haze", 0.0 <= self.haze <= 0.8, "must be in [0, 0.8]"),
+            # 12 objects x 4 fits the 254 instances and 255 paints a scene can hold
+            ("density", 0.0 < self.density <= 4.0, "must be in (0, 4]"),
         ])
 
 

@@ -11,6 +11,17 @@ Image ``i`` depends only on ``(seed, i)`` and the params, so the output is byte-
 for the same arguments whatever the number of workers. Images stream through a process pool
 and annotations through JSON-lines spill files: memory stays flat as N grows. The whole
 directory is built beside OUT and swapped in at the end, so a rerun leaves no stale files.
+
+A second site's drop: the site params (``palette``, ``lighting``, ``warmth``, ``haze``,
+``density``) change the ground, the light and the crowding but never the class table, so the
+drops of two sites convert and train together. ``--site NAME`` applies a preset of
+``segpipe.synth.sites.SITES`` (``default`` is the default pipeline's site, ``site2`` a desert site
+in warm hazy light with 1.5 times the objects); ``--set synth.KEY=VALUE`` still wins over it::
+
+    segpipe synth --out drops/site2 --site site2 --seed 1 --images 400
+    segpipe synth --out drops/dusk --set synth.palette=arid --set synth.lighting=0.7
+
+Give a drop its own ``--seed`` too: the same seed lays out the same scenes at every site.
 """
 
 from __future__ import annotations
@@ -32,11 +43,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from segpipe.files import atomic_dir, atomic_path, atomic_write_text
-from segpipe.params import SynthParams, add_params_arguments, from_args
+from segpipe.params import SynthParams, add_params_arguments, from_args, parse_override
 from segpipe.synth.classes import classes_table, coco_categories
 from segpipe.synth.coco import annotate
 from segpipe.synth.render import render
 from segpipe.synth.scene import make_scene
+from segpipe.synth.sites import GROUNDS, SITE_KEYS, SITES, site_preset
 
 
 def image_name(index: int) -> str:
@@ -48,7 +60,17 @@ def generate(index: int, p: SynthParams) -> tuple[np.ndarray, np.ndarray, list[d
     without ids). Pure: depends only on ``(p.seed, index)`` and the params."""
     rng = np.random.default_rng([p.seed, index])
     h, w = p.size
-    scene = make_scene(rng, h, w, p.crowd_fraction)
+    scene = make_scene(
+        rng,
+        h,
+        w,
+        p.crowd_fraction,
+        ground=GROUNDS[p.palette],
+        lighting=p.lighting,
+        warmth=p.warmth,
+        haze=p.haze,
+        density=p.density,
+    )
     out = render(scene, rng)
     anns = annotate(scene, out.semantic, out.instances, rng, p.rle_fraction, p.ignore_band)
     return out.image, out.semantic, anns
@@ -155,11 +177,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image height and width")
     parser.add_argument("--seed", type=int, help="base seed; image i uses (seed, i)")
     parser.add_argument("--workers", type=int, help="processes; 0 = all cores")
+    parser.add_argument(
+        "--site",
+        choices=list(SITES),
+        help=f"site preset ({', '.join(SITES)}): sets {', '.join(SITE_KEYS)}; --set synth.KEY wins",
+    )
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "synth")
-    flags = {"images": args.images, "seed": args.seed, "workers": args.workers}
+    flags: dict[str, Any] = {"images": args.images, "seed": args.seed, "workers": args.workers}
     flags["size"] = tuple(args.size) if args.size else None
+    if args.site:
+        explicit = {parts[1] for parts, _ in map(parse_override, args.overrides) if parts[0] == "synth"}
+        flags.update({k: v for k, v in site_preset(args.site).items() if k not in explicit})
     params = dataclasses.replace(params, **{k: v for k, v in flags.items() if v is not None})
     counts = run(params, args.out)
     print(

@@ -2,7 +2,7 @@
 
 Labels come from one pass of polygon fills (later things overwrite earlier ones, which is
 the occlusion); the photo colours each pixel by the paint drawn there, modulated by noise
-fields at three scales, cast shadows, uneven illumination, exposure and white balance.
+fields at three scales, cast shadows, uneven illumination, exposure, white balance and haze.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from segpipe.synth.scene import Scene
+
+HAZE = (206.0, 212.0, 220.0)  # the veil's colour: bright, slightly blue (scattered skylight)
 
 
 @dataclass
@@ -112,5 +114,8 @@ def render(scene: Scene, rng: np.random.Generator) -> Rendered:
     for c in range(3):
         ch = per_pixel(c) + per_pixel(3 + c) * t
         ch *= lum * np.float32(scene.gain * scene.tint[c])
+        if scene.haze > 0:
+            ch *= np.float32(1.0 - scene.haze)
+            ch += np.float32(scene.haze * HAZE[c])
         image[..., c] = np.clip(soften(ch), 0, 255)
     return Rendered(image, semantic.astype(np.uint8), inst)

@@ -1,12 +1,12 @@
 """Random scene layout: stuff regions, things made of coloured parts, lighting.
 
 A scene is pure geometry and colour choices; ``render`` turns it into pixels. Colours are
-drawn from class palettes that deliberately overlap (dry vegetation looks like soil, murky
-water like vegetation or soil, trench floors are darkened soil, loaded truck beds carry soil,
-solar panels look like dark water), so colour alone cannot separate the classes: shape
-(elongated trenches and pipes, parallel panel rows), texture (gravel grain, vegetation clumps,
-smooth water, slab joints) and context (trucks on roads, pipes beside trenches, workers near
-machines) have to.
+drawn from class palettes (the ground's from the site's ``Ground``, ``segpipe.synth.sites``)
+that deliberately overlap (dry vegetation looks like soil, murky water like vegetation or soil,
+trench floors are darkened soil, loaded truck beds carry soil, solar panels look like dark
+water), so colour alone cannot separate the classes: shape (elongated trenches and pipes,
+parallel panel rows), texture (gravel grain, vegetation clumps, smooth water, slab joints) and
+context (trucks on roads, pipes beside trenches, workers near machines) have to.
 
 Coordinates are (x, y) in pixels, polygons are ``K x 2`` float arrays.
 """
@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segpipe.synth.classes import class_id
-
-Color = tuple[float, float, float]
+from segpipe.synth.sites import GROUNDS, Color, Ground
 
 SOIL, ROAD, VEG, WATER, SLAB = (
     class_id(n) for n in ("soil", "gravel_road", "vegetation", "water", "concrete_slab")
@@ -75,6 +74,7 @@ class Scene:
     shadow: float = 0.6  # brightness multiplier inside shadows
     gain: float = 1.0  # global exposure
     tint: Color = (1.0, 1.0, 1.0)  # per-channel white balance
+    haze: float = 0.0  # share of each pixel replaced by the haze colour (0 = clear air)
 
     def add_paint(self, paint: Paint) -> int:
         if len(self.paints) >= 255:
@@ -87,12 +87,8 @@ class Scene:
 # Palettes: anchor colours per class; a paint is an anchor jittered per image/instance.
 # --------------------------------------------------------------------------------------
 
+# the things' palettes; the ground's (soil, road, veg, water, slab) come from the site's Ground
 PALETTES: dict[str, tuple[Color, ...]] = {
-    "soil": ((134, 100, 70), (160, 128, 92), (112, 90, 68), (150, 136, 116), (125, 112, 90)),
-    "road": ((140, 132, 120), (120, 116, 110), (158, 142, 118), (132, 118, 98)),
-    "veg": ((82, 110, 56), (110, 118, 72), (150, 138, 92), (62, 86, 52), (128, 120, 84)),
-    "water": ((70, 90, 102), (96, 102, 80), (116, 102, 82), (52, 66, 86), (84, 110, 92)),
-    "slab": ((176, 172, 164), (150, 148, 142), (186, 176, 156), (140, 134, 124)),
     "panel": ((42, 52, 78), (58, 62, 72), (72, 88, 112), (52, 70, 90)),
     "panel_frame": ((168, 170, 172), (130, 132, 136)),
     "pipe": ((36, 36, 40), (150, 150, 152), (200, 112, 44), (62, 100, 158), (92, 118, 72), (170, 160, 140)),
@@ -131,8 +127,8 @@ def jitter(rng: np.random.Generator, color: Color, scale: float = 0.12, shift: f
     return (float(out[0]), float(out[1]), float(out[2]))
 
 
-def pick(rng: np.random.Generator, palette: str) -> Color:
-    anchors = PALETTES[palette]
+def pick(rng: np.random.Generator, anchors: tuple[Color, ...]) -> Color:
+    """One of ``anchors``, jittered."""
     return jitter(rng, anchors[int(rng.integers(len(anchors)))])
 
 
@@ -254,8 +250,19 @@ BUILD_ORDER = (TRENCH, PIPE, PANEL, EXCAVATOR, TRUCK, MATERIAL, WORKER)
 class _Layout:
     """Mutable state while one scene is laid out."""
 
-    def __init__(self, rng: np.random.Generator, height: int, width: int, crowd_fraction: float):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        height: int,
+        width: int,
+        crowd_fraction: float,
+        ground: Ground,
+        density: float,
+    ):
         self.rng = rng
+        self.ground = ground
+        self.palettes = {**PALETTES, **ground.anchors()}
+        self.density = density
         self.h, self.w = height, width
         # drone altitude: objects grow sub-linearly with the image so big images get more context
         self.s = (min(height, width) / 256) ** 0.6 * rng.uniform(0.7, 1.4)
@@ -264,8 +271,11 @@ class _Layout:
         self.roads: list[tuple[np.ndarray, float]] = []
         self.trenches: list[tuple[np.ndarray, float]] = []
         self.anchors: list[np.ndarray] = []  # machines and trenches that workers gather around
-        self.soil: Color = pick(rng, "soil")
+        self.soil: Color = self.pick("soil")
         self.groups = 0
+
+    def pick(self, palette: str) -> Color:
+        return pick(self.rng, self.palettes[palette])
 
     def point(self, margin: float = 0.0) -> np.ndarray:
         return np.array(
@@ -282,19 +292,19 @@ class _Layout:
     # ----------------------------------------------------------------- stuff
     def stuff(self) -> None:
         rng, sc = self.rng, self.scene
-        soil = self.paint(self.soil, pick(rng, "soil"), "soil")
+        soil = self.paint(self.soil, self.pick("soil"), "soil")
         sc.regions.append(
             Region(SOIL, [np.array([[0, 0], [self.w, 0], [self.w, self.h], [0, self.h]], float)], soil)
         )
-        for _ in range(rng.integers(1, 5)):
+        for _ in range(rng.integers(*self.ground.veg_patches)):
             c = self.point()
             r = self.dim(14, 50, 4)
-            veg = self.paint(pick(rng, "veg"), pick(rng, "veg"), "veg")
+            veg = self.paint(self.pick("veg"), self.pick("veg"), "veg")
             sc.regions.append(Region(VEG, [blob(rng, c[0], c[1], r, r * rng.uniform(0.5, 1.0), 0.35)], veg))
-        if rng.random() < 0.6:
+        if rng.random() < self.ground.water_chance:
             c = self.point()
             r = self.dim(15, 45, 5)
-            water = self.paint(pick(rng, "water"), pick(rng, "water"), "water")
+            water = self.paint(self.pick("water"), self.pick("water"), "water")
             sc.regions.append(
                 Region(WATER, [blob(rng, c[0], c[1], r, r * rng.uniform(0.4, 1.0), 0.25)], water)
             )
@@ -323,8 +333,8 @@ class _Layout:
             0.6,
         )
         width = self.dim(14, 32, 5)
-        color = pick(rng, "road")
-        paint = self.paint(color, pick(rng, "road"), "road")
+        color = self.pick("road")
+        paint = self.paint(color, self.pick("road"), "road")
         self.scene.regions.append(Region(ROAD, band(pts, width), paint))
         if rng.random() < 0.6:  # tyre tracks: darker, compacted lanes along the road
             track = self.paint(scaled(color, rng.uniform(0.8, 0.92)), color, "track")
@@ -336,10 +346,10 @@ class _Layout:
         rng = self.rng
         c = self.point()
         length, width, theta = self.dim(30, 90, 8), self.dim(24, 70, 8), rng.uniform(0, math.pi)
-        color = pick(rng, "slab")
+        color = self.pick("slab")
         self.scene.regions.append(
             Region(
-                SLAB, [rect(c[0], c[1], length, width, theta)], self.paint(color, pick(rng, "slab"), "slab")
+                SLAB, [rect(c[0], c[1], length, width, theta)], self.paint(color, self.pick("slab"), "slab")
             )
         )
         # expansion joints: a grid of thin darker lines
@@ -377,7 +387,7 @@ class _Layout:
         side = 1.0 if float(normal @ np.array(sc.sun)) < 0 else -1.0
         parts = [(p, floor) for p in band(pts, width)]
         parts += [(p, wall) for p in band(pts, width * 0.35, side * width * 0.33)]
-        spoil = self.paint(scaled(self.soil, rng.uniform(1.05, 1.2)), pick(rng, "soil"), "spoil")
+        spoil = self.paint(scaled(self.soil, rng.uniform(1.05, 1.2)), self.pick("soil"), "spoil")
         sc.regions.append(Region(SOIL, band(pts, width * rng.uniform(0.6, 1.0), -side * width * 1.2), spoil))
         self.trenches.append((pts, width))
         self.anchors.append(pts[len(pts) // 2])
@@ -396,7 +406,7 @@ class _Layout:
             theta += rng.uniform(-0.08, 0.08)
         else:
             c, theta = self.point(), rng.uniform(0, math.pi)
-        color = pick(rng, "pipe")
+        color = self.pick("pipe")
         body = self.paint(color, color, "smooth")
         # a highlight along the side of the cylinder that faces the sun (dark plastic: grey sheen)
         shine = self.paint(scaled(color, 1.35) if sum(color) > 150 else (80.0, 80.0, 84.0), color, "smooth")
@@ -415,9 +425,9 @@ class _Layout:
         length, width = self.dim(60, 160, 16), self.dim(8, 14, 4)
         pitch = width + self.dim(5, 12, 2)
         cell = self.dim(6, 10, 3)
-        color = pick(rng, "panel")
-        face = self.paint(color, pick(rng, "panel"), "panel")
-        frame = self.paint(pick(rng, "panel_frame"), color, "smooth")
+        color = self.pick("panel")
+        face = self.paint(color, self.pick("panel"), "panel")
+        frame = self.paint(self.pick("panel_frame"), color, "smooth")
         u = np.array([math.cos(theta), math.sin(theta)])
         v = np.array([-math.sin(theta), math.cos(theta)])
         rows = []
@@ -441,11 +451,11 @@ class _Layout:
             c = self.point()
         size = self.dim(18, 28, 8)
         heading, house = rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)
-        body_c = pick(rng, "machine")
+        body_c = self.pick("machine")
         body, dark, glass = (
             self.paint(body_c, body_c, "smooth"),
-            self.paint(pick(rng, "dark"), pick(rng, "dark"), "smooth"),
-            self.paint(pick(rng, "glass"), body_c, "smooth"),
+            self.paint(self.pick("dark"), self.pick("dark"), "smooth"),
+            self.paint(self.pick("glass"), body_c, "smooth"),
         )
         v = np.array([-math.sin(heading), math.cos(heading)])
         parts = [(rect(*(c + k * size * 0.36 * v), size * 1.05, size * 0.24, heading), dark) for k in (-1, 1)]
@@ -479,13 +489,13 @@ class _Layout:
             c, theta = self.point(), rng.uniform(0, 2 * math.pi)
         length, width = self.dim(24, 36, 8), self.dim(10, 13, 4)
         u = np.array([math.cos(theta), math.sin(theta)])
-        cab_c = pick(rng, "truck_cab")
+        cab_c = self.pick("truck_cab")
         cab = self.paint(cab_c, cab_c, "smooth")
         load = rng.random()
         if load < 0.35:  # a load of soil: the bed looks like the ground it came from
-            bed = self.paint(scaled(self.soil, rng.uniform(0.95, 1.15)), pick(rng, "soil"), "spoil")
+            bed = self.paint(scaled(self.soil, rng.uniform(0.95, 1.15)), self.pick("soil"), "spoil")
         else:
-            bc = pick(rng, "truck_bed")
+            bc = self.pick("truck_bed")
             bed = self.paint(bc, bc, "smooth")
         front = c + u * length * 0.37
         back = c - u * length * 0.12
@@ -497,7 +507,7 @@ class _Layout:
         parts.append(
             (
                 rect(glass_c[0], glass_c[1], length * 0.07, width * 0.75, theta),
-                self.paint(pick(rng, "glass"), cab_c, "smooth"),
+                self.paint(self.pick("glass"), cab_c, "smooth"),
             )
         )
         self.anchors.append(c)
@@ -512,8 +522,8 @@ class _Layout:
                 at = self.point()
         r = self.dim(2.2, 3.4, 2.0)
         theta = rng.uniform(0, math.pi)
-        vest = self.paint(pick(rng, "vest"), pick(rng, "vest"), "smooth")
-        helmet = self.paint(pick(rng, "helmet"), pick(rng, "helmet"), "smooth")
+        vest = self.paint(self.pick("vest"), self.pick("vest"), "smooth")
+        helmet = self.paint(self.pick("helmet"), self.pick("helmet"), "smooth")
         parts = [
             (ellipse(at[0], at[1], r * 1.3, r * 0.8, theta, 10), vest),
             (ellipse(at[0], at[1], r * 0.6, r * 0.6, 0, 8), helmet),
@@ -536,8 +546,8 @@ class _Layout:
         length = size if size is not None else self.dim(10, 26, 5)
         width = length * rng.uniform(0.5, 0.9)
         theta = rng.uniform(0, math.pi)
-        color = pick(rng, "material")
-        block = self.paint(color, pick(rng, "material"), "material")
+        color = self.pick("material")
+        block = self.paint(color, self.pick("material"), "material")
         gap = self.paint(scaled(color, 0.55), color, "smooth")
         parts = [(rect(at[0], at[1], length, width, theta), block)]
         n = int(rng.integers(1, 4))
@@ -569,6 +579,7 @@ class _Layout:
         kinds, weights = zip(*SITE_KINDS[site].items())
         p = np.array(weights) / sum(weights)
         target = int(rng.integers(3, 13))
+        target = max(1, round(target * self.density))  # exactly ``target`` at density 1
         counts: dict[int, int] = {}
         total = 0
         while total < target:
@@ -605,16 +616,34 @@ class _Layout:
         self.scene.things = [built[i] for i in order]
 
 
-def make_scene(rng: np.random.Generator, height: int, width: int, crowd_fraction: float = 0.0) -> Scene:
-    """Lay out one random scene: stuff regions, 3-12 things (plus, with probability
-    ``crowd_fraction``, an iscrowd cluster), lighting and sun direction."""
-    layout = _Layout(rng, height, width, crowd_fraction)
+def make_scene(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    crowd_fraction: float = 0.0,
+    *,
+    ground: Ground = GROUNDS["default"],
+    lighting: float = 1.0,
+    warmth: float = 0.0,
+    haze: float = 0.0,
+    density: float = 1.0,
+) -> Scene:
+    """Lay out one random scene: stuff regions, 3-12 things (times ``density``; plus, with
+    probability ``crowd_fraction``, an iscrowd cluster), lighting and sun direction.
+
+    The site: ``ground`` colours the stuff and sets how much vegetation and water there is,
+    ``lighting`` scales every scene's exposure, ``warmth`` shifts its white balance towards red
+    (> 0) or blue (< 0), ``haze`` veils it. At the defaults the scene is today's, draw for draw.
+    """
+    layout = _Layout(rng, height, width, crowd_fraction, ground, density)
     sc = layout.scene
     a = rng.uniform(0, 2 * math.pi)
     sc.sun = (math.cos(a), math.sin(a))
     sc.shadow = float(rng.uniform(0.45, 0.75))
-    sc.gain = float(rng.uniform(0.7, 1.25))
-    sc.tint = tuple(float(x) for x in rng.uniform(0.9, 1.1, 3))  # type: ignore[assignment]
+    sc.gain = float(rng.uniform(0.7, 1.25)) * lighting
+    r, g, b = (float(x) for x in rng.uniform(0.9, 1.1, 3))
+    sc.tint = (r * (1.0 + warmth), g * (1.0 + 0.3 * warmth), b * (1.0 - warmth))
+    sc.haze = haze
     layout.stuff()
     layout.things()
     return sc

@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from segpipe.synth.render import noise, render, soften
+from segpipe.synth.render import HAZE, noise, render, soften
 from segpipe.synth.scene import Paint, Region, Scene, Thing, make_scene, rect
 
 
@@ -45,3 +46,13 @@ def test_noise_and_soften():
     x[2, 2] = 36.0
     y = soften(x)
     assert np.isclose(y.sum(), 36.0) and y[2, 2] == 16.0 and y[1, 1] == 1.0
+
+
+def test_haze_veils_the_photo_towards_the_haze_colour():
+    clear = render(flat_scene(), np.random.default_rng(0)).image.astype(float)
+    scene = flat_scene()
+    scene.haze = 0.5
+    hazy = render(scene, np.random.default_rng(0)).image.astype(float)
+    # half of each pixel is the haze colour: the red truck pales, contrast halves
+    assert np.allclose(hazy[6, 6], 0.5 * clear[6, 6] + 0.5 * np.array(HAZE), atol=1.5)
+    assert hazy.std(axis=(0, 1)) == pytest.approx(0.5 * clear.std(axis=(0, 1)), rel=0.05)
