@@ -25,6 +25,14 @@ from torch import Tensor, nn
 # Modules, not their contents: an attribute named like its module would shadow the module as an
 # attribute of the package and break ``import segpipe.models.unet as m`` and mock.patch paths.
 from segpipe.models import deeplabv3, fcn, mask_rcnn, maskformer, unet
+from segpipe.models.transfer import (
+    ClassRows,
+    KeptClass,
+    NamedClass,
+    TransferError,
+    TransferReport,
+    adapt_state_dict,
+)
 
 TASKS = ("semantic", "instance")
 
@@ -39,27 +47,56 @@ class ModelSpec:
     mode, the outputs it can produce (``semantic`` label maps, ``instances`` through
     ``predict_instances(images, score_threshold, mask_threshold, max_detections)``, ``panoptic``
     segments through ``mask_classification(images)``: B x Q x K+1 class logits and B x Q x H x W
-    mask logits for ``segpipe.panoptic.maskformer_panoptic``), and whether it trains faster in
+    mask logits for ``segpipe.panoptic.maskformer_panoptic``), whether it trains faster in
     ``channels_last`` memory format under mixed precision (measured on CPU with bf16 autocast: see
-    docs/benchmarks.md)."""
+    docs/benchmarks.md), and ``class_rows``: every state-dict tensor indexed by class id, with its
+    layout (``segpipe.models.transfer``; a test checks that no class-sized tensor is left out)."""
 
     builder: Callable[[int, Any], nn.Module]
     config: type
     task: str
     outputs: frozenset[str]
     channels_last: bool = False
+    class_rows: tuple[ClassRows, ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
-    "fcn32s": ModelSpec(fcn.fcn32s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True),
-    "fcn16s": ModelSpec(fcn.fcn16s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True),
-    "fcn8s": ModelSpec(fcn.fcn8s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True),
-    "unet": ModelSpec(unet.UNet, unet.UNetConfig, "semantic", frozenset({"semantic"}), channels_last=True),
-    "deeplabv3": ModelSpec(deeplabv3.DeepLabV3, deeplabv3.DeepLabV3Config, "semantic", frozenset({"semantic"})),
-    "maskformer": ModelSpec(maskformer.MaskFormer, maskformer.MaskFormerConfig, "semantic",
-                            frozenset({"semantic", "instances", "panoptic"}), channels_last=True),
-    "mask_rcnn": ModelSpec(mask_rcnn.MaskRCNN, mask_rcnn.MaskRCNNConfig, "instance", frozenset({"instances"}),
-                           channels_last=True),
+    "fcn32s": ModelSpec(
+        fcn.fcn32s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"score32\.(weight|bias)"), ClassRows(r"up_final\.weight", dims=(0, 1))),
+    ),
+    "fcn16s": ModelSpec(
+        fcn.fcn16s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"score(32|16)\.(weight|bias)"),
+                    ClassRows(r"up(32to16|_final)\.weight", dims=(0, 1))),
+    ),
+    "fcn8s": ModelSpec(
+        fcn.fcn8s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"score(32|16|8)\.(weight|bias)"),
+                    ClassRows(r"up(32to16|16to8|_final)\.weight", dims=(0, 1))),
+    ),
+    "unet": ModelSpec(
+        unet.UNet, unet.UNetConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"classifier\.(weight|bias)"),),
+    ),
+    "deeplabv3": ModelSpec(
+        deeplabv3.DeepLabV3, deeplabv3.DeepLabV3Config, "semantic", frozenset({"semantic"}),
+        class_rows=(ClassRows(r"head\.1\.(weight|bias)"), ClassRows(r"aux_head\.2\.(weight|bias)")),
+    ),
+    "maskformer": ModelSpec(
+        maskformer.MaskFormer, maskformer.MaskFormerConfig, "semantic",
+        frozenset({"semantic", "instances", "panoptic"}), channels_last=True,
+        class_rows=(ClassRows(r"class_embed\.(weight|bias)", trail=1),),  # K + 1: the last is "no object"
+    ),
+    "mask_rcnn": ModelSpec(
+        mask_rcnn.MaskRCNN, mask_rcnn.MaskRCNNConfig, "instance", frozenset({"instances"}), channels_last=True,
+        # torchvision's row 0 is the background; segpipe's class id k is its label k + 1
+        class_rows=(
+            ClassRows(r"detector\.roi_heads\.box_predictor\.cls_score\.(weight|bias)", lead=1),
+            ClassRows(r"detector\.roi_heads\.box_predictor\.bbox_pred\.(weight|bias)", lead=4, block=4),
+            ClassRows(r"detector\.roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)", lead=1),
+        ),
+    ),
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,6 +201,7 @@ def normalize(images: Tensor | np.ndarray, layout: str = "bhwc") -> Tensor:
 
 
 __all__ = [
-    "MODELS", "OUTPUTS", "TASKS", "ModelSpec", "build_model", "default_kwargs", "model_config", "normalize", "spec_of",
+    "MODELS", "OUTPUTS", "TASKS", "ClassRows", "KeptClass", "ModelSpec", "NamedClass", "TransferError",
+    "TransferReport", "adapt_state_dict", "build_model", "default_kwargs", "model_config", "normalize", "spec_of",
     "task_of",
 ]
