@@ -4,25 +4,35 @@
     model.train(); losses = model(normalize(images_uint8), targets)   # dict of scalar losses
     model.eval();  logits = model(normalize(images_uint8))            # B x K x H x W
 
-Every builder takes explicit keyword arguments; ``default_kwargs(name)`` lists them with their
-defaults (checkpoints store them). Nothing is downloaded: torchvision parts are built with
-``weights=None`` and ``backbone_weights`` names a local file.
+Each architecture declares its build arguments and their defaults once, as a frozen config
+dataclass in its own module (``UNetConfig``, ``FCNConfig``, ...), and its model class takes
+``(num_classes, config)``. ``build_model`` turns keyword arguments into that config;
+``default_kwargs(name)`` lists its fields with their defaults (checkpoints store them). Nothing is
+downloaded: torchvision parts are built with ``weights=None`` and ``backbone_weights`` names a
+local file.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-# Modules, not their builders: a builder named like its module would shadow the module as an
+# Modules, not their contents: an attribute named like its module would shadow the module as an
 # attribute of the package and break ``import segpipe.models.unet as m`` and mock.patch paths.
 from segpipe.models import deeplabv3, fcn, mask_rcnn, maskformer, unet
+from segpipe.models.transfer import (
+    ClassRows,
+    KeptClass,
+    NamedClass,
+    TransferError,
+    TransferReport,
+    adapt_state_dict,
+)
 
 TASKS = ("semantic", "instance")
 
@@ -32,29 +42,61 @@ OUTPUTS = ("semantic", "instances", "panoptic")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A builder ``(num_classes, **kwargs) -> nn.Module``, the task of what it returns in eval mode,
-    the outputs it can produce (``semantic`` label maps, ``instances`` through
+    """An architecture: ``builder(num_classes, config) -> nn.Module`` and ``config``, the frozen
+    dataclass of its build arguments with their defaults; the task of what it returns in eval
+    mode, the outputs it can produce (``semantic`` label maps, ``instances`` through
     ``predict_instances(images, score_threshold, mask_threshold, max_detections)``, ``panoptic``
     segments through ``mask_classification(images)``: B x Q x K+1 class logits and B x Q x H x W
-    mask logits for ``segpipe.panoptic.maskformer_panoptic``), and whether
-    it trains faster in ``channels_last`` memory format under mixed precision (measured on CPU with
-    bf16 autocast: see docs/benchmarks.md)."""
+    mask logits for ``segpipe.panoptic.maskformer_panoptic``), whether it trains faster in
+    ``channels_last`` memory format under mixed precision (measured on CPU with bf16 autocast: see
+    docs/benchmarks.md), and ``class_rows``: every state-dict tensor indexed by class id, with its
+    layout (``segpipe.models.transfer``; a test checks that no class-sized tensor is left out)."""
 
-    builder: Callable[..., nn.Module]
+    builder: Callable[[int, Any], nn.Module]
+    config: type
     task: str
     outputs: frozenset[str]
     channels_last: bool = False
+    class_rows: tuple[ClassRows, ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
-    "fcn32s": ModelSpec(fcn.fcn32s, "semantic", frozenset({"semantic"}), channels_last=True),
-    "fcn16s": ModelSpec(fcn.fcn16s, "semantic", frozenset({"semantic"}), channels_last=True),
-    "fcn8s": ModelSpec(fcn.fcn8s, "semantic", frozenset({"semantic"}), channels_last=True),
-    "unet": ModelSpec(unet.unet, "semantic", frozenset({"semantic"}), channels_last=True),
-    "deeplabv3": ModelSpec(deeplabv3.deeplabv3, "semantic", frozenset({"semantic"})),
-    "maskformer": ModelSpec(maskformer.maskformer, "semantic", frozenset({"semantic", "instances", "panoptic"}),
-                            channels_last=True),
-    "mask_rcnn": ModelSpec(mask_rcnn.mask_rcnn, "instance", frozenset({"instances"}), channels_last=True),
+    "fcn32s": ModelSpec(
+        fcn.fcn32s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"score32\.(weight|bias)"), ClassRows(r"up_final\.weight", dims=(0, 1))),
+    ),
+    "fcn16s": ModelSpec(
+        fcn.fcn16s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"score(32|16)\.(weight|bias)"),
+                    ClassRows(r"up(32to16|_final)\.weight", dims=(0, 1))),
+    ),
+    "fcn8s": ModelSpec(
+        fcn.fcn8s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"score(32|16|8)\.(weight|bias)"),
+                    ClassRows(r"up(32to16|16to8|_final)\.weight", dims=(0, 1))),
+    ),
+    "unet": ModelSpec(
+        unet.UNet, unet.UNetConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        class_rows=(ClassRows(r"classifier\.(weight|bias)"),),
+    ),
+    "deeplabv3": ModelSpec(
+        deeplabv3.DeepLabV3, deeplabv3.DeepLabV3Config, "semantic", frozenset({"semantic"}),
+        class_rows=(ClassRows(r"head\.1\.(weight|bias)"), ClassRows(r"aux_head\.2\.(weight|bias)")),
+    ),
+    "maskformer": ModelSpec(
+        maskformer.MaskFormer, maskformer.MaskFormerConfig, "semantic",
+        frozenset({"semantic", "instances", "panoptic"}), channels_last=True,
+        class_rows=(ClassRows(r"class_embed\.(weight|bias)", trail=1),),  # K + 1: the last is "no object"
+    ),
+    "mask_rcnn": ModelSpec(
+        mask_rcnn.MaskRCNN, mask_rcnn.MaskRCNNConfig, "instance", frozenset({"instances"}), channels_last=True,
+        # torchvision's row 0 is the background; segpipe's class id k is its label k + 1
+        class_rows=(
+            ClassRows(r"detector\.roi_heads\.box_predictor\.cls_score\.(weight|bias)", lead=1),
+            ClassRows(r"detector\.roi_heads\.box_predictor\.bbox_pred\.(weight|bias)", lead=4, block=4),
+            ClassRows(r"detector\.roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)", lead=1),
+        ),
+    ),
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,35 +119,48 @@ def spec_of(name: str) -> ModelSpec:
     return _spec(name)
 
 
-def _keyword_parameters(name: str) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(_spec(name).builder).parameters
-    return {k: p for k, p in params.items() if k != "num_classes"}
-
-
 def _jsonable(value: Any) -> Any:
     return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
+def _frozen(value: Any) -> Any:
+    """A JSON value as a config field holds it: lists (as checkpoints store tuples) become tuples."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def default_kwargs(name: str) -> dict[str, Any]:
-    """The keyword arguments of ``name``'s builder with their defaults (tuples as lists, JSON-ready)."""
-    return {k: _jsonable(p.default) for k, p in _keyword_parameters(name).items()}
+    """The fields of ``name``'s config with their defaults, in declaration order (tuples as lists,
+    JSON-ready: checkpoints store them)."""
+    config = _spec(name).config()
+    return {f.name: _jsonable(getattr(config, f.name)) for f in fields(config)}
 
 
-def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build the architecture ``name`` for ``num_classes`` classes.
+def model_config(name: str, **kwargs: Any) -> Any:
+    """``name``'s config from keyword arguments (defaults for the others; lists become tuples).
 
-    An unknown name raises listing the valid names; an unknown keyword raises naming it and the
-    builder's valid keywords.
+    An unknown name raises listing the valid names; an unknown keyword raises TypeError naming it
+    and the config's valid keywords.
     """
-    valid = _keyword_parameters(name)
+    spec = _spec(name)
+    valid = [f.name for f in fields(spec.config)]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise TypeError(
             f"model {name!r} has no argument(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
         )
+    return spec.config(**{k: _frozen(v) for k, v in kwargs.items()})
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the architecture ``name`` for ``num_classes`` classes from its config's keyword arguments.
+
+    An unknown name raises listing the valid names; an unknown keyword raises naming it and the
+    valid keywords; a ``num_classes`` that is not a positive integer raises ValueError.
+    """
+    config = model_config(name, **kwargs)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return _spec(name).builder(num_classes, **kwargs)
+    return _spec(name).builder(num_classes, config)
 
 
 def normalize(images: Tensor | np.ndarray, layout: str = "bhwc") -> Tensor:
@@ -145,4 +200,8 @@ def normalize(images: Tensor | np.ndarray, layout: str = "bhwc") -> Tensor:
     return ((x - mean) / std).contiguous()
 
 
-__all__ = ["MODELS", "OUTPUTS", "ModelSpec", "TASKS", "build_model", "default_kwargs", "normalize", "spec_of", "task_of"]
+__all__ = [
+    "MODELS", "OUTPUTS", "TASKS", "ClassRows", "KeptClass", "ModelSpec", "NamedClass", "TransferError",
+    "TransferReport", "adapt_state_dict", "build_model", "default_kwargs", "model_config", "normalize", "spec_of",
+    "task_of",
+]

@@ -30,7 +30,7 @@ class ResNetBackbone(nn.Module):
 
     classifier_prefixes = ("fc.",)
 
-    def __init__(self, name: str = "resnet18", output_stride: int = 32) -> None:
+    def __init__(self, name: str, output_stride: int = 32) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet backbone {name!r}; valid: {', '.join(RESNETS)}")

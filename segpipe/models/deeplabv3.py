@@ -9,6 +9,7 @@ bilinear upsampling to input size. ``output_stride`` 16 dilates layer4, 8 dilate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,23 +44,33 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outs, dim=1))
 
 
+@dataclass(frozen=True)
+class DeepLabV3Config:
+    """Build arguments of DeepLabV3: a dilated ResNet ``backbone`` (``resnet18`` ... ``resnet101``)
+    at ``output_stride`` 16 or 8, ASPP at three ``atrous_rates`` with ``aspp_channels`` (256 in the
+    paper); ``aux_loss`` adds torchvision's auxiliary FCN head on layer3, weighted ``aux_weight``,
+    to the training loss; ``class_weights`` weigh the cross-entropy per class."""
+
+    backbone: str = "resnet18"
+    output_stride: int = 16
+    atrous_rates: tuple[int, ...] = (6, 12, 18)
+    aspp_channels: int = 128
+    aux_loss: bool = False
+    aux_weight: float = 0.4
+    ignore_index: int = 255
+    class_weights: tuple[float, ...] | None = None
+    dice_weight: float = 0.0
+    backbone_weights: str | None = None
+
+
 class DeepLabV3(SemanticModel):
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: str = "resnet18",
-        output_stride: int = 16,
-        atrous_rates: Sequence[int] = (6, 12, 18),
-        aspp_channels: int = 128,
-        aux_loss: bool = False,
-        aux_weight: float = 0.4,
-        ignore_index: int = 255,
-        class_weights: Sequence[float] | None = None,
-        dice_weight: float = 0.0,
-        backbone_weights: str | None = None,
-    ) -> None:
-        super().__init__(num_classes, ignore_index, aux_weight if aux_loss else 0.0, class_weights=class_weights,
-                         dice_weight=dice_weight)
+    """DeepLabV3 for ``num_classes`` classes, as ``config`` describes it."""
+
+    def __init__(self, num_classes: int, config: DeepLabV3Config) -> None:
+        super().__init__(num_classes, config.ignore_index, config.aux_weight if config.aux_loss else 0.0,
+                         class_weights=config.class_weights, dice_weight=config.dice_weight)
+        backbone, output_stride, atrous_rates = config.backbone, config.output_stride, config.atrous_rates
+        aspp_channels = config.aspp_channels
         if backbone not in RESNETS:
             raise ValueError(f"deeplabv3 backbone must be one of {', '.join(RESNETS)}, got {backbone!r}")
         if output_stride not in (8, 16):
@@ -67,15 +78,15 @@ class DeepLabV3(SemanticModel):
         if len(atrous_rates) != 3:
             raise ValueError(f"atrous_rates must be three rates, got {list(atrous_rates)}")
         self.backbone = ResNetBackbone(backbone, output_stride)
-        if backbone_weights:
-            load_backbone_weights(self.backbone, backbone_weights, self.backbone.classifier_prefixes)
+        if config.backbone_weights:
+            load_backbone_weights(self.backbone, config.backbone_weights, self.backbone.classifier_prefixes)
         c = self.backbone.channels
         self.aspp = ASPP(c["c5"], aspp_channels, [int(r) for r in atrous_rates])
         self.head = nn.Sequential(conv_bn_relu(aspp_channels, aspp_channels, 3), nn.Conv2d(aspp_channels, num_classes, 1))
         # torchvision's auxiliary FCN head on layer3, used for the loss only
         self.aux_head = (
             nn.Sequential(conv_bn_relu(c["c4"], c["c4"] // 4, 3), nn.Dropout(0.1), nn.Conv2d(c["c4"] // 4, num_classes, 1))
-            if aux_loss
+            if config.aux_loss
             else None
         )
 
@@ -86,24 +97,3 @@ class DeepLabV3(SemanticModel):
         aux = {"aux": self.aux_head(f["c4"])} if self.aux_head is not None and self.training else {}
         return logits, aux
 
-
-def deeplabv3(
-    num_classes: int,
-    backbone: str = "resnet18",
-    output_stride: int = 16,
-    atrous_rates: Sequence[int] = (6, 12, 18),
-    aspp_channels: int = 128,
-    aux_loss: bool = False,
-    aux_weight: float = 0.4,
-    ignore_index: int = 255,
-    class_weights: Sequence[float] | None = None,
-    dice_weight: float = 0.0,
-    backbone_weights: str | None = None,
-) -> DeepLabV3:
-    """DeepLabV3 on a dilated ResNet (``resnet18`` ... ``resnet101``); 256 ASPP channels in the paper."""
-    return DeepLabV3(
-        num_classes, backbone=backbone, output_stride=output_stride, atrous_rates=atrous_rates,
-        aspp_channels=aspp_channels, aux_loss=aux_loss, aux_weight=aux_weight, ignore_index=ignore_index,
-        class_weights=class_weights, dice_weight=dice_weight,
-        backbone_weights=backbone_weights,
-    )

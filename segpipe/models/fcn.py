@@ -9,7 +9,7 @@ begins from FCN-32s' output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,38 +42,46 @@ def learned_upsample(channels: int, factor: int) -> nn.ConvTranspose2d:
     return up
 
 
+@dataclass(frozen=True)
+class FCNConfig:
+    """Build arguments of FCN-32s/16s/8s (the variant is the architecture, not an argument).
+
+    ``backbone``: a torchvision ResNet or ``vgg16`` (the paper's); ``head_channels``: width of the
+    paper's fc6/fc7 turned convolutional (4096 there; 0 = no head); ``class_weights`` weigh the
+    cross-entropy per class; ``backbone_weights`` names a local weights file for the backbone.
+    """
+
+    backbone: str = "resnet18"
+    head_channels: int = 256
+    dropout: float = 0.1
+    ignore_index: int = 255
+    class_weights: tuple[float, ...] | None = None
+    dice_weight: float = 0.0
+    backbone_weights: str | None = None
+
+
 class FCN(SemanticModel):
     """FCN on a torchvision backbone; ``skips`` is 0 (32s), 1 (16s) or 2 (8s)."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        skips: int,
-        backbone: str = "resnet18",
-        head_channels: int = 256,
-        dropout: float = 0.1,
-        ignore_index: int = 255,
-        class_weights: Sequence[float] | None = None,
-        dice_weight: float = 0.0,
-        backbone_weights: str | None = None,
-    ) -> None:
-        super().__init__(num_classes, ignore_index, class_weights=class_weights, dice_weight=dice_weight)
+    def __init__(self, num_classes: int, config: FCNConfig, skips: int) -> None:
+        super().__init__(num_classes, config.ignore_index, aux_weight=0.0, class_weights=config.class_weights,
+                         dice_weight=config.dice_weight)
         if skips not in (0, 1, 2):
             raise ValueError(f"skips must be 0, 1 or 2, got {skips}")
         self.skips = skips
-        self.backbone = build_backbone(backbone)
-        if backbone_weights:
-            load_backbone_weights(self.backbone, backbone_weights, self.backbone.classifier_prefixes)
+        self.backbone = build_backbone(config.backbone)
+        if config.backbone_weights:
+            load_backbone_weights(self.backbone, config.backbone_weights, self.backbone.classifier_prefixes)
         c = self.backbone.channels
         # The paper's fc6/fc7 turned convolutional, narrowed to head_channels (4096 in the paper).
-        if head_channels > 0:
+        if config.head_channels > 0:
             self.head = nn.Sequential(
-                nn.Conv2d(c["c5"], head_channels, 3, padding=1, bias=False),
-                nn.BatchNorm2d(head_channels),
+                nn.Conv2d(c["c5"], config.head_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(config.head_channels),
                 nn.ReLU(inplace=True),
-                nn.Dropout2d(dropout),
+                nn.Dropout2d(config.dropout),
             )
-            top = head_channels
+            top = config.head_channels
         else:
             self.head = nn.Identity()
             top = c["c5"]
@@ -106,49 +114,16 @@ class FCN(SemanticModel):
         return self.up_final(score)[..., :h, :w], {}
 
 
-def fcn32s(
-    num_classes: int,
-    backbone: str = "resnet18",
-    head_channels: int = 256,
-    dropout: float = 0.1,
-    ignore_index: int = 255,
-    class_weights: Sequence[float] | None = None,
-    dice_weight: float = 0.0,
-    backbone_weights: str | None = None,
-) -> FCN:
+def fcn32s(num_classes: int, config: FCNConfig) -> FCN:
     """FCN-32s: scores on the stride-32 features, one 32x learned upsampling."""
-    return FCN(num_classes, 0, backbone=backbone, head_channels=head_channels, dropout=dropout,
-               ignore_index=ignore_index, class_weights=class_weights, dice_weight=dice_weight,
-        backbone_weights=backbone_weights)
+    return FCN(num_classes, config, skips=0)
 
 
-def fcn16s(
-    num_classes: int,
-    backbone: str = "resnet18",
-    head_channels: int = 256,
-    dropout: float = 0.1,
-    ignore_index: int = 255,
-    class_weights: Sequence[float] | None = None,
-    dice_weight: float = 0.0,
-    backbone_weights: str | None = None,
-) -> FCN:
+def fcn16s(num_classes: int, config: FCNConfig) -> FCN:
     """FCN-16s: FCN-32s fused with scores on the stride-16 features, then 16x upsampling."""
-    return FCN(num_classes, 1, backbone=backbone, head_channels=head_channels, dropout=dropout,
-               ignore_index=ignore_index, class_weights=class_weights, dice_weight=dice_weight,
-        backbone_weights=backbone_weights)
+    return FCN(num_classes, config, skips=1)
 
 
-def fcn8s(
-    num_classes: int,
-    backbone: str = "resnet18",
-    head_channels: int = 256,
-    dropout: float = 0.1,
-    ignore_index: int = 255,
-    class_weights: Sequence[float] | None = None,
-    dice_weight: float = 0.0,
-    backbone_weights: str | None = None,
-) -> FCN:
+def fcn8s(num_classes: int, config: FCNConfig) -> FCN:
     """FCN-8s: FCN-16s fused again with scores on the stride-8 features, then 8x upsampling."""
-    return FCN(num_classes, 2, backbone=backbone, head_channels=head_channels, dropout=dropout,
-               ignore_index=ignore_index, class_weights=class_weights, dice_weight=dice_weight,
-        backbone_weights=backbone_weights)
+    return FCN(num_classes, config, skips=2)

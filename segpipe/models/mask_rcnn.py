@@ -9,6 +9,7 @@ class may have id 0), so labels are shifted by +1 inside and back on output: the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torchvision
@@ -70,68 +71,79 @@ def detection_targets(targets: Sequence[dict[str, Tensor]], num_classes: int, de
     return out
 
 
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    """Build arguments of Mask R-CNN with a ResNet-FPN backbone, with light heads by default (64 FPN
+    channels, 200 proposals and 32 sampled RoIs per training image): from scratch on a 2-core CPU
+    these learn about twice the steps of 128-channel heads in the same time and reach higher AP in
+    it (docs/benchmarks.md). torchvision's sizes: ``fpn_channels=256, box_head_dim=1024,
+    mask_head_channels=256``, ``rpn_post_nms_top_n_train=2000, box_batch_size_per_image=512``,
+    anchors 32..512, ``min_size=800, max_size=1333`` (with ``native_scale=False``; by default
+    images are used at the scale they arrive). Fine-tuning pretrained weights: ``frozen_bn=True,
+    trainable_layers=3``."""
+
+    backbone: str = "resnet18"
+    trainable_layers: int = 5
+    frozen_bn: bool = False
+    min_size: int = 128
+    max_size: int = 512
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    fpn_channels: int = 64
+    box_head_dim: int = 256
+    mask_head_channels: int = 32
+    rpn_post_nms_top_n_train: int = 200
+    rpn_post_nms_top_n_test: int = 300
+    box_batch_size_per_image: int = 32
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.05
+    native_scale: bool = True
+    backbone_weights: str | None = None
+
+
 class MaskRCNN(nn.Module):
     """torchvision's Mask R-CNN; ``self.detector`` holds it, ``self.backbone`` is its ResNet body."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: str = "resnet18",
-        trainable_layers: int = 5,
-        frozen_bn: bool = False,
-        min_size: int = 128,
-        max_size: int = 512,
-        anchor_sizes: Sequence[int] = (16, 32, 64, 128, 256),
-        fpn_channels: int = 64,
-        box_head_dim: int = 256,
-        mask_head_channels: int = 32,
-        rpn_post_nms_top_n_train: int = 200,
-        rpn_post_nms_top_n_test: int = 300,
-        box_batch_size_per_image: int = 32,
-        box_detections_per_img: int = 100,
-        box_score_thresh: float = 0.05,
-        native_scale: bool = True,
-        backbone_weights: str | None = None,
-    ) -> None:
+    def __init__(self, num_classes: int, config: MaskRCNNConfig) -> None:
         super().__init__()
         # segpipe feeds images at the scale it trains on (crops in training, whole images in
         # evaluation and tiles in prediction), so by default torchvision's transform must not
         # rescale them; min_size/max_size apply only with native_scale=False.
-        self.native_scale = native_scale
-        if backbone not in RESNETS:
-            raise ValueError(f"mask_rcnn backbone must be one of {', '.join(RESNETS)}, got {backbone!r}")
-        if len(anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {list(anchor_sizes)}")
+        c = config
+        self.native_scale = c.native_scale
+        if c.backbone not in RESNETS:
+            raise ValueError(f"mask_rcnn backbone must be one of {', '.join(RESNETS)}, got {c.backbone!r}")
+        if len(c.anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {list(c.anchor_sizes)}")
         self.num_classes = num_classes
         # From scratch, FrozenBatchNorm2d would be the identity (no normalisation at all), so
         # plain BatchNorm is the default; freeze it when fine-tuning pretrained weights.
-        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-        fpn = resnet_fpn(backbone, norm, trainable_layers, fpn_channels)
-        if backbone_weights:
-            load_backbone_weights(fpn.body, backbone_weights, ignore_prefixes=("fc.",))
-        anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        norm = FrozenBatchNorm2d if c.frozen_bn else nn.BatchNorm2d
+        fpn = resnet_fpn(c.backbone, norm, c.trainable_layers, c.fpn_channels)
+        if c.backbone_weights:
+            load_backbone_weights(fpn.body, c.backbone_weights, ignore_prefixes=("fc.",))
+        anchors = AnchorGenerator(tuple((int(s),) for s in c.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
         resolution = 7  # MultiScaleRoIAlign output size of the box branch
         self.detector = TorchvisionMaskRCNN(
             fpn,
-            min_size=min_size,
-            max_size=max_size,
+            min_size=c.min_size,
+            max_size=c.max_size,
             # images arrive normalised by segpipe.models.normalize; do not normalise twice
             image_mean=[0.0, 0.0, 0.0],
             image_std=[1.0, 1.0, 1.0],
             rpn_anchor_generator=anchors,
             rpn_pre_nms_top_n_train=1000,
             rpn_pre_nms_top_n_test=500,
-            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-            rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-            box_head=TwoMLPHead(fpn_channels * resolution**2, box_head_dim),
-            box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
-            box_batch_size_per_image=box_batch_size_per_image,
-            box_detections_per_img=box_detections_per_img,
-            box_score_thresh=box_score_thresh,
-            mask_head=MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1),
-            mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1),
+            rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+            box_head=TwoMLPHead(c.fpn_channels * resolution**2, c.box_head_dim),
+            box_predictor=FastRCNNPredictor(c.box_head_dim, num_classes + 1),
+            box_batch_size_per_image=c.box_batch_size_per_image,
+            box_detections_per_img=c.box_detections_per_img,
+            box_score_thresh=c.box_score_thresh,
+            mask_head=MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, num_classes + 1),
         )
-        if native_scale:
+        if c.native_scale:
             t = self.detector.transform
             self.detector.transform = NativeScaleTransform(
                 t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible)
@@ -178,38 +190,3 @@ class MaskRCNN(nn.Module):
             out.append({k: v[keep] for k, v in d.items()})
         return out
 
-
-def mask_rcnn(
-    num_classes: int,
-    backbone: str = "resnet18",
-    trainable_layers: int = 5,
-    frozen_bn: bool = False,
-    min_size: int = 128,
-    max_size: int = 512,
-    anchor_sizes: Sequence[int] = (16, 32, 64, 128, 256),
-    fpn_channels: int = 64,
-    box_head_dim: int = 256,
-    mask_head_channels: int = 32,
-    rpn_post_nms_top_n_train: int = 200,
-    rpn_post_nms_top_n_test: int = 300,
-    box_batch_size_per_image: int = 32,
-    box_detections_per_img: int = 100,
-    box_score_thresh: float = 0.05,
-    native_scale: bool = True,
-    backbone_weights: str | None = None,
-) -> MaskRCNN:
-    """Mask R-CNN with a ResNet-FPN backbone, with light heads (64 FPN channels, 200 proposals and 32
-    sampled RoIs per training image): from scratch on a 2-core CPU these learn about twice the steps
-    of 128-channel heads in the same time and reach higher AP in it (docs/benchmarks.md).
-    torchvision's sizes: ``fpn_channels=256, box_head_dim=1024, mask_head_channels=256``,
-    ``rpn_post_nms_top_n_train=2000, box_batch_size_per_image=512``, anchors 32..512, ``min_size=800, max_size=1333``
-    (with ``native_scale=False``; by default images are used at the scale they arrive).
-    Fine-tuning pretrained weights: ``frozen_bn=True, trainable_layers=3``."""
-    return MaskRCNN(
-        num_classes, backbone=backbone, trainable_layers=trainable_layers, frozen_bn=frozen_bn, min_size=min_size,
-        max_size=max_size, anchor_sizes=anchor_sizes, fpn_channels=fpn_channels, box_head_dim=box_head_dim,
-        mask_head_channels=mask_head_channels, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test, box_batch_size_per_image=box_batch_size_per_image,
-        box_detections_per_img=box_detections_per_img, box_score_thresh=box_score_thresh, native_scale=native_scale,
-        backbone_weights=backbone_weights,
-    )

@@ -106,7 +106,7 @@ def batch_bce_cost(logits: Tensor, targets: Tensor) -> Tensor:
 @torch.no_grad()
 def hungarian_match(
     class_logits: Tensor, mask_logits: Tensor, labels: Tensor, target_masks: Tensor,
-    class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
+    class_weight: float, mask_weight: float, dice_weight: float,
 ) -> tuple[Tensor, Tensor]:
     """Optimal one-to-one assignment of queries to targets for one image.
 
@@ -164,60 +164,69 @@ class PixelDecoder(nn.Module):
         return self.mask_features(y)
 
 
+@dataclass(frozen=True)
+class MaskFormerConfig:
+    """Build arguments of MaskFormer with a ResNet ``backbone``. The paper's size: ``num_queries=100,
+    hidden_dim=256, dec_layers=6, nheads=8, dim_feedforward=2048, conv_dim=256, mask_dim=256``.
+    ``thing_ids`` are the class ids segmented per instance (the others are stuff); empty means all
+    stuff. ``no_object_weight`` weighs the "no object" class in the cross-entropy; ``class_weight``,
+    ``mask_weight`` and ``dice_weight`` weigh both the matching costs and the losses; mask costs
+    and losses are evaluated at ``num_points`` sampled pixels."""
+
+    backbone: str = "resnet18"
+    num_queries: int = 32
+    hidden_dim: int = 128
+    dec_layers: int = 3
+    nheads: int = 4
+    dim_feedforward: int = 512
+    dropout: float = 0.0
+    conv_dim: int = 128
+    mask_dim: int = 128
+    thing_ids: tuple[int, ...] = ()
+    no_object_weight: float = 0.1
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    num_points: int = 4096
+    ignore_index: int = 255
+    backbone_weights: str | None = None
+
+
 class MaskFormer(nn.Module):
     """MaskFormer; eval-mode output is ``B x K x H x W`` semantic scores (class probabilities times
     mask probabilities, summed over queries); ``predict_instances`` gives thing instances."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: str = "resnet18",
-        num_queries: int = 32,
-        hidden_dim: int = 128,
-        dec_layers: int = 3,
-        nheads: int = 4,
-        dim_feedforward: int = 512,
-        dropout: float = 0.0,
-        conv_dim: int = 128,
-        mask_dim: int = 128,
-        thing_ids: Sequence[int] = (),
-        no_object_weight: float = 0.1,
-        class_weight: float = 2.0,
-        mask_weight: float = 5.0,
-        dice_weight: float = 5.0,
-        num_points: int = 4096,
-        ignore_index: int = 255,
-        backbone_weights: str | None = None,
-    ) -> None:
+    def __init__(self, num_classes: int, config: MaskFormerConfig) -> None:
         super().__init__()
-        if backbone not in RESNETS:
-            raise ValueError(f"maskformer backbone must be one of {', '.join(RESNETS)}, got {backbone!r}")
-        bad = [t for t in thing_ids if not 0 <= int(t) < num_classes]
+        c = config
+        if c.backbone not in RESNETS:
+            raise ValueError(f"maskformer backbone must be one of {', '.join(RESNETS)}, got {c.backbone!r}")
+        bad = [t for t in c.thing_ids if not 0 <= int(t) < num_classes]
         if bad:
             raise ValueError(f"thing_ids {bad} are not class ids in [0, {num_classes})")
-        if hidden_dim % 2 or hidden_dim % nheads:
-            raise ValueError(f"hidden_dim ({hidden_dim}) must be even and divisible by nheads ({nheads})")
+        if c.hidden_dim % 2 or c.hidden_dim % c.nheads:
+            raise ValueError(f"hidden_dim ({c.hidden_dim}) must be even and divisible by nheads ({c.nheads})")
         self.num_classes = num_classes
-        self.thing_ids = tuple(sorted({int(t) for t in thing_ids}))
-        self.ignore_index = ignore_index
-        self.weights = {"class": class_weight, "mask": mask_weight, "dice": dice_weight}
-        self.num_points = num_points
-        self.backbone = ResNetBackbone(backbone)
-        if backbone_weights:
-            load_backbone_weights(self.backbone, backbone_weights, self.backbone.classifier_prefixes)
-        self.pixel_decoder = PixelDecoder(self.backbone.channels, conv_dim, mask_dim)
-        self.input_proj = nn.Conv2d(self.backbone.channels["c5"], hidden_dim, 1)
-        layer = nn.TransformerDecoderLayer(hidden_dim, nheads, dim_feedforward, dropout, batch_first=True)
-        self.decoder = nn.TransformerDecoder(layer, dec_layers, norm=nn.LayerNorm(hidden_dim))
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.thing_ids = tuple(sorted({int(t) for t in c.thing_ids}))
+        self.ignore_index = c.ignore_index
+        self.weights = {"class": c.class_weight, "mask": c.mask_weight, "dice": c.dice_weight}
+        self.num_points = c.num_points
+        self.backbone = ResNetBackbone(c.backbone)
+        if c.backbone_weights:
+            load_backbone_weights(self.backbone, c.backbone_weights, self.backbone.classifier_prefixes)
+        self.pixel_decoder = PixelDecoder(self.backbone.channels, c.conv_dim, c.mask_dim)
+        self.input_proj = nn.Conv2d(self.backbone.channels["c5"], c.hidden_dim, 1)
+        layer = nn.TransformerDecoderLayer(c.hidden_dim, c.nheads, c.dim_feedforward, c.dropout, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, c.dec_layers, norm=nn.LayerNorm(c.hidden_dim))
+        self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
+        self.class_embed = nn.Linear(c.hidden_dim, num_classes + 1)
         self.mask_embed = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, mask_dim),
+            nn.Linear(c.hidden_dim, c.hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(c.hidden_dim, c.hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(c.hidden_dim, c.mask_dim),
         )
         empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = no_object_weight
+        empty_weight[-1] = c.no_object_weight
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def predictions(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -392,33 +401,3 @@ def _empty_instances(h: int, w: int, device: torch.device) -> dict[str, Tensor]:
     return {"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.long, device=device),
             "scores": torch.zeros(0, device=device), "masks": torch.zeros(0, 1, h, w, device=device)}
 
-
-def maskformer(
-    num_classes: int,
-    backbone: str = "resnet18",
-    num_queries: int = 32,
-    hidden_dim: int = 128,
-    dec_layers: int = 3,
-    nheads: int = 4,
-    dim_feedforward: int = 512,
-    dropout: float = 0.0,
-    conv_dim: int = 128,
-    mask_dim: int = 128,
-    thing_ids: Sequence[int] = (),
-    no_object_weight: float = 0.1,
-    class_weight: float = 2.0,
-    mask_weight: float = 5.0,
-    dice_weight: float = 5.0,
-    num_points: int = 4096,
-    ignore_index: int = 255,
-    backbone_weights: str | None = None,
-) -> MaskFormer:
-    """MaskFormer with a ResNet backbone. The paper's size: ``num_queries=100, hidden_dim=256,
-    dec_layers=6, nheads=8, dim_feedforward=2048, conv_dim=256, mask_dim=256``. ``thing_ids``
-    are the class ids segmented per instance (the others are stuff); empty means all stuff."""
-    return MaskFormer(
-        num_classes, backbone=backbone, num_queries=num_queries, hidden_dim=hidden_dim, dec_layers=dec_layers,
-        nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout, conv_dim=conv_dim, mask_dim=mask_dim,
-        thing_ids=thing_ids, no_object_weight=no_object_weight, class_weight=class_weight, mask_weight=mask_weight,
-        dice_weight=dice_weight, num_points=num_points, ignore_index=ignore_index, backbone_weights=backbone_weights,
-    )

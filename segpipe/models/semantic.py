@@ -91,8 +91,8 @@ class SemanticModel(nn.Module):
     ``aux_weight x`` their cross-entropy as ``loss_<name>``.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, aux_weight: float = 0.0,
-                 class_weights: Sequence[float] | None = None, dice_weight: float = 0.0) -> None:
+    def __init__(self, num_classes: int, ignore_index: int, aux_weight: float,
+                 class_weights: Sequence[float] | None, dice_weight: float) -> None:
         super().__init__()
         if dice_weight < 0:
             raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")

@@ -6,7 +6,7 @@ output has the input's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,26 +65,36 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([skip, x], dim=1))
 
 
+@dataclass(frozen=True)
+class UNetConfig:
+    """Build arguments of U-Net: ``depth`` poolings and ``base_channels * 2**i`` channels at level
+    ``i`` (64 and 4 in the paper); ``upsample`` ``bilinear`` or ``transpose`` (learned 2x2);
+    ``backbone_weights`` loads the encoder (a U-Net encoder's state dict); ``class_weights`` weigh
+    the cross-entropy per class."""
+
+    base_channels: int = 16
+    depth: int = 4
+    upsample: str = "bilinear"
+    ignore_index: int = 255
+    class_weights: tuple[float, ...] | None = None
+    dice_weight: float = 0.0
+    backbone_weights: str | None = None
+
+
 class UNet(SemanticModel):
-    def __init__(
-        self,
-        num_classes: int,
-        base_channels: int = 16,
-        depth: int = 4,
-        upsample: str = "bilinear",
-        ignore_index: int = 255,
-        class_weights: Sequence[float] | None = None,
-        dice_weight: float = 0.0,
-        backbone_weights: str | None = None,
-    ) -> None:
-        super().__init__(num_classes, ignore_index, class_weights=class_weights, dice_weight=dice_weight)
+    """U-Net for ``num_classes`` classes, as ``config`` describes it."""
+
+    def __init__(self, num_classes: int, config: UNetConfig) -> None:
+        super().__init__(num_classes, config.ignore_index, aux_weight=0.0, class_weights=config.class_weights,
+                         dice_weight=config.dice_weight)
+        base_channels, depth, upsample = config.base_channels, config.depth, config.upsample
         if upsample not in ("bilinear", "transpose"):
             raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         if depth < 1 or base_channels < 1:
             raise ValueError(f"depth and base_channels must be positive, got {depth}, {base_channels}")
         self.backbone = UNetEncoder(base_channels, depth)
-        if backbone_weights:
-            load_backbone_weights(self.backbone, backbone_weights)
+        if config.backbone_weights:
+            load_backbone_weights(self.backbone, config.backbone_weights)
         w = self.backbone.channels
         self.decoder = nn.ModuleList(UpBlock(w[i + 1], w[i], w[i], upsample) for i in reversed(range(depth)))
         self.classifier = nn.Conv2d(w[0], num_classes, 1)
@@ -96,20 +106,3 @@ class UNet(SemanticModel):
             x = block(x, skip)
         return self.classifier(x), {}
 
-
-def unet(
-    num_classes: int,
-    base_channels: int = 16,
-    depth: int = 4,
-    upsample: str = "bilinear",
-    ignore_index: int = 255,
-    class_weights: Sequence[float] | None = None,
-    dice_weight: float = 0.0,
-    backbone_weights: str | None = None,
-) -> UNet:
-    """U-Net with ``depth`` poolings and ``base_channels * 2**i`` channels at level ``i``
-    (64 and 4 in the paper). ``backbone_weights`` loads the encoder (a U-Net encoder's state dict);
-    ``class_weights`` weight the cross-entropy per class."""
-    return UNet(num_classes, base_channels=base_channels, depth=depth, upsample=upsample, ignore_index=ignore_index,
-                class_weights=class_weights, dice_weight=dice_weight,
-        backbone_weights=backbone_weights)

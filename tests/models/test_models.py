@@ -3,6 +3,8 @@ pieces that carry MaskFormer: segment targets and the Hungarian matcher."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import inspect
 
 import numpy as np
@@ -11,7 +13,16 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from segpipe.models import MODELS, OUTPUTS, build_model, default_kwargs, normalize, task_of
+from segpipe.models import (
+    MODELS,
+    OUTPUTS,
+    build_model,
+    default_kwargs,
+    model_config,
+    normalize,
+    spec_of,
+    task_of,
+)
 from segpipe.models.backbones import ResNetBackbone
 from segpipe.models.maskformer import batch_bce_cost, batch_dice_cost, hungarian_match, image_segments
 
@@ -81,6 +92,84 @@ def test_default_kwargs_round_trip(name):
     assert "ignore_index" in kwargs or name == "mask_rcnn"
     model = build_model(name, NUM_CLASSES, **kwargs)  # what a checkpoint stores rebuilds the model
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# What default_kwargs returned before the configs existed (the inspect-based version): checkpoints
+# store these dicts, so they must not change.
+SEMANTIC_TAIL = {"ignore_index": 255, "class_weights": None, "dice_weight": 0.0, "backbone_weights": None}
+FCN_DEFAULTS = {"backbone": "resnet18", "head_channels": 256, "dropout": 0.1, **SEMANTIC_TAIL}
+PINNED_DEFAULTS = {
+    "fcn32s": FCN_DEFAULTS,
+    "fcn16s": FCN_DEFAULTS,
+    "fcn8s": FCN_DEFAULTS,
+    "unet": {"base_channels": 16, "depth": 4, "upsample": "bilinear", **SEMANTIC_TAIL},
+    "deeplabv3": {"backbone": "resnet18", "output_stride": 16, "atrous_rates": [6, 12, 18], "aspp_channels": 128,
+                  "aux_loss": False, "aux_weight": 0.4, **SEMANTIC_TAIL},
+    "maskformer": {"backbone": "resnet18", "num_queries": 32, "hidden_dim": 128, "dec_layers": 3, "nheads": 4,
+                   "dim_feedforward": 512, "dropout": 0.0, "conv_dim": 128, "mask_dim": 128, "thing_ids": [],
+                   "no_object_weight": 0.1, "class_weight": 2.0, "mask_weight": 5.0, "dice_weight": 5.0,
+                   "num_points": 4096, "ignore_index": 255, "backbone_weights": None},
+    "mask_rcnn": {"backbone": "resnet18", "trainable_layers": 5, "frozen_bn": False, "min_size": 128, "max_size": 512,
+                  "anchor_sizes": [16, 32, 64, 128, 256], "fpn_channels": 64, "box_head_dim": 256,
+                  "mask_head_channels": 32, "rpn_post_nms_top_n_train": 200, "rpn_post_nms_top_n_test": 300,
+                  "box_batch_size_per_image": 32, "box_detections_per_img": 100, "box_score_thresh": 0.05,
+                  "native_scale": True, "backbone_weights": None},
+}
+# (tensors, elements, sha256 of the "key:shape" lines) of each default model with 4 classes, as
+# they were before the configs existed: a checkpoint's state dict must still load.
+PINNED_STATE = {
+    "fcn32s": (129, 12433369, "79b8d74d18e69591"),
+    "fcn16s": (132, 12385501, "fa00c8d46b765b49"),
+    "fcn8s": (135, 12373985, "8bd5e116879420f2"),
+    "unet": (110, 1967110, "b42a8d7a798fb0be"),
+    "deeplabv3": (160, 13319774, "406edfa20aa1fe8f"),
+    "maskformer": (209, 12961881, "b413039dc556083b"),
+    "mask_rcnn": (162, 12359233, "503fde136bd4b16b"),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_default_kwargs_are_pinned(name):
+    kwargs = default_kwargs(name)
+    assert kwargs == PINNED_DEFAULTS[name]
+    assert list(kwargs) == list(PINNED_DEFAULTS[name])  # the order of the "valid:" lists too
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_keys_and_shapes_are_pinned(name):
+    state = build_model(name, NUM_CLASSES).state_dict()
+    lines = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in state.items())
+    digest = hashlib.sha256(lines.encode()).hexdigest()[:16]
+    assert (len(state), sum(v.numel() for v in state.values()), digest) == PINNED_STATE[name]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_config_is_the_one_source_of_defaults(name):
+    """build_model's keywords are the config's fields; what is not given is the config's default,
+    and the model is the builder's output for that config (same seed, same weights)."""
+    spec = spec_of(name)
+    config = spec.config()
+    assert dataclasses.is_dataclass(config) and spec.config.__dataclass_params__.frozen
+    assert all(f.default is not dataclasses.MISSING for f in dataclasses.fields(config))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.backbone_weights = "x"
+    assert model_config(name) == config
+    torch.manual_seed(3)
+    built = build_model(name, 3).state_dict()
+    torch.manual_seed(3)
+    direct = spec.builder(3, config).state_dict()
+    assert built.keys() == direct.keys() and all(torch.equal(built[k], direct[k]) for k in built)
+
+
+def test_model_config_takes_json_values():
+    """Checkpoints store tuples as lists; the config holds them as tuples again."""
+    config = model_config("deeplabv3", atrous_rates=[12, 24, 36], class_weights=[1, 2, 3])
+    assert config.atrous_rates == (12, 24, 36) and config.class_weights == (1, 2, 3)
+    assert model_config("deeplabv3", **default_kwargs("deeplabv3")) == spec_of("deeplabv3").config()
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        build_model("unet", 0)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got True"):
+        build_model("unet", True)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -359,7 +448,8 @@ def test_hungarian_match_on_mask_cost():
     p = mask_logits[1].sigmoid()
     dice = 1 - (2 * (p * targets[2]).sum() + 1) / (p.sum() + targets[2].sum() + 1)
     assert torch.isclose(batch_dice_cost(mask_logits, targets)[1, 2], dice)
-    empty_q, empty_t = hungarian_match(torch.zeros(4, 3), mask_logits, torch.zeros(0, dtype=torch.long), torch.zeros(0, 8))
+    empty_q, empty_t = hungarian_match(torch.zeros(4, 3), mask_logits, torch.zeros(0, dtype=torch.long), torch.zeros(0, 8),
+                                          2.0, 5.0, 5.0)
     assert len(empty_q) == len(empty_t) == 0
 
 
