@@ -23,26 +23,20 @@ from typing import Any
 import numpy as np
 
 from segpipe.files import atomic_write_json
-from segpipe.formats.pngs import MAX_LABEL_PIXELS, LabelPngError, read_id_png
-from segpipe.images import open_image
+from segpipe.formats import pngs
+from segpipe.formats.pngs import LabelPngError, read_id_png
 from segpipe.metrics import panoptic
 from segpipe.metrics.semantic import ConfusionMatrix, MetricsInputError, compute
 
-LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
-
 
 def read_label_png(path: Path) -> np.ndarray:
-    """An ``H x W`` integer label map from a single-channel PNG (palette PNGs give their indices)."""
+    """An ``H x W`` integer label map, read by ``segpipe.formats.pngs.read_label_png`` as every
+    format reader reads one (palette PNGs give their indices; colour PNGs are refused); its
+    errors, naming the file, as MetricsInputError."""
     try:
-        with open_image(path, MAX_LABEL_PIXELS, name="", limit_name="the label-map limit") as im:
-            if im.mode not in LABEL_MODES:
-                raise MetricsInputError(
-                    f"{path}: PNG mode {im.mode!r} is not a single-channel label map (expected one of {', '.join(LABEL_MODES)})")
-            return np.asarray(im)
-    except MetricsInputError:
-        raise
-    except (OSError, ValueError) as e:
-        raise MetricsInputError(f"{path}: cannot read as PNG: {e}") from None
+        return pngs.read_label_png(path)
+    except LabelPngError as e:
+        raise MetricsInputError(str(e)) from None
 
 
 def match_files(gt_dir: Path, pred_dir: Path) -> list[str]:

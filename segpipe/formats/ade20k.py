@@ -39,12 +39,12 @@ from segpipe.files import escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
 from segpipe.formats.pngs import (
     LabelPngError,
-    label_colormap,
+    class_colour,
     label_dtype,
     loaded,
     mask_bbox,
-    read_index_png,
-    read_png,
+    read_label_png,
+    read_rgb_png,
 )
 
 SPLITS = {"training": "train", "validation": "val"}
@@ -193,9 +193,7 @@ def _record(root: Path, item: AdeImage, class_id: dict[str, int], ignore_index: 
         return record
     dtype = label_dtype(max(ignore_index, len(class_id)))
     try:
-        seg, mode = read_png(seg_path)
-        if mode != "RGB":
-            raise LabelPngError(f"{seg_path}: mode {mode!r}, an ADE20K _seg.png is RGB")
+        seg = read_rgb_png(seg_path, "an ADE20K _seg.png is RGB")
         rg = seg[..., 0].astype(np.int64) // 10 * 256 + seg[..., 1]
         semantic = np.full(rg.shape, ignore_index, dtype=dtype)
         instances = []
@@ -226,7 +224,7 @@ def _record(root: Path, item: AdeImage, class_id: dict[str, int], ignore_index: 
                 raise LabelPngError(f"{seg_path}: R/G class index(es) {unknown[:10]} have no object in {item.annotation}")
             semantic = np.array([lut[v] for v in uniq.tolist()], dtype=dtype)[inverse.reshape(rg.shape)]
             for obj in item.objects:
-                values = read_index_png(obj.mask_path)
+                values = read_label_png(obj.mask_path, grey_rgb=True)
                 if values.shape != rg.shape:
                     raise LabelPngError(f"{obj.mask_path}: {values.shape[1]} x {values.shape[0]}, {seg_path} is {rg.shape[1]} x {rg.shape[0]}")
                 if not values.any():
@@ -256,8 +254,8 @@ def read(input_dir: Path) -> Source:
     items = _index(root)
     problems = [] if items else [f"{root}: no ADE20K images (X.jpg with X_seg.png and X.json or X_atr.txt) below it"]
     names = sorted({o.name for item in items for o in item.objects})
-    colours = label_colormap(256)
-    classes = [ClassInfo(id=i, name=name, isthing=True, color=colours[(i + 1) % 256]) for i, name in enumerate(names)]
+    # ADE has no background class: ids start at a real object, coloured as id + 1 so that none is black.
+    classes = [ClassInfo(id=i, name=name, isthing=True, color=class_colour(i + 1)) for i, name in enumerate(names)]
     # A full ADE20K class list (~3,600 names) runs past 255, where ignore_index would collide.
     ignore_index = 255 if len(classes) < 255 else 65535
     class_id = {c.name: c.id for c in classes}

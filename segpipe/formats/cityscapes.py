@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import LabelPngError, loaded, mask_bbox, read_index_png
+from segpipe.formats.pngs import LabelPngError, loaded, mask_bbox, read_label_png
 
 IGNORE_INDEX = 255
 
@@ -131,7 +131,7 @@ def _record(image_id: str, split: str, image: Path, gt: dict[str, Path], problem
         problems.append(f"{image}: no gtFine *_labelIds, *_instanceIds or *_labelTrainIds PNG for this image")
         return record
     try:
-        maps = {kind: read_index_png(path) for kind, path in gt.items()}
+        maps = {kind: read_label_png(path, grey_rgb=True) for kind, path in gt.items()}
         shapes = {kind: m.shape for kind, m in maps.items()}
         if len(set(shapes.values())) > 1:
             raise LabelPngError(f"{image_id}: gtFine PNGs differ in size: {shapes}")

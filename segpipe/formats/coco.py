@@ -11,71 +11,21 @@ check happens in ``segpipe.validation`` so all formats get the same ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from segpipe.errors import UserError
 from segpipe.files import PathEscapeError, confined, escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import MAX_LABEL_PIXELS
-from segpipe.images import ImageError, open_image
-from segpipe.validation import check_class_names
-
-SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "testing": "test"}
-LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
+from segpipe.formats.coco_files import merge_classes, parse_categories, split_from_name
+from segpipe.formats.pngs import read_label_png
 
 
 class CocoError(UserError, ValueError):
     """The COCO files cannot be read at all (not JSON, wrong structure, conflicting classes)."""
-
-
-def split_from_name(path: Path | str) -> str | None:
-    """``instances_val2017.json`` -> ``"val"``; None when no token of the stem is a split word."""
-    for token in re.split(r"[_\-.]", Path(path).stem.lower()):
-        word = token.rstrip("0123456789")
-        if word in SPLIT_WORDS and (word == token or token[len(word):].isdigit()):
-            return SPLIT_WORDS[word]
-    return None
-
-
-def split_folder(path: Path | str) -> str | None:
-    """``instances_train2017.json`` -> ``"train2017"``: the images sub-folder COCO uses."""
-    stem = Path(path).stem
-    return stem.split("_", 1)[1] if "_" in stem else None
-
-
-def default_color(class_id: int) -> tuple[int, int, int]:
-    """A stable colour for a class that has none (from a hash of its id)."""
-    d = hashlib.sha256(f"segpipe-class-{class_id}".encode()).digest()
-    return (d[0], d[1], d[2])
-
-
-def load_label_png(path: Path) -> np.ndarray:
-    """A single-channel label PNG (grey, palette indices or 16-bit) -> H x W integer array."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: label map file missing")
-    try:
-        with open_image(path, MAX_LABEL_PIXELS) as im:
-            if im.mode not in LABEL_MODES:
-                raise ValueError(f"{path}: label map has mode {im.mode}; expected one channel ({', '.join(LABEL_MODES)})")
-            arr = np.asarray(im)
-    except ImageError as e:
-        raise ValueError(f"label map: {e}") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: label map is not a readable PNG: {e}") from None
-    if arr.dtype == np.int32:  # mode "I": 16-bit PNGs may open as 32-bit signed
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise ValueError(f"{path}: label values outside 0..65535")
-        arr = arr.astype(np.uint16)
-    return arr
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -103,38 +53,23 @@ def _read_classes_json(path: Path) -> list[ClassInfo]:
         raise CocoError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(rows, list):
         raise CocoError(f"{path}: expected a list of {{id, name, isthing, color}}")
-    classes = []
-    for k, r in enumerate(rows):
-        try:
-            color = tuple(int(c) for c in r.get("color") or default_color(int(r["id"])))
-            if len(color) != 3 or not isinstance(r["id"], int) or isinstance(r["id"], bool):
-                raise ValueError
-            classes.append(ClassInfo(int(r["id"]), str(r["name"]), bool(r.get("isthing", True)), color))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise CocoError(f"{path}: entry {k} must have an integer id, a name, isthing and an [r, g, b] color") from None
-    if reason := check_class_names((c.id, c.name) for c in classes):
-        raise CocoError(f"{path}: {reason}")
+    classes, problems = parse_categories(rows, path, default_isthing=True, key=None)
+    if problems:
+        raise CocoError(problems[0])
     return classes
 
 
 def _classes_from_categories(files: list[Path], datas: list[dict[str, Any]]) -> list[ClassInfo]:
-    seen: dict[int, tuple[ClassInfo, Path]] = {}
+    tables = []
     for path, data in zip(files, datas):
-        for k, c in enumerate(data["categories"]):
-            if not isinstance(c, dict) or not isinstance(c.get("id"), int) or isinstance(c.get("id"), bool):
-                raise CocoError(f"{path}: categories[{k}] needs an integer 'id'")
-            color = c.get("color")
-            info = ClassInfo(
-                c["id"], str(c.get("name", c["id"])), bool(c.get("isthing", True)),
-                tuple(int(v) for v in color) if isinstance(color, list) and len(color) == 3 else default_color(c["id"]),
-            )
-            if c["id"] in seen and seen[c["id"]][0].name != info.name:
-                raise CocoError(f"{path}: category {c['id']} is {info.name!r} but {seen[c['id']][1]} calls it "
-                                f"{seen[c['id']][0].name!r}")
-            seen.setdefault(c["id"], (info, path))
-        if reason := check_class_names((cid, info.name) for cid, (info, _) in seen.items()):
-            raise CocoError(f"{path}: categories: {reason}")
-    return [seen[k][0] for k in sorted(seen)]
+        table, problems = parse_categories(data["categories"], path, default_isthing=True)
+        if problems:
+            raise CocoError(problems[0])
+        tables.append((path, table))
+    classes, problems = merge_classes(tables)
+    if problems:
+        raise CocoError(problems[0])
+    return classes
 
 
 def read(annotations: list[Path], images: Path, masks: Path | None = None) -> Source:
@@ -170,7 +105,7 @@ def read(annotations: list[Path], images: Path, masks: Path | None = None) -> So
     by_image: dict[tuple[int, Any], list[dict[str, Any]]] = {}
     dup_ann: dict[tuple[int, Any], list[tuple[Any, str]]] = {}
     for fi, (path, data) in enumerate(zip(files, datas)):
-        split = split_from_name(path)
+        split, _ = split_from_name(path)
         ids = set()
         # Annotation ids are unique per file (train and val files may both start at 1).
         ann_seen: dict[Any, Any] = {}
@@ -224,7 +159,7 @@ def _key(v: Any) -> Any:
 def _candidates(images: Path, ann_file: Path, file_name: str) -> list[Path]:
     """Where the image may lie; PathEscapeError when ``file_name`` leaves the image folder."""
     out = [confined(images, file_name)]
-    folder = split_folder(ann_file)
+    _, folder = split_from_name(ann_file)
     if folder and escape_reason(folder) is None:
         out.append(images / folder / file_name)
     return out
@@ -233,7 +168,7 @@ def _candidates(images: Path, ann_file: Path, file_name: str) -> list[Path]:
 def _mask_path(masks: Path, ann_file: Path, file_name: str) -> Path:
     stem = confined(masks, file_name).relative_to(masks).with_suffix(".png")
     direct = masks / stem
-    folder = split_folder(ann_file)
+    _, folder = split_from_name(ann_file)
     if not direct.is_file() and folder and escape_reason(folder) is None and (masks / folder / stem).is_file():
         return masks / folder / stem
     return direct
@@ -260,7 +195,7 @@ def _record(path: Path, fi: int, img: Any, split: str | None, images: Path, mask
     semantic = semantic_source = None
     if masks is not None:
         mp = _mask_path(Path(masks), path, file_name)
-        semantic, semantic_source = partial(load_label_png, mp), str(mp)
+        semantic, semantic_source = partial(read_label_png, mp), str(mp)
     instances = []
     for ann in by_image.get((fi, image_id), []):
         inst = {"id": ann.get("id"), "category_id": ann.get("category_id"), "iscrowd": ann.get("iscrowd", 0),

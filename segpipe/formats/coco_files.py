@@ -1,13 +1,14 @@
-"""The parts that COCO-family JSON files (panoptic, stuff) share: finding and loading the JSON
-files without crashing on a bad one, their splits from the file names, their category and image
-tables, where their images lie, and the image half of every record. Every problem is returned as
-a message naming the file and the id at fault."""
+"""The parts that COCO-family JSON files (instances, panoptic, stuff) share: their splits from
+the file names and their category tables (also read by ``segpipe metrics panoptic``); for
+panoptic and stuff also finding and loading the JSON files without crashing on a bad one, their
+image tables, where their images lie, and the image half of every record. Every problem is
+returned as a message naming the file and the id at fault."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,33 @@ import numpy as np
 
 from segpipe.files import confined, escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import label_colormap, loaded
+from segpipe.formats.pngs import class_colour, loaded
+from segpipe.validation import check_class_names
 
-_YEAR = re.compile(r"(19|20)\d\d$")
+# The words for a split in file names, as datasets write them, and the split each one means.
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
 
 
-def split_from_name(stem: str, prefix: str) -> tuple[str, str]:
-    """``("panoptic_train2017", "panoptic_")`` -> ``("train", "train2017")``: the split, and the
-    folder name the dataset uses for it (images and PNG folders are named after the latter)."""
-    folder = stem[len(prefix):] if stem.startswith(prefix) else stem
-    split = _YEAR.sub("", folder).rstrip("_-") or folder
+def split_from_name(path: Path | str) -> tuple[str | None, str | None]:
+    """The split a COCO-family annotation file holds, from its name, and the folder name the
+    dataset uses for it: ``instances_val2017.json`` -> ``("val", "val2017")``,
+    ``panoptic_train.json`` -> ``("train", "train")``, ``stuff_test-dev2017.json`` ->
+    ``("test", "test-dev2017")``.
+
+    The split is the first token of the stem (split at ``_``, ``-``, ``.``) that is a split word
+    (``SPLIT_WORDS``), a year or other number after it allowed; None when there is none
+    (``instances_trainval.json``, ``panoptic_minival2014.json``), and the converter's hash then
+    assigns it. The folder is what follows the first ``_`` (images lie in ``images/<folder>/``
+    or COCO's ``<folder>/``, panoptic PNGs in ``panoptic_<folder>/``); None without a ``_``.
+    """
+    stem = Path(path).stem
+    split = None
+    for token in re.split(r"[_\-.]", stem.lower()):
+        if (word := token.rstrip("0123456789")) in SPLIT_WORDS:
+            split = SPLIT_WORDS[word]
+            break
+    folder = stem.split("_", 1)[1] if "_" in stem else None
     return split, folder
 
 
@@ -46,8 +64,8 @@ class JsonFile:
     table and its ``annotations`` (empty, with a problem recorded, when missing or not a list)."""
 
     path: Path
-    split: str
-    folder: str
+    split: str | None
+    folder: str | None
     images: ImageTable
     annotations: list[Any]
 
@@ -79,10 +97,11 @@ def read_json_files(input_dir: Path, prefix: str, ignore_index: int) -> JsonFile
         if doc is None:
             problems.append(problem)
             continue
-        table, cat_problems = parse_categories(doc, path, default_isthing=False)
+        table, cat_problems = parse_categories(doc.get("categories"), path, default_isthing=False,
+                                               max_id=MAX_CLASS_ID)
         problems.extend(cat_problems)
         tables.append((path, table))
-        split, folder = split_from_name(path.stem, prefix)
+        split, folder = split_from_name(path)
         images = parse_images(doc, path)
         problems.extend(images.file_problems)
         annotations = doc.get("annotations")
@@ -116,9 +135,9 @@ def image_record(input_dir: Path, job: Job) -> tuple[Record, bool]:
     problems = list(job.problems)
     image_path = find_image(input_dir, folder, split, file_name)
     if image_path is None:
-        problems.append(
-            f"{json_path}: image id {iid!r}: {file_name} not found in images/{folder}/, images/{split}/, {folder}/ or images/"
-        )
+        *others, last = [f"{base.relative_to(input_dir).as_posix()}/" for base in image_folders(input_dir, folder, split)]
+        places = f"{', '.join(others)} or {last}" if others else last
+        problems.append(f"{json_path}: image id {iid!r}: {file_name} not found in {places}")
     return Record(image_id=key, source=str(json_path), image_path=image_path, split=split,
                   height=job.img.get("height"), width=job.img.get("width"), problems=problems), True
 
@@ -172,38 +191,76 @@ def labelled(record: Record, semantic: np.ndarray, instances: list[dict[str, Any
     return record
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An integer of the JSON, not a bool (which Python counts as one)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def parse_categories(doc: dict[str, Any], path: Path, *, default_isthing: bool) -> tuple[list[ClassInfo], list[str]]:
-    """The file's ``categories`` as class-table rows; ``isthing`` from the category when present.
-    A category without a colour gets the VOC colour map's colour of its id."""
+# The largest class id a label map can hold beside the 16-bit ignore index 65535.
+MAX_CLASS_ID = 65534
+
+
+def parse_categories(
+    rows: Any, source: Path | str, *, default_isthing: bool | None, max_id: int | None = None,
+    key: str | None = "categories",
+) -> tuple[list[ClassInfo], list[str]]:
+    """A COCO ``categories`` list (or the top-level list of a ``classes.json``, ``key=None``: the
+    same rows) as class-table rows in file order, and the problems found, each naming ``source``.
+
+    Each row needs an integer ``id`` (in ``0..max_id`` when given) and a string ``name``.
+    ``isthing`` is 0/1 (or true/false); a row without it takes ``default_isthing``, and with
+    ``default_isthing=None`` it is required. ``color`` is ``[r, g, b]`` of integers in 0..255; a
+    row without one gets ``class_colour`` of its id (the one colour policy of every reader). A
+    malformed row, or a second row with an id already used, is left out; a name used by two ids
+    is a problem and both rows are kept (the class table is then refused as a whole).
+    """
+    def at(i: int) -> str:
+        return f"{key}[{i}]" if key else f"row {i}"
+
+    if not isinstance(rows, list):
+        return [], [f"{source}: {key or 'the class table'} must be a list of {{id, name, ...}} objects, "
+                    f"got {type(rows).__name__}"]
     classes: list[ClassInfo] = []
     problems: list[str] = []
-    cats = doc.get("categories")
-    if not isinstance(cats, list):
-        return [], [f"{path}: 'categories' missing or not a list"]
-    for i, cat in enumerate(cats):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            problems.append(f"{path}: categories[{i}] needs an integer 'id' and a string 'name', got {cat!r:.200}")
+    first: dict[int, int] = {}  # id -> row of its first definition
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not is_int(row.get("id")) or not isinstance(row.get("name"), str):
+            problems.append(f"{source}: {at(i)} needs an integer 'id' and a string 'name', got {row!r:.200}")
             continue
-        cid = cat["id"]
-        if not 0 <= cid < 65535:
-            problems.append(f"{path}: category id {cid} outside 0..65534")
+        cid, name = row["id"], row["name"]
+        if max_id is not None and not 0 <= cid <= max_id:
+            problems.append(f"{source}: category id {cid} ({name!r}) outside 0..{max_id}")
             continue
-        color = cat.get("color")
-        if not (isinstance(color, list | tuple) and len(color) == 3 and all(_is_int(c) and 0 <= c < 256 for c in color)):
-            color = label_colormap(256)[cid % 256]
-        isthing = cat.get("isthing", default_isthing)
-        classes.append(ClassInfo(id=cid, name=cat["name"], isthing=bool(isthing), color=tuple(color)))
+        if cid in first:
+            problems.append(f"{source}: duplicate category id {cid} ({at(first[cid])} and {at(i)})")
+            continue
+        isthing = row.get("isthing", default_isthing)
+        if isthing not in (0, 1):  # True and False equal 1 and 0; None (required, absent) does not
+            problems.append(f"{source}: category id {cid} ({name!r}) has isthing={row.get('isthing')!r}, expected 0 or 1")
+            continue
+        color = row.get("color")
+        if color is None:
+            color = class_colour(cid)
+        elif not (isinstance(color, list | tuple) and len(color) == 3 and all(is_int(c) and 0 <= c < 256 for c in color)):
+            problems.append(f"{source}: category id {cid} ({name!r}) has color={color!r:.100}, "
+                            "expected [r, g, b] of integers in 0..255")
+            continue
+        first[cid] = i
+        classes.append(ClassInfo(id=cid, name=name, isthing=bool(isthing), color=tuple(color)))
+    if reason := check_class_names((c.id, c.name) for c in classes):
+        problems.append(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
     return classes, problems
 
 
-def merge_classes(tables: list[tuple[Path, list[ClassInfo]]], ignore_index: int) -> tuple[list[ClassInfo], list[str]]:
-    """One class table from several files; the same id defined differently, or an id equal to
-    ``ignore_index``, is a problem (the first definition is kept)."""
+def merge_classes(tables: Iterable[tuple[Path, list[ClassInfo]]],
+                  ignore_index: int | None = None) -> tuple[list[ClassInfo], list[str]]:
+    """One class table, sorted by id, from the tables of several files of one dataset; the same
+    id defined differently (name, isthing or colour), or an id equal to ``ignore_index``, is a
+    problem (the first definition is kept), and so is a name that another file gives another id
+    (both kept: the class table is then refused as a whole; ``parse_categories`` reports the
+    names a file repeats itself)."""
     merged: dict[int, tuple[Path, ClassInfo]] = {}
+    named: dict[str, tuple[Path, int]] = {}
     problems = []
     for path, table in tables:
         for c in table:
@@ -213,11 +270,15 @@ def merge_classes(tables: list[tuple[Path, list[ClassInfo]]], ignore_index: int)
             if c.id in merged and merged[c.id][1] != c:
                 first_path, first = merged[c.id]
                 problems.append(
-                    f"{path}: category id {c.id} is {c.name!r} (isthing={c.isthing}) but {first_path} "
-                    f"defines it as {first.name!r} (isthing={first.isthing})"
+                    f"{path}: category id {c.id} is {c.name!r} (isthing={c.isthing}, color={list(c.color)}) but "
+                    f"{first_path} defines it as {first.name!r} (isthing={first.isthing}, color={list(first.color)})"
                 )
                 continue
             merged.setdefault(c.id, (path, c))
+            first_path, first_id = named.setdefault(c.name, (path, c.id))
+            if first_id != c.id and first_path != path:
+                problems.append(f"{path}: categories: {check_class_names([(first_id, c.name), (c.id, c.name)])} "
+                                f"(id {first_id} in {first_path})")
     return [c for _, (_, c) in sorted(merged.items())], problems
 
 
@@ -239,7 +300,7 @@ def parse_images(doc: dict[str, Any], path: Path) -> ImageTable:
         table.file_problems.append(f"{path}: 'images' missing or not a list")
         return table
     for i, img in enumerate(images):
-        if not isinstance(img, dict) or not (_is_int(img.get("id")) or isinstance(img.get("id"), str)):
+        if not isinstance(img, dict) or not (is_int(img.get("id")) or isinstance(img.get("id"), str)):
             table.file_problems.append(f"{path}: images[{i}] has no integer or string 'id'")
             continue
         iid = img["id"]
@@ -250,7 +311,7 @@ def parse_images(doc: dict[str, Any], path: Path) -> ImageTable:
             table.file_problems.append(f"{path}: image id {iid!r} has no 'file_name'")
             continue
         for key in ("height", "width"):
-            if not (_is_int(img.get(key)) and img[key] > 0):
+            if not (is_int(img.get(key)) and img[key] > 0):
                 table.problems.setdefault(iid, []).append(
                     f"{path}: image id {iid!r} has {key}={img.get(key)!r}, expected a positive integer"
                 )
@@ -258,15 +319,25 @@ def parse_images(doc: dict[str, Any], path: Path) -> ImageTable:
     return table
 
 
-def find_image(input_dir: Path, folder: str, split: str, file_name: str) -> Path | None:
-    """Where an image of a COCO JSON lies: ``images/<folder>/``, ``images/<split>/``, ``<folder>/``
-    (COCO's own ``train2017/``) or ``images/``; None when in none of them.
+def image_folders(input_dir: Path, folder: str | None, split: str | None) -> list[Path]:
+    """Where the images of a COCO JSON may lie, in the order they are looked up:
+    ``images/<folder>/``, ``images/<split>/``, ``<folder>/`` (COCO's own ``train2017/``),
+    ``images/`` (without a folder or split, the ones naming it are left out)."""
+    bases = [input_dir / "images" / folder if folder is not None else None,
+             input_dir / "images" / split if split is not None else None,
+             input_dir / folder if folder is not None else None,
+             input_dir / "images"]
+    return [base for base in bases if base is not None]
+
+
+def find_image(input_dir: Path, folder: str | None, split: str | None, file_name: str) -> Path | None:
+    """Where an image of a COCO JSON lies, the first of ``image_folders`` holding it; None when
+    in none of them.
 
     ``file_name`` comes from the JSON: PathEscapeError (naming it) when it is absolute or climbs
     out of the folder it is looked up in, so no file outside the dataset is ever read.
     """
-    bases = [input_dir / "images" / folder, input_dir / "images" / split, input_dir / folder, input_dir / "images"]
-    for base in bases:
+    for base in image_folders(input_dir, folder, split):
         if escape_reason(base.relative_to(input_dir).as_posix()) is not None:
             continue  # a JSON named e.g. panoptic_...json: no folder of its name outside the dataset
         candidate = confined(base, file_name)
@@ -298,7 +369,7 @@ def rle_counts(segmentation: Any, height: int, width: int, where: str) -> list[i
     if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
         raise ValueError(f"{where}: segmentation is not an RLE dict with 'counts' and 'size'")
     size = segmentation["size"]
-    if not (isinstance(size, list | tuple) and len(size) == 2 and all(_is_int(v) for v in size)):
+    if not (isinstance(size, list | tuple) and len(size) == 2 and all(is_int(v) for v in size)):
         raise ValueError(f"{where}: RLE size {size!r:.100} is not [height, width]")
     if list(size) != [height, width]:
         raise ValueError(f"{where}: RLE size {list(size)} differs from the image's [{height}, {width}]")
@@ -307,7 +378,7 @@ def rle_counts(segmentation: Any, height: int, width: int, where: str) -> list[i
         counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, str):
         counts = _counts_from_string(counts, where)
-    elif not (isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts)):
+    elif not (isinstance(counts, list) and all(is_int(c) and c >= 0 for c in counts)):
         raise ValueError(f"{where}: RLE counts must be non-negative integers or a compressed string")
     total = sum(counts)
     if total != height * width:

@@ -22,10 +22,6 @@ IGNORE_INDEX = 255
 PREFIX = "panoptic_"
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def decode_segments(
     ids: np.ndarray, segments: list[dict[str, Any]], classes: dict[int, ClassInfo], png: Path, ignore_index: int
 ) -> tuple[np.ndarray, list[dict[str, Any]], list[str]]:
@@ -38,7 +34,7 @@ def decode_segments(
     by_id: dict[int, dict[str, Any]] = {}
     listed: set[int] = set()  # well-formed segment ids, declared category or not
     for i, seg in enumerate(segments):
-        if not isinstance(seg, dict) or not _is_int(seg.get("id")) or not _is_int(seg.get("category_id")):
+        if not isinstance(seg, dict) or not coco_files.is_int(seg.get("id")) or not coco_files.is_int(seg.get("category_id")):
             problems.append(f"{png}: segments_info[{i}] needs integer 'id' and 'category_id', got {seg!r:.200}")
             continue
         if seg["id"] in listed:
@@ -128,7 +124,7 @@ def _jobs(f: coco_files.JsonFile, problems: list[str]) -> list[coco_files.Job]:
     ann_problems: dict[Any, list[str]] = {}
     for i, ann in enumerate(f.annotations):
         iid = ann.get("image_id") if isinstance(ann, dict) else None
-        if not (_is_int(iid) or isinstance(iid, str)):
+        if not (coco_files.is_int(iid) or isinstance(iid, str)):
             problems.append(f"{f.path}: annotations[{i}] has no integer or string 'image_id'")
         elif iid in anns:
             ann_problems.setdefault(iid, []).append(f"{f.path}: image id {iid!r} has two entries in 'annotations'")

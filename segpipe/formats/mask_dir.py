@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import LabelPngError, colours_to_indices, label_colormap, loaded, read_png
+from segpipe.formats.coco_files import parse_categories
+from segpipe.formats.pngs import LabelPngError, class_colour, loaded, read_label_png
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -28,29 +29,15 @@ LABEL_FOLDERS = ("masks", "labels", "annotations")  # the first one present hold
 
 
 def parse_classes_json(path: Path) -> tuple[list[ClassInfo], list[str]]:
-    """``classes.json`` rows; a malformed row or duplicate id is a problem naming the file and row."""
+    """``classes.json`` rows (COCO category rows, ids 0..254), sorted by id; a malformed row or a
+    duplicate id is a problem naming the file and row."""
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list):
             raise TypeError(f"top level is {type(rows).__name__}, expected a list")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
         return [], [f"{path}: cannot read class table ({type(exc).__name__}: {exc})"]
-    classes, problems, seen = [], [], set()
-    for i, row in enumerate(rows):
-        try:
-            cid, name = row["id"], row["name"]
-            color = tuple(row.get("color") or label_colormap(256)[cid % 256])
-            if not (isinstance(cid, int) and 0 <= cid < IGNORE_INDEX and isinstance(name, str) and len(color) == 3
-                    and all(isinstance(c, int) and 0 <= c < 256 for c in color)):
-                raise ValueError("needs 'id' in 0..254, a string 'name' and 'color' [r, g, b] in 0..255")
-        except (KeyError, TypeError, ValueError) as exc:
-            problems.append(f"{path}: row {i}: {type(exc).__name__}: {exc}")
-            continue
-        if cid in seen:
-            problems.append(f"{path}: row {i}: duplicate class id {cid}")
-            continue
-        seen.add(cid)
-        classes.append(ClassInfo(id=cid, name=name, isthing=bool(row.get("isthing", False)), color=color))
+    classes, problems = parse_categories(rows, path, default_isthing=False, max_id=IGNORE_INDEX - 1, key=None)
     return sorted(classes, key=lambda c: c.id), problems
 
 
@@ -65,19 +52,16 @@ def parse_labels_txt(path: Path) -> tuple[list[ClassInfo], list[str]]:
     problems = [f"{path}:{i + 1}: empty class name" for i, n in enumerate(names) if not n]
     if len(names) > IGNORE_INDEX:
         problems.append(f"{path}: {len(names)} classes, at most {IGNORE_INDEX} fit beside ignore index {IGNORE_INDEX}")
-    colours = label_colormap(256)
-    return [ClassInfo(id=i, name=n, isthing=False, color=colours[i]) for i, n in enumerate(names) if n], problems
+    return [ClassInfo(id=i, name=n, isthing=False, color=class_colour(i)) for i, n in enumerate(names) if n], problems
 
 
 def read_mask(path: Path, colours: dict[tuple[int, int, int], int] | None) -> np.ndarray:
-    """A mask as class ids: palette indices / grey values as stored; RGB through ``colours``."""
-    arr, mode = read_png(path)
-    if mode == "RGB":
-        if colours is not None:
-            return colours_to_indices(arr, {**colours, (255, 255, 255): IGNORE_INDEX}, path).astype(np.uint8)
-        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise LabelPngError(f"{path}: RGB mask but no classes.json with colours to map it to class ids")
-        return np.ascontiguousarray(arr[..., 0])
+    """A mask as class ids: palette indices / grey values as stored; RGB through ``colours`` (white
+    is the ignore index), or grey RGB as its grey value when there are no colours."""
+    if colours is not None:
+        arr = read_label_png(path, {**colours, (255, 255, 255): IGNORE_INDEX})
+    else:
+        arr = read_label_png(path, grey_rgb=True)
     if arr.dtype != np.uint8 and arr.size and int(arr.max()) > IGNORE_INDEX:
         raise LabelPngError(f"{path}: value {int(arr.max())} exceeds the largest class id {IGNORE_INDEX - 1}")
     return arr.astype(np.uint8)
@@ -147,8 +131,7 @@ def read(input_dir: Path) -> Source:
                 values.update(np.unique(read_mask(path, None)).tolist())
             except LabelPngError:
                 pass  # reported again, against its record, when the records are read
-        colourmap = label_colormap(256)
-        classes = [ClassInfo(id=v, name=f"class_{v}", isthing=False, color=colourmap[v])
+        classes = [ClassInfo(id=v, name=f"class_{v}", isthing=False, color=class_colour(v))
                    for v in sorted(values - {IGNORE_INDEX})]
     problems += table_problems
     known = {c.id for c in classes}

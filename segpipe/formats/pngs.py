@@ -25,15 +25,21 @@ class LabelPngError(UserError, ValueError):
     """A label PNG is missing, unreadable, too large or holds values it should not."""
 
 
-def read_png(path: Path) -> tuple[np.ndarray, str]:
-    """Decode ``path`` as stored: ``(array, mode)``. "P" gives the palette indices (H x W uint8),
-    "L"/"1" H x W uint8, 16-bit grey H x W uint16, "I" H x W int32, RGB(A) H x W x 3 uint8."""
+# Modes Pillow opens a colour PNG in; ``read_png`` gives them as H x W x 3 RGB.
+COLOUR_MODES = ("RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB")
+# One value per pixel: palette indices, 1/8-bit grey, 16-bit grey as Pillow names its byte
+# orders, and "I" (32-bit), in which Pillow opens some 16-bit PNGs.
+LABEL_MODES = ("P", "L", "1", "I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _decode(path: Path) -> tuple[np.ndarray, str, str]:
+    """``(array, mode as read_png gives it, mode as stored)``."""
     if not path.is_file():
         raise LabelPngError(f"{path}: file not found")
     try:
         with open_image(path, MAX_LABEL_PIXELS, name="", limit_name="the label-map limit") as im:
-            mode = im.mode
-            if mode in ("RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
+            stored = mode = im.mode
+            if mode in COLOUR_MODES:
                 arr = np.asarray(im.convert("RGB"))
                 mode = "RGB"
             elif mode == "1":
@@ -50,18 +56,56 @@ def read_png(path: Path) -> tuple[np.ndarray, str]:
         raise LabelPngError(f"{path}: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise LabelPngError(f"{path}: cannot decode ({type(exc).__name__}: {exc})") from exc
+    return arr, mode, stored
+
+
+def read_png(path: Path) -> tuple[np.ndarray, str]:
+    """Decode ``path`` as stored: ``(array, mode)``. "P" gives the palette indices (H x W uint8),
+    "L"/"1" H x W uint8, 16-bit grey H x W uint16, "I" H x W int32, colour modes (RGB, RGBA,
+    LA, ...) H x W x 3 uint8 with mode "RGB"."""
+    arr, mode, _ = _decode(path)
     return arr, mode
 
 
-def read_index_png(path: Path) -> np.ndarray:
-    """An H x W map of integer values: palette indices, grey values, or 16/32-bit values.
-    RGB files are accepted only when they are grey (R == G == B)."""
-    arr, mode = read_png(path)
+def read_label_png(path: Path, colours: Mapping[tuple[int, int, int], int] | None = None, *,
+                   grey_rgb: bool = False) -> np.ndarray:
+    """A label PNG as the H x W map of the values it stores (class ids, instance ids, indices).
+
+    Single-channel PNGs (``LABEL_MODES``) give their values: palette ("P") PNGs their indices,
+    never their colours; "L" and "1" uint8; 16-bit grey, and "I" (as Pillow opens some 16-bit
+    PNGs), uint16 (an "I" value outside 0..65535 is an error). A colour PNG is a label map only
+    where its format says how: through ``colours`` (colour -> value; any other colour is an
+    error), or with ``grey_rgb`` when R == G == B (the grey value); otherwise it is refused.
+    Every failure raises ``LabelPngError`` naming the file.
+    """
+    arr, mode, stored = _decode(path)
     if mode == "RGB":
+        if colours is not None:
+            indices = colours_to_indices(arr, colours, path)
+            return indices.astype(label_dtype(max(colours.values(), default=0)))
+        if not grey_rgb:
+            raise LabelPngError(
+                f"{path}: PNG mode {stored!r} is not a single-channel label map (expected one of "
+                f"{', '.join(LABEL_MODES)}; colour PNGs (mode RGB, RGBA, ...) are read only by formats with a colour table)"
+            )
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise LabelPngError(f"{path}: RGB label map where an index (palette or grey) PNG is expected")
+            raise LabelPngError(f"{path}: PNG mode {stored!r} holds colours (R, G, B differ) where a single-channel "
+                                "(palette or grey) label map is expected")
         return np.ascontiguousarray(arr[..., 0])
+    if mode == "I":
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise LabelPngError(f"{path}: label values {int(arr.min())}..{int(arr.max())} outside 0..65535")
+        return arr.astype(np.uint16)
     return arr
+
+
+def read_rgb_png(path: Path, what: str) -> np.ndarray:
+    """An RGB-encoded label PNG (COCO panoptic segment ids, ADE20K's ``_seg.png``) as H x W x 3
+    uint8; any other mode is an error naming the file and saying, as ``what``, what the PNG is."""
+    rgb, mode, stored = _decode(path)
+    if mode != "RGB":
+        raise LabelPngError(f"{path}: mode {stored!r}, {what}")
+    return rgb
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -87,10 +131,7 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 def read_id_png(path: Path) -> np.ndarray:
     """Segment ids of an RGB-encoded id PNG (COCO panoptic), H x W int64; 0 is unlabelled."""
-    rgb, mode = read_png(path)
-    if mode != "RGB":
-        raise LabelPngError(f"{path}: mode {mode!r}, a panoptic PNG is RGB (id = R + 256 G + 256^2 B)")
-    return rgb_to_id(rgb)
+    return rgb_to_id(read_rgb_png(path, "a panoptic PNG is RGB (id = R + 256 G + 256^2 B)"))
 
 
 def colours_to_indices(rgb: np.ndarray, colours: Mapping[tuple[int, int, int], int], path: Path) -> np.ndarray:
@@ -113,21 +154,31 @@ def colours_to_indices(rgb: np.ndarray, colours: Mapping[tuple[int, int, int], i
     return lut[inverse.reshape(packed.shape)]
 
 
+def class_colour(class_id: int) -> tuple[int, int, int]:
+    """The colour of class ``class_id`` when its source gives it none: the PASCAL VOC colour
+    map's entry for the id (the bits of the id spread over R, G, B from the high bit down).
+
+    Why this policy, for every reader: VOC's palette PNGs carry exactly these colours and the VOC
+    and mask-dir readers colour their classes with them, so a class id has the same colour in
+    every converted dataset, whichever format it came from; it depends on the id alone (no table
+    to keep, nothing random); and the map goes on past 255 without repeating (ids below 2^24
+    get distinct colours), where indexing a 256-entry table would wrap. Ids are taken modulo 2^24.
+    """
+    r = g = b = 0
+    c = class_id % (1 << 24)
+    for shift in range(7, -1, -1):
+        r |= (c & 1) << shift
+        g |= ((c >> 1) & 1) << shift
+        b |= ((c >> 2) & 1) << shift
+        c >>= 3
+    return (r, g, b)
+
+
 @functools.lru_cache(maxsize=4)
 def label_colormap(n: int = 256) -> tuple[tuple[int, int, int], ...]:
-    """The PASCAL VOC colour map (bits of the index spread over R, G, B from the high bit down),
-    which VOC's palette PNGs carry and which also colours classes that bring no colour."""
-    colours = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        colours.append((r, g, b))
-    return tuple(colours)
+    """The first ``n`` entries of the PASCAL VOC colour map (``class_colour`` of 0..n-1), which
+    VOC's palette PNGs carry."""
+    return tuple(class_colour(i) for i in range(n))
 
 
 def label_dtype(max_value: int) -> type[np.unsignedinteger]:

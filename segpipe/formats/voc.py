@@ -16,14 +16,7 @@ import numpy as np
 
 from segpipe.files import escape_reason
 from segpipe.formats.base import ClassInfo, Record, Source
-from segpipe.formats.pngs import (
-    LabelPngError,
-    colours_to_indices,
-    label_colormap,
-    loaded,
-    mask_bbox,
-    read_png,
-)
+from segpipe.formats.pngs import LabelPngError, label_colormap, loaded, mask_bbox, read_label_png
 
 IGNORE_INDEX = 255
 NAMES = (
@@ -33,19 +26,14 @@ NAMES = (
 CLASSES = [
     ClassInfo(id=i, name=name, isthing=i != 0, color=label_colormap(256)[i]) for i, name in enumerate(NAMES)
 ]
+VOC_COLOURS = {c: i for i, c in enumerate(label_colormap(256))}
 # "trainval" is the union of train and val: listing it as a split would put images in two.
 UNION_SPLITS = {"trainval"}
 
 
 def read_index_map(path: Path) -> np.ndarray:
-    """A VOC label PNG as indices: palette/grey values as stored, RGB through the VOC colour map."""
-    arr, mode = read_png(path)
-    if mode == "RGB":
-        colours = {c: i for i, c in enumerate(label_colormap(256))}
-        return colours_to_indices(arr, colours, path).astype(np.uint8)
-    if mode not in ("P", "L"):
-        raise LabelPngError(f"{path}: mode {mode!r}, VOC label PNGs are palette (P) PNGs")
-    return arr
+    """A VOC label PNG as indices: palette values as stored, RGB through the VOC colour map."""
+    return read_label_png(path, VOC_COLOURS)
 
 
 def decode_objects(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.files import escape_reason
+from segpipe.formats.coco_files import parse_categories as coco_categories
 from segpipe.metrics.semantic import MetricsInputError, _to_numpy
 
 VOID = 0
@@ -283,31 +284,20 @@ def compute(
 
 
 def parse_categories(doc: Any, source: str) -> tuple[list[int], list[str], list[bool]]:
-    """(ids, names, isthing) of a COCO panoptic ground truth's ``categories``.
+    """(ids, names, isthing) of a COCO panoptic ground truth's ``categories``, in file order.
 
-    Every category needs an integer ``id``, a string ``name`` and ``isthing`` 0/1 (the thing /
-    stuff split depends on it); ids and names must be unique.
+    Parsed as every COCO reader parses categories (``segpipe.formats.coco_files.parse_categories``),
+    with ``isthing`` required (the thing / stuff split depends on it): every category needs an
+    integer ``id``, a string ``name`` and ``isthing`` 0/1; ids and names must be unique. The
+    first problem raises MetricsInputError naming ``source``.
     """
     cats = doc.get("categories") if isinstance(doc, dict) else None
     if not isinstance(cats, list) or not cats:
         raise MetricsInputError(f"{source}: 'categories' missing, empty or not a list")
-    ids: list[int] = []
-    names: list[str] = []
-    things: list[bool] = []
-    for i, cat in enumerate(cats):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            raise MetricsInputError(f"{source}: categories[{i}] needs an integer 'id' and a string 'name', got {cat!r:.200}")
-        if cat.get("isthing") not in (0, 1):
-            raise MetricsInputError(
-                f"{source}: category id {cat['id']} ({cat['name']!r}) has isthing={cat.get('isthing')!r}, expected 0 or 1")
-        if cat["id"] in ids:
-            raise MetricsInputError(f"{source}: duplicate category id {cat['id']}")
-        if cat["name"] in names:
-            raise MetricsInputError(f"{source}: category name {cat['name']!r} is used by two ids")
-        ids.append(int(cat["id"]))
-        names.append(cat["name"])
-        things.append(bool(cat["isthing"]))
-    return ids, names, things
+    classes, problems = coco_categories(cats, source, default_isthing=None)
+    if problems:
+        raise MetricsInputError(problems[0])
+    return [c.id for c in classes], [c.name for c in classes], [c.isthing for c in classes]
 
 
 def annotations_by_image(doc: Any, source: str) -> dict[Any, dict[str, Any]]:

@@ -6,19 +6,10 @@ import pytest
 from PIL import Image
 
 from segpipe.formats import FORMATS, get_reader
-from segpipe.formats.coco import CocoError, load_label_png, read, split_folder, split_from_name
+from segpipe.formats.coco import CocoError, read
+from segpipe.formats.pngs import class_colour
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "formats" / "coco_dataset" / "coco_instances"
-
-
-def test_split_from_file_name():
-    assert split_from_name("instances_train.json") == "train"
-    assert split_from_name("instances_val2017.json") == "val"
-    assert split_from_name("instances_test-dev2017.json") == "test"
-    assert split_from_name("instances.json") is None
-    assert split_from_name("instances_trainval.json") is None
-    assert split_from_name("instances_minival2014.json") is None
-    assert split_folder("instances_train2017.json") == "train2017"
 
 
 def test_registry_lists_every_format_and_rejects_unknown():
@@ -61,6 +52,24 @@ def test_class_table_from_categories_with_isthing(tmp_path):
     assert [(c.id, c.isthing) for c in src.classes] == [(3, True), (9, False)]
 
 
+def test_categories_without_isthing_or_colour_are_things_in_the_voc_colour_of_their_id(tmp_path):
+    data = {**BASE, "categories": [{"id": 3, "name": "crane"}, {"id": 9, "name": "road", "color": [1, 2, 3]}]}
+    src = read([write(tmp_path, data)], tmp_path / "images")
+    assert [(c.id, c.isthing, c.color) for c in src.classes] == [(3, True, (128, 128, 0)), (9, True, (1, 2, 3))]
+    assert class_colour(3) == (128, 128, 0)
+
+
+def test_classes_json_rows_without_colour_get_the_voc_colour_and_bad_rows_are_errors(tmp_path):
+    f = write(tmp_path, BASE, [{"id": 3, "name": "crane"}])
+    assert [(c.id, c.isthing, c.color) for c in read([f], tmp_path / "images").classes] == [(3, True, (128, 128, 0))]
+    (tmp_path / "classes.json").write_text(json.dumps([{"id": 3, "name": "crane"}, {"id": 3, "name": "crane"}]))
+    with pytest.raises(CocoError, match=r"classes.json: duplicate category id 3 \(row 0 and row 1\)"):
+        read([f], tmp_path / "images")
+    (tmp_path / "classes.json").write_text(json.dumps([{"id": 3, "name": "crane", "color": [0, 0]}]))
+    with pytest.raises(CocoError, match=r"classes.json: category id 3 \('crane'\) has color=\[0, 0\]"):
+        read([f], tmp_path / "images")
+
+
 def test_classes_json_missing_a_category_is_an_error(tmp_path):
     f = write(tmp_path, BASE, [{"id": 0, "name": "sky", "isthing": False, "color": [0, 0, 0]}])
     with pytest.raises(CocoError, match=r"classes.json: category id\(s\) \[3\]"):
@@ -91,19 +100,32 @@ def test_conflicting_category_names_across_files(tmp_path):
     a = write(tmp_path, BASE)
     b = tmp_path / "annotations" / "instances_val.json"
     b.write_text(json.dumps({**BASE, "categories": [{"id": 3, "name": "excavator"}]}))
-    with pytest.raises(CocoError, match="category 3 is 'excavator'"):
+    with pytest.raises(CocoError, match=r"instances_val.json: category id 3 is 'excavator' .* but .*instances.json "
+                                        r"defines it as 'crane'"):
         read([a, b], tmp_path / "images")
 
 
-def test_label_png_modes(tmp_path):
-    pal = Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8), "P")
-    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
-    pal.save(tmp_path / "p.png")
-    np.testing.assert_array_equal(load_label_png(tmp_path / "p.png"), [[0, 1], [2, 3]])  # indices, not colours
-    Image.fromarray(np.array([[0, 300]], np.uint16)).save(tmp_path / "w.png")
-    assert load_label_png(tmp_path / "w.png").tolist() == [[0, 300]]
-    with pytest.raises(FileNotFoundError, match="label map file missing"):
-        load_label_png(tmp_path / "none.png")
+def test_split_and_image_folder_from_the_annotation_file_name(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    jpeg(tmp_path / "images" / "val2017" / "x.jpg")
+    f = tmp_path / "annotations" / "instances_val2017.json"
+    f.write_text(json.dumps(BASE))
+    rec = next(read([f], tmp_path / "images").records())
+    assert rec.split == "val" and rec.image_path == tmp_path / "images" / "val2017" / "x.jpg"
+
+
+def test_mask_pngs_are_read_as_every_label_png(tmp_path):
+    f = write(tmp_path, BASE)
+    (tmp_path / "masks").mkdir()
+    pal = Image.fromarray(np.array([[3] * 5] * 4, np.uint8), "P")
+    pal.putpalette([9] * 768)
+    pal.save(tmp_path / "masks" / "x.png")
+    rec = next(read([f], tmp_path / "images", tmp_path / "masks").records())
+    assert rec.semantic_source == str(tmp_path / "masks" / "x.png")
+    np.testing.assert_array_equal(rec.semantic(), np.full((4, 5), 3))  # indices, not colours
+    Image.new("RGB", (5, 4), (3, 3, 3)).save(tmp_path / "masks" / "x.png")
+    with pytest.raises(ValueError, match=r"masks/x.png: PNG mode 'RGB' is not a single-channel label map"):
+        rec.semantic()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/formats (sample data) not present")
@@ -114,6 +136,8 @@ def test_shared_sample_records():
     assert [(r.image_id, r.split, r.image_path.relative_to(SHARED).as_posix()) for r in recs] == [
         ("5", "train", "images/train/a.jpg"), ("40", "val", "images/val/b.jpg")]
     assert [c.name for c in src.classes] == ["a", "b", "c"]
+    # The sample's categories bring no colour: the VOC colour of the id (was a hash of the id).
+    assert [(c.id, c.color) for c in src.classes] == [(1, (128, 0, 0)), (2, (0, 128, 0)), (4, (0, 0, 128))]
     assert [i["id"] for i in recs[1].instances] == [1, 2] and recs[1].instances[1]["iscrowd"] == 1
     assert src.problems == [] and len(src.files) == 4
 

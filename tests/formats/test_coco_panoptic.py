@@ -28,10 +28,12 @@ def test_sample_records_classes_and_semantic():
     root = sample("coco_dataset", "coco_panoptic")
     source = coco_panoptic.read(root)
     assert source.problems == []
-    assert source.classes == [ClassInfo(1, "a", False, source.classes[0].color), ClassInfo(2, "b", False, source.classes[1].color)]
+    # No colour in the sample's categories: the VOC colour of the id, as for every reader.
+    assert source.classes == [ClassInfo(1, "a", False, (128, 0, 0)), ClassInfo(2, "b", False, (0, 128, 0))]
     records = records_by_id(source)
     assert sorted(records) == ["a", "b"]
     assert (records["a"].split, records["b"].split) == ("train", "val")
+    assert records["b"].image_path == root / "images" / "val" / "b.jpg"
     # b: all segments are stuff (isthing 0): semantic only, no instances.
     b = records["b"]
     assert b.problems == []

@@ -248,7 +248,7 @@ IMAGE_CASES = {
                   "label map is 42 x 32, the image is 40 x 32"),
     "mask_value": (_write("masks/img001.png", lambda p: _png_bytes(np.full((H, W), 7, np.uint8))),
                    "label value(s) 7 not in the class table"),
-    "mask_missing": (lambda d, root: (root / "masks" / "img001.png").unlink(), "label map file missing"),
+    "mask_missing": (lambda d, root: (root / "masks" / "img001.png").unlink(), "img001.png: file not found"),
     "mask_rgb": (_write("masks/img001.png", lambda p: _png_bytes(np.zeros((H, W, 3), np.uint8))), "mode RGB"),
 }
 
