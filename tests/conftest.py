@@ -257,8 +257,11 @@ def eval_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-TINY_MASKFORMER = {"num_queries": 8, "hidden_dim": 32, "dec_layers": 1, "nheads": 2, "dim_feedforward": 32,
-                   "conv_dim": 32, "mask_dim": 32}
+@pytest.fixture
+def tiny_maskformer() -> dict:
+    """Build kwargs of a MaskFormer small enough to run in a test (things: the synthetic set's)."""
+    return {"num_queries": 8, "hidden_dim": 32, "dec_layers": 1, "nheads": 2, "dim_feedforward": 32,
+            "conv_dim": 32, "mask_dim": 32}
 
 
 @pytest.fixture(scope="session")

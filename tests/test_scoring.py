@@ -10,7 +10,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MASKFORMER
 
 from segpipe import scoring
 from segpipe.params import DetectionParams, EvaluateParams, FusionParams, build
@@ -75,7 +74,8 @@ def test_scoring_uses_the_label_map_predict_writes(eval_shards, tmp_path, tiny_c
 
 
 @pytest.mark.slow
-def test_ray_engine_gives_the_local_engines_numbers(eval_shards, tmp_path, tiny_checkpoint, ray_session):
+def test_ray_engine_gives_the_local_engines_numbers(eval_shards, tmp_path, tiny_checkpoint, ray_session,
+                                                    tiny_maskformer):
     """One Ray, four cases: a semantic, an instance and a panoptic model, and a fused pair. Each is
     scored in this process and on a Ray Data actor pool (one-thread models, 1 image per batch: several
     chunks), with the same metrics and files."""
@@ -87,7 +87,7 @@ def test_ray_engine_gives_the_local_engines_numbers(eval_shards, tmp_path, tiny_
     models = {"unet": tiny_checkpoint("unet", shards=eval_shards, base_channels=4, depth=2),
               "mask_rcnn": tiny_checkpoint("mask_rcnn", shards=eval_shards, box_head_dim=32, mask_head_channels=16,
                                            detects_things=True),
-              "maskformer": tiny_checkpoint("maskformer", shards=eval_shards, thing_ids=[1, 2], **TINY_MASKFORMER)}
+              "maskformer": tiny_checkpoint("maskformer", shards=eval_shards, thing_ids=[1, 2], **tiny_maskformer)}
     with one_thread_models():
         for arch, ckpt in models.items():
             outs = {e: tmp_path / arch / e for e in ("local", "ray")}

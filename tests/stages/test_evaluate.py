@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MASKFORMER
 
 from segpipe import scoring
 from segpipe.metrics.semantic import BACKGROUND
@@ -114,8 +113,8 @@ def _panoptic_checks(p: dict, csv: str) -> None:
         line.rsplit(",", 1)[0]: float(line.rsplit(",", 1)[1]) for line in lines[1:]}
 
 
-def test_maskformer_evaluation_adds_panoptic_metrics(eval_shards, tmp_path, tiny_checkpoint):
-    ckpt = tiny_checkpoint("maskformer", shards=eval_shards, thing_ids=[1, 2], **TINY_MASKFORMER)
+def test_maskformer_evaluation_adds_panoptic_metrics(eval_shards, tmp_path, tiny_checkpoint, tiny_maskformer):
+    ckpt = tiny_checkpoint("maskformer", shards=eval_shards, thing_ids=[1, 2], **tiny_maskformer)
     params = build(EvaluateParams, {"batch_size": 2, "num_overlays": 0, "panoptic": {
         "object_mask_threshold": 0.0, "overlap_threshold": 0.0}}, "test")
     m = ev.run(params, ckpt, eval_shards, tmp_path / "eval")
