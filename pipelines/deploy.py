@@ -1,4 +1,10 @@
-"""``segpipe schedule``: serve the ``retrain`` flow on its cron schedule (``retrain.cron``).
+"""``segpipe schedule``: serve the ``retrain`` flow on its cron schedule (``retrain.cron``) and, with
+``retrain.on_ingest`` (the default), whenever an ``ingest`` flow run completes.
+
+The second is a Prefect deployment trigger: an automation on the server that runs the retrain
+deployment when it sees a ``prefect.flow-run.Completed`` event of a flow named ``ingest``. A drop
+that is rejected ends its ingest run Failed, so it triggers nothing. Ingest runs must report to the
+same server (``PREFECT_API_URL``) for their events to reach it.
 
 With ``PREFECT_API_URL`` set, the deployment is registered with that Prefect server and this
 process runs the flow runs it schedules. Without it, a local Prefect server is started for the
@@ -42,9 +48,25 @@ def next_runs(cron: str, timezone: str, count: int, after: dt.datetime | None = 
     return [it.get_next(dt.datetime) for _ in range(count)]
 
 
+INGEST_FLOW = "ingest"  # pipelines.ingest's flow name: its completed runs trigger a retrain
+
+
+def ingest_trigger() -> Any:
+    """The deployment trigger that runs retrain when an ``ingest`` flow run completes (only then:
+    a rejected drop's run is Failed)."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name="retrain-on-ingest",
+        expect={"prefect.flow-run.Completed"},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": INGEST_FLOW},
+    )
+
+
 def deployment_fields(params: RetrainParams, repo: Path, params_file: str = "params.yaml",
                       overrides: list[str] | None = None) -> dict[str, Any]:
-    """What every retrain deployment has, served or in a work pool: name, cron schedule, parameters."""
+    """What every retrain deployment has, served or in a work pool: name, cron schedule, the ingest
+    trigger (``retrain.on_ingest``), parameters."""
     from prefect.schedules import Cron
 
     check_params(params)
@@ -52,6 +74,7 @@ def deployment_fields(params: RetrainParams, repo: Path, params_file: str = "par
     return {
         "name": params.deployment,
         "schedules": [Cron(params.cron, timezone=params.timezone)],
+        "triggers": [ingest_trigger()] if params.on_ingest else [],
         # Runs read params_file (relative to repo) at run time, with the same --set overrides.
         "parameters": {"repo": str(repo), "params_file": params_file, "overrides": list(overrides or [])},
         "description": f"dvc repro of the segpipe pipeline in {repo}, then promotion",
@@ -83,6 +106,8 @@ def describe(deployment: Any, api_url: str | None, count: int = 3) -> str:
         sched = s.schedule
         lines.append(f"schedule: cron {sched.cron!r} in {sched.timezone or 'UTC'}")
         lines += [f"  next: {t.isoformat()}" for t in next_runs(sched.cron, sched.timezone or "UTC", count)]
+    for t in deployment.triggers or []:
+        lines.append(f"trigger: {t.name}: {sorted(t.expect)} of flow {INGEST_FLOW!r}")
     lines.append(f"parameters: {deployment.parameters}")
     lines.append(f"api: {api_url}" if api_url else "api: none set; a local Prefect server will be started")
     return "\n".join(lines)

@@ -411,6 +411,7 @@ class RetrainParams:
     promote_stage: str = "promote"  # runs only when every stage above succeeded
     report_stage: str = "evaluate"  # whose DVC metrics fill the artifact's table
     metrics: list[str] = field(default_factory=lambda: ["miou", "miou_things", "mdice", "pixel_acc", "segm.AP"])
+    on_ingest: bool = True  # `segpipe schedule` also runs retrain when an ingest flow run completes
 
     def __post_init__(self) -> None:
         require(self, [

@@ -1,7 +1,10 @@
 """segpipe on a real S3 server (moto's server mode on loopback), configured only through the
-standard AWS_* variables, as a user would run it: `segpipe convert` writes the shards to s3://,
-`segpipe train` reads them through Ray Data with its checkpoints under train.storage_path=s3://...,
-recovers from a crash at epoch 2 from the S3 checkpoint, and evaluate reads the same shards."""
+standard AWS_* variables, as a user would run it, every command a subprocess given its URIs on the
+command line: `segpipe convert` writes the shards to s3://, `segpipe stats` and `segpipe evaluate`
+read them, `segpipe train` reads them through Ray Data with its checkpoints under
+train.storage_path=s3://..., recovering from a crash at epoch 2 from the S3 checkpoint, and
+`segpipe predict` reads its images from s3://. `segpipe validate` reads local files only, and says so
+naming the argument."""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from segpipe.params import EvaluateParams
 from segpipe.shards import manifest_hash, open_shards
 from segpipe.stages.train import FAIL_AT_EPOCH_ENV
 
@@ -62,9 +64,7 @@ def test_convert_refuses_a_uri_input_and_an_unknown_scheme_naming_the_argument(t
 
 
 @pytest.mark.slow
-def test_convert_train_resume_and_evaluate_on_s3(s3, tiny_raw, tmp_path):
-    from segpipe.stages import evaluate
-
+def test_every_command_takes_its_uris_from_the_command_line(s3, tiny_raw, tmp_path):
     work = tmp_path / "work"  # the commands' working directory: nothing may land here
     work.mkdir()
     params = tmp_path / "params.yaml"
@@ -93,6 +93,26 @@ def test_convert_train_resume_and_evaluate_on_s3(s3, tiny_raw, tmp_path):
     assert not [k for k in s3.files("ray") if "checkpoint_" in k or k.endswith("failed-once")], s3.files("ray")
     assert list(work.iterdir()) == [] and not list(tmp_path.rglob(".ray_results"))
 
-    result = evaluate.run(EvaluateParams(num_overlays=1), tmp_path / "unet" / "checkpoint", shards, tmp_path / "eval")
+    out = segpipe("evaluate", "--model", str(tmp_path / "unet" / "checkpoint"), "--shards", shards, "--out",
+                  str(tmp_path / "eval"), "--params", str(params), "--set", "evaluate.num_overlays=1", cwd=work, env=env)
+    assert f"-> {tmp_path / 'eval'}" in out
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["shards_manifest_sha256"] == result["trained_on_shards_manifest_sha256"] == manifest_hash(shards)
     assert result["images"] == open_shards(shards).rows("val") > 0 and 0 <= result["pixel_acc"] <= 1
+
+    stats = json.loads(segpipe("stats", shards, "--json", cwd=work, env=env))
+    assert sum(s["images"] for s in stats.values()) == 16
+
+    fs = s3.fs()  # two site photos in the bucket, predicted from there, written locally
+    for name in sorted(p.name for p in (tiny_raw / "images").iterdir())[:2]:
+        with fs.open_output_stream(f"{s3.bucket}/site/{name}") as f:
+            f.write((tiny_raw / "images" / name).read_bytes())
+    segpipe("predict", "--model", str(tmp_path / "unet" / "checkpoint"), "--input", s3.uri("site"), "--out",
+            str(tmp_path / "pred"), "--params", str(params), cwd=work, env=env)
+    assert len(list((tmp_path / "pred" / "labels").glob("*.png"))) == 2
+
+    proc = subprocess.run([sys.executable, "-m", "segpipe", "validate", "--format", "coco", "--input", s3.uri("raw")],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("only a local path is accepted here") or \
+        "--input: s3://" in proc.stderr, proc.stderr
+    assert list(work.iterdir()) == []

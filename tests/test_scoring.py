@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -124,7 +125,8 @@ def test_metrics_per_collection_add_up_to_the_split(tmp_path, tiny_checkpoint):
     synth.run(SynthParams(images=6, size=(64, 64), workers=1, seed=1), raw / "alpha")
     synth.run(SynthParams(images=5, size=(64, 64), workers=1, seed=2, palette="arid"), raw / "beta")
     convert.run(ConvertParams(workers=1, val_fraction=0.5), read_collections(raw), tmp_path / "both", progress=False)
-    convert.run(ConvertParams(workers=1, val_fraction=0.5), read_collections(raw / "beta"), tmp_path / "beta",
+    shutil.copytree(raw / "beta", tmp_path / "only" / "beta")  # a folder of one collection: the same ids and splits
+    convert.run(ConvertParams(workers=1, val_fraction=0.5), read_collections(tmp_path / "only"), tmp_path / "beta",
                 progress=False)
     from segpipe.shards import open_shards
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from segpipe.files import atomic_write_json
 from segpipe.shards import ShardError, decode_semantic, iter_rows, open_shards
+from segpipe.storage import Location
 
 COLUMNS = ["split", "height", "width", "semantic", "semantic_encoding", "instances"]
 
@@ -25,7 +26,7 @@ def count_row(row: dict[str, Any], pixels: np.ndarray, instances: dict[int, list
         c[1 if inst["iscrowd"] else 0] += 1
 
 
-def compute(path: Path | str, verify: bool = True) -> dict[str, Any]:
+def compute(path: Path | str | Location, verify: bool = True) -> dict[str, Any]:
     """{split: {"images", "classes": {name: {id, pixels, instances, crowd}}, "ignore_pixels"}}.
 
     A shard set without rows is a ShardError: there is nothing to count, and an empty table
@@ -75,12 +76,14 @@ def format_table(stats: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="segpipe stats", description=__doc__)
-    parser.add_argument("shards", help="shard folder (with manifest.json)")
+    parser.add_argument("shards", help="shard set: a folder (with manifest.json) or a URI (s3://, gs://, file://)")
     parser.add_argument("--json", dest="json_out", nargs="?", const="-", metavar="FILE",
                         help="print JSON instead of a table, or write it to FILE")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of shards")
     args = parser.parse_args(argv)
-    stats = compute(Path(args.shards), verify=not args.no_verify)
+    from segpipe.storage import resolve
+
+    stats = compute(resolve(args.shards, "shards"), verify=not args.no_verify)
     if args.json_out == "-":
         print(json.dumps(stats, indent=2))
     elif args.json_out:

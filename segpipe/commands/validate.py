@@ -10,7 +10,7 @@ from typing import Any
 
 from segpipe.files import atomic_write_json
 from segpipe.formats.base import Source
-from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
+from segpipe.params import ConvertParams, add_params_arguments, as_dict, from_args
 from segpipe.stages.convert import (
     add_source_arguments,
     check_source,
@@ -62,14 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "convert")
-    try:
-        source = read_source(args)
-        report = run(params, source, progress=not args.no_progress)
-    except ParamsError:
-        raise
-    except ValueError as e:
-        print(f"segpipe validate: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    source = read_source(args)  # errors the user can fix end as one line (segpipe.cli)
+    report = run(params, source, progress=not args.no_progress)
     report["params"] = as_dict(dataclasses.replace(params, strict=params.strict or args.strict))
     if args.report:
         atomic_write_json(Path(args.report), report)

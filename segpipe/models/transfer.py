@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from segpipe.errors import UserError
 
-class TransferError(ValueError):
+
+class TransferError(UserError, ValueError):
     """A parent state that cannot initialise the target model; the message names the key at fault."""
 
 

@@ -39,7 +39,7 @@ from segpipe.formats import FORMATS, get_reader
 from segpipe.formats.base import Record, Source
 from segpipe.images import ImageError, open_image
 from segpipe.lifetime import die_with_parent
-from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
+from segpipe.params import ConvertParams, add_params_arguments, as_dict, from_args
 
 BATCH = 4  # records per pool task
 
@@ -582,15 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     params = from_args(args, "convert")
     if args.strict:
         params = dataclasses.replace(params, strict=True)
-    try:
-        out = storage.resolve(args.out, "--out")
-        source = read_source(args)
-        manifest = run(params, source, out, progress=not args.no_progress)
-    except ParamsError:
-        raise
-    except ValueError as e:  # ConvertError, CocoError, ShardError: user-caused, already named
-        print(f"segpipe convert: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    out = storage.resolve(args.out, "--out")  # errors the user can fix end as one line (segpipe.cli)
+    source = read_source(args)
+    manifest = run(params, source, out, progress=not args.no_progress)
     rows = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items()) or "no rows"
     print(f"wrote {out}: {rows}; {len(manifest['shards'])} shard(s); "
           f"{len(manifest['quarantine'])} quarantined item(s); {len(manifest['warnings'])} warning(s)")

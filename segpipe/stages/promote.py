@@ -413,37 +413,37 @@ def rescore(entry: dict[str, Any], registry: Path, shards: Any, scoring: Evaluat
                            f"can be judged against it and nothing is promoted: {e}") from None
 
 
-def champion_on(index: dict[str, Any], alias: str, data: Data) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(the entry ``alias`` points at, its score on ``data`` or None when it must be re-scored)."""
-    entry = alias_entry(index, alias)
-    if entry is None:
-        return None, None
-    return entry, score_on(entry, data.manifest, data.split, data.scoring)
-
-
-def champions(registry: Path, name: str, data: Data, shards: Any, scoring: EvaluateParams, device: str,
-              aliases: list[str]) -> dict[str, Champion]:
-    """Each alias's champion with its score on ``data``: its own, or re-scored now (and recorded in
-    the registry: once per data version). Scoring runs outside the registry lock; the scores are
-    recorded only if the alias still points at the same version."""
-    found: dict[str, Champion] = {}
-    computed: dict[str, dict[str, Any]] = {}
+def rescore_champions(registry: Path, name: str, data: Data, shards: Any, scoring: EvaluateParams, device: str,
+                      aliases: list[str]) -> list[str]:
+    """Make sure each alias's champion has a score on ``data``: a champion whose scores are all of
+    other data is scored again now (outside the registry lock: it takes a while) and the score is
+    recorded in the registry, so a data version costs one re-score, not one per run. Returns the
+    versions re-scored."""
+    index = read_index(registry, name)
+    todo = {}
     for alias in aliases:
-        entry, score = champion_on(read_index(registry, name), alias, data)
-        if entry is None:
-            continue
-        if score is None:
-            version = entry["version"]
-            if version not in computed:
-                computed[version] = rescore(entry, registry, shards, scoring, device)
-            found[alias] = Champion(entry, computed[version], "re-scored")
-        else:
-            found[alias] = Champion(entry, score["metrics"], score["how"])
+        entry = alias_entry(index, alias)
+        if entry is not None and score_on(entry, data.manifest, data.split, data.scoring) is None:
+            todo.setdefault(entry["version"], entry)
+    computed = {v: rescore(entry, registry, shards, scoring, device) for v, entry in todo.items()}
     if computed:
         with transaction(registry, name) as index:
             for version, metrics in computed.items():
                 add_score(find_version(index, version), metrics, "re-scored")
-    return found
+    return sorted(computed)
+
+
+def champion_on(index: dict[str, Any], alias: str, data: Data) -> Champion | None:
+    """Inside a transaction: the champion ``alias`` points at, with its score on ``data``; PromoteError
+    when it has none (the alias moved to a version scored on other data since the re-scoring)."""
+    entry = alias_entry(index, alias)
+    if entry is None:
+        return None
+    score = score_on(entry, data.manifest, data.split, data.scoring)
+    if score is None:
+        raise PromoteError(f"{alias} moved to {entry['version']}, which has no score on the current data, while "
+                           "the champion was being re-scored (another promotion ran): run promote again")
+    return Champion(entry, score["metrics"], score["how"])
 
 
 def _fmt(v: float | None) -> str:
@@ -563,24 +563,20 @@ def run(params: PromoteParams, candidates: list[Path], shards: Path | str, scori
     ranked = [c for c in read if c.task != "panoptic"]  # a fused pair has no semantic or instance metrics
     panoptic = [c for c in read if is_panoptic(c)]
     wanted = (["champion"] if ranked else []) + (["panoptic-champion"] if panoptic else [])
-    judged = champions(registry, params.name, data, shard_set, scoring, device, wanted)
+    rescore_champions(registry, params.name, data, shard_set, scoring, device, wanted)
     pan_params = dataclasses.replace(params, protected_classes=[])  # protected classes are IoU rules
     pan: dict[str, Any] | None = None
     pan_promoted: str | None = None
     with transaction(registry, params.name) as index:
-        # the aliases may have moved while the champions were re-scored: judge the ones there now
-        for alias in list(judged):
-            if index["aliases"].get(alias) != judged[alias].version:
-                raise PromoteError(f"{alias} moved to {index['aliases'].get(alias)} while {judged[alias].version} "
-                                   "was being re-scored (another promotion ran): run promote again")
-        champion = judged.get("champion")
+        # judged against the champions there now, with their scores on this data (never another's)
+        champion = champion_on(index, "champion", data) if ranked else None
         decision = decide(ranked, champion, params, data, reference) if ranked else {
             "metric": ranking_metric(params, []), "champion": None, "challenger": None, "candidates": []}
         metric = decision["metric"]
         created: list[str] = []
         new_champion, challenger = _apply(registry, index, ranked, decision, RANKINGS["model"], created)
         if panoptic:
-            pan_champion = judged.get("panoptic-champion")
+            pan_champion = champion_on(index, "panoptic-champion", data)
             key = panoptic_key(params)
             pan_decision = decide(panoptic, pan_champion, pan_params, data, reference, metric=key)
             pan_after, pan_challenger = _apply(registry, index, panoptic, pan_decision, RANKINGS["panoptic"], created)

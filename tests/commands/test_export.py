@@ -15,7 +15,7 @@ from segpipe.registry import register, set_alias
 @pytest.fixture
 def registry(tmp_path: Path, tiny_checkpoint) -> Path:
     reg = tmp_path / "registry"
-    register(reg, tiny_checkpoint("unet", base_channels=4, depth=2), {})
+    register(reg, tiny_checkpoint("unet", base_channels=4, depth=2))
     set_alias(reg, "champion", "v1", "test")
     return reg
 

@@ -122,7 +122,7 @@ def test_predict_panoptic_with_maskformer_natively_and_by_tiles(tmp_path, tiny_c
     Image.fromarray(site_image(200, 150)).save(tmp_path / "in" / "large.png")  # 4 tiles: fused
     Image.fromarray(site_image(90, 120, seed=1)).save(tmp_path / "in" / "small.png")  # one tile: Mask2Former's
     loose = MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0)
-    summary = predict.run(PredictParams(tile=128, overlap=32, detection=DetectionParams(detection=DetectionParams(score_threshold=0.0)),
+    summary = predict.run(PredictParams(tile=128, overlap=32, detection=DetectionParams(score_threshold=0.0),
                                         panoptic=loose), ck, tmp_path / "in", tmp_path / "out", progress=False,
                           panoptic=True)
     assert summary["panoptic"] is True

@@ -58,18 +58,6 @@ def test_dry_run_prints_the_schedule(tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------- a real Prefect server
 
 
-TINY = {  # a whole pipeline run in a few minutes on 2 cores: one small architecture, small images
-    "synth": {"images": 16, "size": [64, 64]},
-    "convert": {"val_fraction": 0.25, "workers": 1},
-    # 40 epochs of 3 steps (about 12 s here), not a time budget: as much training on a loaded machine, and
-    # enough to beat the colour baseline at 1 bit per channel (val mIoU about 0.12 against 0.08)
-    "train": {"architectures": ["unet"], "epochs": 40, "budget_s": 0.0, "image_size": 64, "batch_size": 4,
-              "threads": 2, "model": {"unet": {"base_channels": 8, "depth": 2}}, "overrides": {"unet": {}}},
-    "evaluate": {"num_overlays": 1, "colour_bits": 1},
-    "retrain": {"retries": 0, "timeout_s": 900.0},
-}
-
-
 def api(server: dict[str, str], path: str, body: dict | None = None) -> dict | list:
     """A call to the Prefect server's REST API (what the UI and the CLI use)."""
     request = urllib.request.Request(server["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
@@ -120,7 +108,7 @@ def stop_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def trigger(server: dict[str, str], name: str, cwd: Path) -> tuple[str, str]:
+def trigger_run(server: dict[str, str], name: str, cwd: Path) -> tuple[str, str]:
     """`prefect deployment run NAME --watch`, as a user would: (flow run id, output)."""
     proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", name, "--watch",
                            "--watch-timeout", "900"], cwd=cwd, env=server, capture_output=True, text=True, timeout=960)
@@ -136,19 +124,40 @@ def retrain_report(server: dict[str, str], run_id: str) -> str:
     return report["data"]
 
 
+def flow_runs(server: dict[str, str], flow: str) -> list[dict]:
+    """Every run of ``flow`` on the server, oldest first."""
+    runs = api(server, "/flow_runs/filter", {"flows": {"name": {"any_": [flow]}}, "sort": "EXPECTED_START_TIME_ASC"})
+    return sorted(runs, key=lambda r: r["created"])
+
+
+def ingest_cli(server: dict[str, str], repo: Path, drop: Path, name: str) -> subprocess.CompletedProcess:
+    """`segpipe ingest DROP --name NAME` reporting to the server, as a site team would run it."""
+    return subprocess.run([sys.executable, "-m", "segpipe", "ingest", str(drop), "--name", name, "--repo", str(repo)],
+                          cwd=repo, env=server, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
-def test_retrain_on_a_prefect_server_served_then_run_by_a_work_pool_worker(prefect_server, copy_repo, tmp_path):
-    """`segpipe schedule` serves the deployment: a triggered run reproduces the pipeline and promotes,
-    a second one reruns nothing and promotes nothing. Then the deployment moves to a process work
-    pool (`segpipe schedule --pool`) and `prefect worker start` runs the next one."""
-    repo = copy_repo(tmp_path / "repo")
+def test_schedule_serves_retrain_on_cron_on_demand_and_on_each_ingest_then_a_work_pool_runs_it(
+        prefect_server, init_repo, tmp_path):
+    """`segpipe schedule` serves the retrain deployment of a repository (a DVC pipeline of cheap shell
+    stages: what is under test here is the orchestration, and the real pipeline has its own test in
+    test_loop.py). A triggered run reproduces the pipeline and promotes; a second one reruns nothing.
+    A completed ingest starts a retrain with no manual trigger; a rejected drop starts nothing. Then
+    the deployment moves to a process work pool (`segpipe schedule --pool`) and `prefect worker start`
+    runs the next one."""
+    from test_retrain import make_pipeline  # the toy pipeline of the flow tests
+
+    from segpipe.params import SynthParams
+    from segpipe.stages import synth
+
+    repo = make_pipeline(init_repo, tmp_path, "mkdir -p models/train/$1 && echo w > models/train/$1/model.txt\n")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
+    params["retrain"].update(retries=0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-    name = f"retrain/{params['retrain']['deployment']}"
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "no retries"], cwd=repo,
+                   check=True)
+    retrain = RetrainParams()
+    name = f"retrain/{retrain.deployment}"
     log = tmp_path / "schedule.log"
     with open(log, "wb") as out:  # the runner picks up a triggered run within 2 s (Prefect's default: 10)
         schedule = subprocess.Popen([sys.executable, "-m", "segpipe", "schedule", "--repo", str(repo)], cwd=repo,
@@ -158,31 +167,52 @@ def test_retrain_on_a_prefect_server_served_then_run_by_a_work_pool_worker(prefe
     try:
         def registered() -> bool:
             try:
-                return api(prefect_server, f"/deployments/name/{name}")["name"] == params["retrain"]["deployment"]
+                return api(prefect_server, f"/deployments/name/{name}")["name"] == retrain.deployment
             except OSError:
                 return False
 
         wait_until(registered, "`segpipe schedule` registers the deployment", 120, log)
         deployment = api(prefect_server, f"/deployments/name/{name}")
-        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [params["retrain"]["cron"]]
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [retrain.cron]
+        automations = api(prefect_server, "/automations/filter", {})
+        (trigger,) = [a for a in automations if a["name"].startswith("retrain-on-ingest")]
+        assert trigger["trigger"]["expect"] == ["prefect.flow-run.Completed"]
+        assert trigger["actions"][0]["deployment_id"] == deployment["id"]
 
-        first, _ = trigger(prefect_server, name, tmp_path)
+        first, _ = trigger_run(prefect_server, name, tmp_path)
         run = api(prefect_server, f"/flow_runs/{first}")
         assert run["state_type"] == "COMPLETED" and run["deployment_id"] == deployment["id"]
         report = retrain_report(prefect_server, first)
-        index = json.loads((repo / "models/registry/index.json").read_text())
-        champion = index["aliases"]["champion"]
-        assert f"**Promoted** {champion} (unet" in report, report
-        assert [v["version"] for v in index["versions"]] == [champion] == ["v1"]
-        registry = (repo / "models/registry/index.json").read_bytes()
-
-        second, _ = trigger(prefect_server, name, tmp_path)
-        assert api(prefect_server, f"/flow_runs/{second}")["state_type"] == "COMPLETED"
+        assert "**Promoted** v1 (b" in report, report
+        second, _ = trigger_run(prefect_server, name, tmp_path)
         report = retrain_report(prefect_server, second)
         assert "**Promotion unchanged**" in report, report
-        stages = [*params["retrain"]["stages"], params["retrain"]["promote_stage"]]
-        assert all(f"| `{s}` | completed | nothing (up to date) |" in report for s in stages), report
-        assert (repo / "models/registry/index.json").read_bytes() == registry  # nothing new promoted
+        assert "| `train` | completed | nothing (up to date) |" in report, report
+
+        # A rejected drop (an annotation naming a missing image) ends its ingest run Failed: no retrain.
+        bad, good = tmp_path / "bad", tmp_path / "good"
+        synth.run(SynthParams(images=3, size=(64, 64), seed=5, workers=1), bad)
+        (bad / "images" / sorted(p.name for p in (bad / "images").iterdir())[0]).unlink()
+        done = ingest_cli(prefect_server, repo, bad, "bad")
+        assert done.returncode == 1 and "rejected" in done.stderr + done.stdout, done.stdout + done.stderr
+        # A valid drop: its ingest completes, and the server starts a retrain run by itself.
+        synth.run(SynthParams(images=3, size=(64, 64), seed=6, workers=1), good)
+        before = len(flow_runs(prefect_server, "retrain"))
+        done = ingest_cli(prefect_server, repo, good, "site2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (repo / "data" / "raw" / "site2.dvc").is_file()
+
+        def retrained() -> bool:
+            runs = flow_runs(prefect_server, "retrain")
+            return len(runs) > before and runs[-1]["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
+
+        wait_until(retrained, "a completed ingest starts a retrain run", 300, log)
+        runs = flow_runs(prefect_server, "retrain")
+        assert len(runs) == before + 1  # one for the valid drop, none for the rejected one
+        auto = runs[-1]
+        assert auto["state_type"] == "COMPLETED" and auto["deployment_id"] == deployment["id"]
+        report = retrain_report(prefect_server, auto["id"])
+        assert "`convert`" in report and "| `convert` | completed | `convert` |" in report, report
 
         stop_group(schedule)  # Ctrl-C: it stops serving
         prefect = [sys.executable, "-m", "prefect"]
@@ -195,7 +225,7 @@ def test_retrain_on_a_prefect_server_served_then_run_by_a_work_pool_worker(prefe
             worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "segpipe", "--type", "process"],
                                       cwd=tmp_path, env={**prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "2"},
                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        third, _ = trigger(prefect_server, name, tmp_path)
+        third, _ = trigger_run(prefect_server, name, tmp_path)
         run = api(prefect_server, f"/flow_runs/{third}")
         assert run["state_type"] == "COMPLETED" and run["work_pool_name"] == "segpipe"
         assert "**Promotion unchanged**" in retrain_report(prefect_server, third)

@@ -1,0 +1,255 @@
+"""The whole loop a site team lives in, with real parts only: the real `dvc repro` of the pipeline in a
+temporary copy of the repository (tiny params: two architectures, 16 images of 64 px, a few epochs),
+DVC's incremental behaviour, then a second site ingested by the Prefect ingest flow and the retrain
+flow judging the retrained model against the champion re-scored on the new data, then a drop with
+corrupted labels caught by the protected-collection gate.
+
+The pipeline runs once for the module (it is the slowest thing in the suite); the tests below are
+its steps, in order. Train stages join the session's Ray through RAY_ADDRESS, as `segpipe
+with-ray dvc repro` makes them do in `make pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+ARCHS = ["unet", "mask_rcnn"]
+# Swapped in every annotation and label map of the corrupted drop: two large, easily learnt thing classes.
+SWAP = ("solar_panel_row", "trench")
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> list[str]:
+    return sorted({line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")})
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+class Loop:
+    """The repository under test and the environment its commands run in."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+
+    def repro(self) -> str:
+        return sh(["dvc", "repro"], self.root, self.env)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def set_params(self, params: dict, message: str) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        self.commit(message)
+
+    def commit(self, message: str) -> None:
+        sh(["git", "add", "-A"], self.root, self.env)
+        sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], self.root, self.env)
+
+    def index(self) -> dict:
+        return read(self.root / "models/registry/index.json")
+
+    def promotion(self) -> dict:
+        return read(self.root / "reports/promotion/promotion.json")
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, copy_repo, ray_session) -> Loop:
+    root = tmp_path_factory.mktemp("repo")
+    copy_repo(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["synth"].update(images=16, size=[64, 64])
+    params["convert"].update(val_fraction=0.25, workers=1)
+    params["train"].update(architectures=ARCHS, epochs=2, budget_s=0.0, image_size=48, batch_size=4, threads=1)
+    params["train"]["model"] = {"unet": {"base_channels": 8, "depth": 3}, "mask_rcnn": {}}
+    params["train"]["overrides"] = {"unet": {"epochs": 6}, "mask_rcnn": {}}
+    params["evaluate"].update(num_overlays=2)
+    params["baselines"].update(colour_bits=1)  # 8 colour bins: a baseline tiny models can beat
+    params["promote"].update(protected_collection_tolerance=0.5)  # steps 4-5 set it as they need
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    loop = Loop(root, env)
+    sh(["git", "init", "-q"], root, env)
+    loop.commit("copy")
+    loop.repro()
+    return loop
+
+
+def test_repro_writes_every_output(loop):
+    root = loop.root
+    assert len(list((root / "data/raw/synth/images").glob("*.jpg"))) == 16
+    manifest = read(root / "data/shards/manifest.json")
+    assert sum(manifest["splits"].values()) == 16 and manifest["quarantine"] == []
+    assert set(manifest["collections"]) == {"synth"}
+    for arch in ARCHS:
+        assert (root / f"models/train/{arch}/checkpoint/model.safetensors").is_file()
+        m = read(root / f"models/eval/{arch}/metrics.json")
+        assert m["arch"] == arch and 0 <= m["pixel_acc"] <= 1 and set(m["per_collection"]) == {"synth"}
+        assert (root / f"models/eval/{arch}/confusion.csv").read_text().startswith("actual,predicted")
+        assert len(list((root / f"models/eval/{arch}/overlays").glob("*.png"))) == 2
+    assert "AP" in read(root / "models/eval/mask_rcnn/metrics.json")["segm"]
+    promotion = loop.promotion()
+    assert {c["arch"] for c in promotion["candidates"]} == set(ARCHS)
+    # the fused pair: the best semantic (unet) and the best instance model (mask_rcnn), scored as panoptic
+    fused = read(root / "models/fused/metrics.json")
+    assert fused["task"] == "panoptic" and "skipped" not in fused
+    assert {k: v["arch"] for k, v in fused["checkpoints"].items()} == {"semantic": "unet", "instance": "mask_rcnn"}
+    assert fused["fusion"]["stuff_min_area"] == loop.params()["fuse"]["fusion"]["stuff_min_area"]
+    assert fused["panoptic"]["pq"] is not None and 0 <= fused["panoptic"]["pq"] <= 1
+    assert promotion["panoptic"]["metric"] == "panoptic.pq"
+    assert [c["arch"] for c in promotion["panoptic"]["candidates"]] == ["fused"]
+    summary = (root / "reports/summary.md").read_text()
+    assert "| unet |" in summary and "| mask_rcnn |" in summary and "Promotion" in summary
+    assert "## Panoptic quality" in summary and "| fused: unet + mask_rcnn |" in summary
+    index = loop.index()
+    assert index["aliases"]["champion"] == "v1", promotion["candidates"]  # unet beats the 1-bit colour lookup
+    assert index["versions"][0]["scores"][0]["how"] == "registered"
+    bundle = next(v for v in index["versions"] if v["version"] == index["aliases"]["panoptic-champion"])
+    assert bundle["task"] == "panoptic" and set(bundle["bundle"]) == {"semantic", "instance"}
+    assert "miou" in sh(["dvc", "metrics", "show", "--json"], root, loop.env)
+    sh(["dvc", "plots", "show", "--json"], root, loop.env)
+
+
+def test_second_repro_runs_nothing(loop):
+    # Python's bytecode cache appears inside directory dependencies while stages run (stages
+    # import segpipe); .dvcignore keeps it out of their hashes. So is the registry's lock file.
+    cache = loop.root / "segpipe" / "metrics" / "__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "semantic.cpython-311.pyc").write_bytes(b"not source")
+    out = loop.repro()
+    assert "Running stage" not in out
+    assert "didn't change" in out or "up to date" in out
+
+
+def test_unet_param_change_reruns_only_unet_then_promote(loop):
+    params = loop.params()
+    params["train"]["overrides"]["unet"]["lr"] = 0.002
+    loop.set_params(params, "unet lr")
+    assert ran(loop.repro()) == ["evaluate@unet", "fuse", "promote", "train@unet"]  # fuse: unet is the best semantic
+
+
+def test_moving_the_champion_by_hand_reruns_the_promotion(loop):
+    before = loop.index()["aliases"]["champion"]
+    out = sh(["segpipe", "registry", "rollback", "--to", "v1", "--reason", "test"], loop.root, loop.env)
+    assert f"champion: {before} -> v1" in out or before == "v1"
+    if before != "v1":
+        assert ran(loop.repro()) == ["promote"]
+
+
+def drop(loop: Loop, name: str, seed: int, *extra: str) -> Path:
+    """A drop of 16 generated 64 px scenes: the collection layout segpipe synth writes."""
+    out = loop.root.parent / f"drop-{name}"
+    sh(["segpipe", "synth", "--out", str(out), "--images", "16", "--size", "64", "64", "--seed", str(seed), *extra],
+       loop.root, loop.env)
+    return out
+
+
+def ingest(loop: Loop, folder: Path, name: str) -> None:
+    from pipelines.ingest import ingest_flow
+
+    state = ingest_flow(drop=folder, name=name, repo=loop.root, return_state=True)
+    assert state.is_completed(), state.message
+
+
+def retrain(loop: Loop) -> dict:
+    from pipelines.retrain import retrain_flow
+
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = loop.env["RAY_ADDRESS"]  # the flow's dvc repro subprocesses inherit it
+    try:
+        state = retrain_flow(repo=loop.root, return_state=True)
+    finally:
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def test_a_new_site_is_judged_on_equal_terms(loop, prefect_harness):
+    """Ingest a visibly different site, retrain (fine-tuning the champion); the champion is re-scored
+    on the new shards, and the retrained model, better there, is promoted with both numbers reported."""
+    champion = loop.index()["aliases"]["champion"]
+    old_manifest = read(loop.root / "data/shards/manifest.json")
+    ingest(loop, drop(loop, "site2", 7, "--site", "site2"), "site2")
+    params = loop.params()
+    params["train"]["overrides"]["unet"].update(init_from="champion")
+    loop.set_params(params, "fine-tune unet from the champion")
+    result = retrain(loop)
+    manifest = read(loop.root / "data/shards/manifest.json")
+    assert set(manifest["collections"]) == {"synth", "site2"}
+    promotion = loop.promotion()
+    judged = promotion["champion_judged"]
+    assert judged["version"] == champion and judged["how"] == "re-scored"
+    assert judged["registered_manifest"] != promotion["data"]["manifest"]
+    unet = next(c for c in promotion["candidates"] if c["arch"] == "unet")
+    assert unet["decision"] == "promoted to champion", promotion["candidates"]
+    assert unet["value"] > judged["on_this_data"]
+    md = (loop.root / "reports/promotion/promotion.md").read_text()
+    assert "as registered" in md and "the gates used the re-scored figure" in md
+    index = loop.index()
+    new = index["aliases"]["champion"]
+    assert new != champion
+    entry = next(v for v in index["versions"] if v["version"] == new)
+    assert entry["parent"]["version"] == champion  # fine-tuned from it
+    old = next(v for v in index["versions"] if v["version"] == champion)
+    assert {s["shards_manifest_sha256"] for s in old["scores"]} >= {promotion["data"]["manifest"]}
+    summary = (loop.root / "reports/summary.md").read_text()
+    assert "## Per collection" in summary and "| site2 |" in summary and "| synth |" in summary
+    lineage = sh(["segpipe", "registry", "lineage", new], loop.root, loop.env)
+    assert f"fine-tuned from {champion}" in lineage and "trained from scratch" in lineage
+    assert "**Promoted**" in str(result) or result["promotion"]["champion_after"]["version"] == new
+    assert old_manifest["collections"]["synth"] == manifest["collections"]["synth"]  # stable ids and splits
+
+
+def swap_labels(folder: Path, a: str, b: str) -> None:
+    """Swap two classes in every annotation and label map of a drop (a contractor's systematic mistake)."""
+    doc = read(folder / "annotations" / "instances.json")
+    ids = {c["name"]: c["id"] for c in doc["categories"]}
+    x, y = ids[a], ids[b]
+    for ann in doc["annotations"]:
+        ann["category_id"] = {x: y, y: x}.get(ann["category_id"], ann["category_id"])
+    (folder / "annotations" / "instances.json").write_text(json.dumps(doc))
+    for png in (folder / "masks").glob("*.png"):
+        labels = np.array(Image.open(png))
+        swapped = labels.copy()
+        swapped[labels == x], swapped[labels == y] = y, x
+        Image.fromarray(swapped).save(png)
+
+
+def test_a_drop_with_swapped_labels_is_caught_by_the_protected_collection_gate(loop, prefect_harness):
+    champion = loop.index()["aliases"]["champion"]
+    params = loop.params()
+    params["promote"].update(protected_collection_tolerance=0.02)
+    loop.set_params(params, "protect the clean sites")
+    bad = drop(loop, "site3", 11, "--set", "synth.density=3.0")
+    swap_labels(bad, *SWAP)
+    ingest(loop, bad, "site3")
+    retrain(loop)
+    promotion = loop.promotion()
+    unet = next(c for c in promotion["candidates"] if c["arch"] == "unet")
+    assert unet["decision"].startswith("rejected at protected_collections: protected collection 'synth'"), \
+        promotion["candidates"]
+    assert loop.index()["aliases"]["champion"] == champion
+    assert "FAIL protected_collections: protected collection 'synth'" in \
+        (loop.root / "reports/promotion/promotion.md").read_text()
