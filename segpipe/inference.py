@@ -248,9 +248,7 @@ def _panoptic(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]
     from segpipe.panoptic import maskformer_panoptic
 
     class_logits, mask_logits = model.mask_classification(x)  # B x Q x K+1, B x Q x Hp x Wp
-    return [maskformer_panoptic(class_logits[i], mask_logits[i, :, :h, :w], request.thing_ids,
-                                object_mask_threshold=request.panoptic.maskformer.object_mask_threshold,
-                                overlap_threshold=request.panoptic.maskformer.overlap_threshold)
+    return [maskformer_panoptic(class_logits[i], mask_logits[i, :, :h, :w], request.thing_ids, request.panoptic.maskformer)
             for i, (h, w) in enumerate(sizes)]
 
 
@@ -285,8 +283,7 @@ def fuse(semantic: Prediction, instances: Prediction, thing_ids: Sequence[int],
     h, w = semantic.labels.shape
     found = instances.instances
     return fuse_panoptic(semantic.labels.astype(np.int64), [d.label for d in found], [d.score for d in found],
-                         instance_masks(found, h, w), thing_ids, overlap_threshold=fusion.overlap_threshold,
-                         stuff_min_area=fusion.stuff_min_area, score_threshold=fusion.score_threshold)
+                         instance_masks(found, h, w), thing_ids, fusion)
 
 
 def _predict(model: torch.nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]], request: Request) -> list[Prediction]:

@@ -20,6 +20,10 @@ from PIL import Image
 from torch import Tensor
 
 from segpipe.formats.pngs import MAX_RGB_ID, id_to_rgb, mask_bbox
+from segpipe.params import FusionParams, MaskFormerPanopticParams
+
+_MASKFORMER = MaskFormerPanopticParams()  # frozen: safe default arguments; the defaults are the params'
+_FUSION = FusionParams()
 
 # --------------------------------------------------------------------------------------
 # COCO panoptic writing
@@ -115,19 +119,18 @@ def maskformer_panoptic(
     class_logits: Tensor | np.ndarray,
     mask_logits: Tensor | np.ndarray,
     thing_ids: Sequence[int],
+    params: MaskFormerPanopticParams = _MASKFORMER,
     *,
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
     label_divisor: int | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Panoptic segments of one image from mask classification (Mask2Former's panoptic inference).
 
     ``class_logits``: Q x (K + 1), the last class is "no object"; ``mask_logits``: Q x H x W at
     output resolution. A query is kept when its most probable class is not "no object" and that
-    probability exceeds ``object_mask_threshold``. Each pixel goes to the kept query with the
+    probability exceeds ``params.object_mask_threshold``. Each pixel goes to the kept query with the
     highest ``score x sigmoid(mask)``, and stays void unless that query's mask probability is
     >= 0.5 there. A query is dropped (its pixels stay void) when it wins no pixel, its mask has
-    no pixel >= 0.5, or the pixels it wins are fewer than ``overlap_threshold`` x its mask area
+    no pixel >= 0.5, or the pixels it wins are fewer than ``params.overlap_threshold`` x its mask area
     (mask probability >= 0.5). Queries of one stuff class merge into one segment; each thing
     query is its own segment. Segment ids are 1, 2, ... in query order; with ``label_divisor``
     they are ``class * label_divisor + n``, ``n`` numbering each class's segments from 1.
@@ -145,7 +148,7 @@ def maskformer_panoptic(
     h, w = masks.shape[-2:]
     panoptic = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
     scores, labels = cls.softmax(-1).max(-1)
-    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    keep = (labels != num_classes) & (scores > params.object_mask_threshold)
     if not keep.any():
         return _result(panoptic, [])
     scores, labels, probs = scores[keep], labels[keep], masks[keep].sigmoid()
@@ -162,7 +165,7 @@ def maskformer_panoptic(
         mask = won & own
         if mask_area == 0 or original_area == 0 or not bool(mask.any()):
             continue
-        if mask_area / original_area < overlap_threshold:
+        if mask_area / original_area < params.overlap_threshold:
             continue
         if label not in things and label in stuff:
             panoptic[mask] = stuff[label]["id"]
@@ -183,21 +186,19 @@ def fuse_panoptic(
     instance_scores: Tensor | np.ndarray | Sequence[float],
     instance_masks: Tensor | np.ndarray,
     thing_ids: Sequence[int],
+    fusion: FusionParams = _FUSION,
     *,
-    overlap_threshold: float = 0.5,
-    stuff_min_area: int = 4096,
-    score_threshold: float = 0.5,
     label_divisor: int | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Panoptic segments of one image from a semantic map and instances (Panoptic FPN's heuristic).
 
     ``semantic_labels``: H x W class ids; ``instance_labels`` (N), ``instance_scores`` (N),
-    ``instance_masks``: N x H x W bool. Things first: instances with score >= ``score_threshold``
+    ``instance_masks``: N x H x W bool. Things first: instances with score >= ``fusion.score_threshold``
     by descending score (ties in input order), each taking only pixels no earlier instance took;
-    an instance is dropped when those free pixels are fewer than ``overlap_threshold`` x its mask
+    an instance is dropped when those free pixels are fewer than ``fusion.overlap_threshold`` x its mask
     area, or its mask is empty. Instances labelled with a stuff class are dropped. Then each stuff
     class of the semantic map fills the pixels no instance took, as one segment, unless that
-    region is smaller than ``stuff_min_area`` (it stays void); thing-class pixels of the semantic
+    region is smaller than ``fusion.stuff_min_area`` (it stays void); thing-class pixels of the semantic
     map that no instance covers stay void. Segment ids as in ``maskformer_panoptic``. Returns
     (H x W int32 map, ``segments_info``; stuff segments have ``score`` None).
     """
@@ -221,14 +222,14 @@ def fuse_panoptic(
     segments: list[dict[str, Any]] = []
     for i in torch.argsort(-scores, stable=True).tolist():
         label, score = int(labels[i]), float(scores[i])
-        if score < score_threshold or label not in things:
+        if score < fusion.score_threshold or label not in things:
             continue
         mask = masks[i]
         area = int(mask.sum())
         if area == 0:
             continue
         free = mask & (panoptic == 0)
-        if int(free.sum()) < overlap_threshold * area:
+        if int(free.sum()) < fusion.overlap_threshold * area:
             continue
         seg = {"id": ids.new(label), "category_id": label, "iscrowd": 0, "isthing": True, "score": score}
         panoptic[free] = seg["id"]
@@ -237,7 +238,7 @@ def fuse_panoptic(
         if label in things:
             continue
         region = (semantic == label) & (panoptic == 0)
-        if int(region.sum()) < max(stuff_min_area, 1):
+        if int(region.sum()) < max(fusion.stuff_min_area, 1):
             continue
         seg = {"id": ids.new(label), "category_id": label, "iscrowd": 0, "isthing": False, "score": None}
         panoptic[region] = seg["id"]

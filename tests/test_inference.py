@@ -12,7 +12,7 @@ from torch import nn
 from segpipe import inference
 from segpipe.inference import Request, predict_images, predict_tiled, select_detections
 from segpipe.models import build_model, normalize
-from segpipe.params import DetectionParams
+from segpipe.params import DetectionParams, MaskFormerPanopticParams
 from segpipe.tiling import Instance, Window, crop_instance, predict_semantic
 
 SEMANTIC = Request(frozenset({"semantic"}), 3, 255)
@@ -191,7 +191,6 @@ class Doubler:
 def test_maskformer_panoptic_prediction_is_its_mask_classification_post_processed(tiny_checkpoint):
     from segpipe.inference import PanopticSettings, Predictor
     from segpipe.panoptic import maskformer_panoptic
-    from segpipe.params import MaskFormerPanopticParams
 
     torch.manual_seed(0)
     ckpt = tiny_checkpoint("maskformer", backbone="resnet18", num_queries=6, hidden_dim=32, dec_layers=1, nheads=2,
@@ -205,8 +204,7 @@ def test_maskformer_panoptic_prediction_is_its_mask_classification_post_processe
     assert seg_map.shape == (50, 70) and seg_map.dtype == np.int32 and info
     x = inference.pad(normalize(image), 64, 96)
     cls, masks = p.model.mask_classification(x)
-    expect_map, expect_info = maskformer_panoptic(cls[0], masks[0, :, :50, :70], (1, 2), object_mask_threshold=0.0,
-                                                  overlap_threshold=0.0)
+    expect_map, expect_info = maskformer_panoptic(cls[0], masks[0, :, :50, :70], (1, 2), MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
     np.testing.assert_array_equal(seg_map, expect_map)
     assert info == expect_info
     assert Predictor.load(ckpt, outputs={"semantic"}).images([image])[0].panoptic is None

@@ -9,6 +9,7 @@ import torch
 
 from segpipe.metrics.panoptic import PQStat
 from segpipe.panoptic import fuse_panoptic, maskformer_panoptic
+from segpipe.params import FusionParams, MaskFormerPanopticParams
 
 # --------------------------------------------------------------------------------------
 # maskformer_panoptic: 3 classes (0, 1 stuff; 2 thing) + "no object", a 4 x 6 image
@@ -61,14 +62,14 @@ def test_maskformer_merges_stuff_and_drops_overlapped_and_unsure_queries():
 def test_maskformer_thresholds_are_keyword_arguments():
     cls, masks = _queries()
     # A lower overlap threshold keeps q3 (2 / 12 >= 0.1) on the pixels it won.
-    seg, info = maskformer_panoptic(cls, masks, THINGS, overlap_threshold=0.1)
+    seg, info = maskformer_panoptic(cls, masks, THINGS, MaskFormerPanopticParams(overlap_threshold=0.1))
     np.testing.assert_array_equal(seg[2:], [[1, 1, 2, 2, 3, 0]] * 2)
     assert [(s["id"], s["category_id"], s["area"]) for s in info] == [(1, 0, 12), (2, 2, 8), (3, 2, 2)]
     # Scores are ~0.99986 (q0-q2) and ~0.99899 (q3): above 0.9995 only q0-q2 are kept, and
     # nothing survives a threshold of 0.99995.
-    seg, info = maskformer_panoptic(cls, masks, THINGS, object_mask_threshold=0.9995, overlap_threshold=0.1)
+    seg, info = maskformer_panoptic(cls, masks, THINGS, MaskFormerPanopticParams(object_mask_threshold=0.9995, overlap_threshold=0.1))
     assert [s["id"] for s in info] == [1, 2] and (seg[2:, 4] == 0).all()
-    seg, info = maskformer_panoptic(cls, masks, THINGS, object_mask_threshold=0.99995)
+    seg, info = maskformer_panoptic(cls, masks, THINGS, MaskFormerPanopticParams(object_mask_threshold=0.99995))
     assert info == [] and (seg == 0).all()
 
 
@@ -121,7 +122,7 @@ def _scene():
 
 def test_fuse_places_things_by_score_then_stuff_in_the_rest():
     semantic, labels, scores, masks = _scene()
-    seg, info = fuse_panoptic(semantic, labels, scores, masks, FUSE_THINGS, stuff_min_area=5)
+    seg, info = fuse_panoptic(semantic, labels, scores, masks, FUSE_THINGS, FusionParams(stuff_min_area=5))
     # A (id 1) cols 4-5; B dropped (4 / 12 free < 0.5); C (id 2) keeps col 6 (4 / 8 = 0.5);
     # stuff 0 (id 3) cols 0-3; stuff 1 has 2 px left (col 7 rows 0-1) < 5: void; the thing
     # class 3 pixels of the semantic map at col 7 rows 2-3 have no instance: void.
@@ -134,12 +135,12 @@ def test_fuse_places_things_by_score_then_stuff_in_the_rest():
 def test_fuse_thresholds_are_keyword_arguments():
     semantic, labels, scores, masks = _scene()
     seg, info = fuse_panoptic(torch.as_tensor(semantic), torch.tensor(labels), torch.tensor(scores),
-                              torch.as_tensor(masks), FUSE_THINGS, overlap_threshold=0.3, stuff_min_area=2)
+                              torch.as_tensor(masks), FUSE_THINGS, FusionParams(overlap_threshold=0.3, stuff_min_area=2))
     # B now kept on col 3 (4 / 12 >= 0.3); stuff 1's 2 px reach the minimum area.
     np.testing.assert_array_equal(seg, [[4, 4, 4, 2, 1, 1, 3, 5]] * 2 + [[4, 4, 4, 2, 1, 1, 3, 0]] * 2)
     assert [(s["id"], s["category_id"], s["area"]) for s in info] == [(1, 2, 8), (2, 2, 4), (3, 3, 4), (4, 0, 12), (5, 1, 2)]
     # A lower score threshold admits D (0.3), which takes col 7 before stuff 1 could.
-    seg, info = fuse_panoptic(semantic, labels, scores, masks, FUSE_THINGS, score_threshold=0.2, stuff_min_area=5)
+    seg, info = fuse_panoptic(semantic, labels, scores, masks, FUSE_THINGS, FusionParams(score_threshold=0.2, stuff_min_area=5))
     np.testing.assert_array_equal(seg, [[4, 4, 4, 4, 1, 1, 2, 3]] * 4)
     assert [(s["id"], s["category_id"], s["score"]) for s in info] == [(1, 2, 0.9), (2, 3, 0.7), (3, 3, 0.3), (4, 0, None)]
 
@@ -149,8 +150,7 @@ def test_fuse_ties_keep_input_order_and_label_divisor():
     masks = np.zeros((2, 2, 4), dtype=bool)
     masks[0, :, 0:3] = True
     masks[1, :, 1:4] = True  # equal score: the first instance is placed first, the second
-    seg, info = fuse_panoptic(semantic, [2, 2], [0.9, 0.9], masks, FUSE_THINGS, stuff_min_area=1,
-                              overlap_threshold=0.3, label_divisor=100)
+    seg, info = fuse_panoptic(semantic, [2, 2], [0.9, 0.9], masks, FUSE_THINGS, FusionParams(stuff_min_area=1, overlap_threshold=0.3), label_divisor=100)
     np.testing.assert_array_equal(seg, [[201, 201, 201, 202]] * 2)  # keeps 2 of 6 px (>= 0.3)
     assert [s["id"] for s in info] == [201, 202]
 
@@ -167,7 +167,7 @@ def test_fuse_rejects_probabilities_and_mismatched_shapes():
 
 def test_outputs_are_valid_coco_panoptic_for_the_metric():
     semantic, labels, scores, masks = _scene()
-    seg, info = fuse_panoptic(semantic, labels, scores, masks, FUSE_THINGS, stuff_min_area=5)
+    seg, info = fuse_panoptic(semantic, labels, scores, masks, FUSE_THINGS, FusionParams(stuff_min_area=5))
     stat = PQStat([0, 1, 2, 3])
     stat.update(seg, info, seg, info)
     m = stat.compute(["soil", "gravel", "machine", "worker"], [False, False, True, True])

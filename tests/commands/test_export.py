@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from segpipe.commands import export
+from segpipe.params import MaskFormerPanopticParams
 from segpipe.registry import register, set_alias
 
 
@@ -125,7 +126,6 @@ def test_maskformer_export_carries_the_raw_outputs_panoptic_post_processing_read
     model, _ = load_model(ck)
     with torch.no_grad():
         ref_cls, ref_masks = model.eval().mask_classification(x)
-    served = maskformer_panoptic(ref_cls[0], ref_masks[0], (1, 2), object_mask_threshold=0.0, overlap_threshold=0.0)
-    exported = maskformer_panoptic(torch.from_numpy(class_logits[0]), torch.from_numpy(mask_logits[0]), (1, 2),
-                                   object_mask_threshold=0.0, overlap_threshold=0.0)
+    served = maskformer_panoptic(ref_cls[0], ref_masks[0], (1, 2), MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
+    exported = maskformer_panoptic(torch.from_numpy(class_logits[0]), torch.from_numpy(mask_logits[0]), (1, 2), MaskFormerPanopticParams(object_mask_threshold=0.0, overlap_threshold=0.0))
     assert (served[0] != exported[0]).mean() < 0.01  # the same segments, up to float ties at boundaries
