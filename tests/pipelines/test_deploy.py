@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,10 +152,14 @@ def test_schedule_serves_retrain_on_cron_on_demand_and_on_each_ingest_then_a_wor
     from segpipe.stages import synth
 
     repo = make_pipeline(init_repo, tmp_path, "mkdir -p models/train/$1 && echo w > models/train/$1/model.txt\n")
+    # a work pool's worker loads the flow from the checkout (pipelines/retrain.py), as from a clone of this repository
+    shutil.copytree(Path(__file__).resolve().parents[2] / "pipelines", repo / "pipelines",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["retrain"].update(retries=0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "no retries"], cwd=repo,
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "no retries"], cwd=repo,
                    check=True)
     retrain = RetrainParams()
     name = f"retrain/{retrain.deployment}"
