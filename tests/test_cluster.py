@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from segpipe.cluster import auth_env, free_port, processes_of, ray_executable, stop_processes
+from segpipe.cluster import free_port, processes_of, ray_executable, stop_processes
 
 RAY = ray_executable()
 
@@ -70,10 +70,17 @@ class Cluster:
 @pytest.fixture
 def cluster(s3, tmp_path):
     """A head node; the test starts the worker nodes. Every node has the AWS_* variables of the S3
-    server (Ray workers inherit their node's environment, not the driver's) and token auth on."""
+    server (Ray workers inherit their node's environment, not the driver's) and token auth on, as
+    docs/production.md tells operators to set it up: RAY_AUTH_MODE=token, and the token in a file
+    named by RAY_AUTH_TOKEN_PATH (not the machine's ~/.ray/auth_token)."""
+    import secrets
+
     port = free_port()
-    env = auth_env({k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
     c = Cluster(f"127.0.0.1:{port}", env, tmp_path / "nodes")
     c.root.mkdir()
     try:
@@ -127,8 +134,13 @@ def registered_checkpoint(s3, prefix: str) -> bool:
     return False
 
 
+# A driver that runs one task on the cluster it connects to.
+DRIVER = "import ray, sys; ray.init(address=sys.argv[1]); print('answer', ray.get(ray.remote(lambda: 41 + 1).remote()))"
+
+
 @pytest.mark.slow
 def test_two_nodes_without_a_shared_disk_spread_and_resume_from_s3_after_losing_a_node(cluster, s3, tiny_raw, tmp_path):
+    """Also: the cluster refuses a driver without its token (no RAY_AUTH_TOKEN*, no ~/.ray/auth_token)."""
     from segpipe.formats.coco import read_collections
     from segpipe.params import ConvertParams
     from segpipe.stages import convert
@@ -136,13 +148,20 @@ def test_two_nodes_without_a_shared_disk_spread_and_resume_from_s3_after_losing_
     shards = s3.uri("shards")
     convert.run(ConvertParams(val_fraction=0.25, workers=1), read_collections(tiny_raw), shards, progress=False)
     cluster.start("worker", "--address", cluster.address)
+    home = tmp_path / "home"  # a driver on a machine that was never given the token
+    home.mkdir()
+    no_token = {**{k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}, "HOME": str(home)}
+    refused = subprocess.run([sys.executable, "-c", DRIVER, cluster.address], env=no_token, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0 and "answer" not in refused.stdout
+    assert "Unauthenticated" in refused.stderr and "Authentication token is missing or incorrect" in refused.stderr
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.format(storage=s3.uri("ray")))
     driver = tmp_path / "driver"  # the driver's working directory: no node runs here
     driver.mkdir()
     # The driver runs as its own process, as `dvc repro` would run it, with RAY_ADDRESS and AWS_* set.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    env["RAY_ADDRESS"] = cluster.address
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_ADDRESS": cluster.address,
+           "RAY_AUTH_TOKEN_PATH": cluster.env["RAY_AUTH_TOKEN_PATH"]}  # segpipe turns token auth on when it has one
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "segpipe", "train", "--arch", "fcn32s", "--shards", shards,
@@ -186,43 +205,3 @@ def test_two_nodes_without_a_shared_disk_spread_and_resume_from_s3_after_losing_
     assert "model.safetensors" in " ".join(s3.files("models/fcn32s/checkpoint"))
     for folder in (driver, *(cluster.root / name for name in cluster.temps)):
         assert list(folder.iterdir()) == [], folder
-
-
-# A driver that runs one task on the cluster it connects to.
-DRIVER = "import ray, sys; ray.init(address=sys.argv[1]); print('answer', ray.get(ray.remote(lambda: 41 + 1).remote()))"
-
-
-@pytest.mark.slow
-def test_ray_start_with_token_auth_refuses_a_driver_without_the_token(tmp_path):
-    """What docs/production.md tells operators to do for a `ray start` cluster: RAY_AUTH_MODE=token
-    on every node, the token in a file named by RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token, or
-    RAY_AUTH_TOKEN). A driver without the token is refused; one with it connects and runs a task."""
-    import secrets
-
-    port = free_port()
-    temp = Path(f"/tmp/sa{port}")  # short: Ray's socket paths must stay under ~107 characters
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    home = tmp_path / "home"  # no ~/.ray/auth_token: only the token this test hands out exists
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
-    with_token = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    address = f"127.0.0.1:{port}"
-    try:
-        subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                        "--num-cpus", "1", "--temp-dir", str(temp), "--include-dashboard", "false",
-                        "--disable-usage-stats"], check=True, env=with_token, capture_output=True, timeout=180)
-        refused = subprocess.run([sys.executable, "-c", DRIVER, address], env=env, capture_output=True, text=True,
-                                 timeout=300)
-        assert refused.returncode != 0 and "answer" not in refused.stdout
-        assert "Unauthenticated" in refused.stderr and "Authentication token is missing or incorrect" in refused.stderr
-        connected = subprocess.run([sys.executable, "-c", DRIVER, address], env=with_token, capture_output=True,
-                                   text=True, timeout=300)
-        assert connected.returncode == 0, connected.stderr[-3000:]
-        assert "answer 42" in connected.stdout
-    finally:
-        stop_processes(str(temp), address)
-        assert not processes_of(str(temp))
-        shutil.rmtree(temp, ignore_errors=True)
