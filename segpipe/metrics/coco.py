@@ -181,8 +181,8 @@ def first_bad_rle_string(strings: Sequence[str], areas: Sequence[int]) -> int | 
         count = (first + per_string + 1 - parity) // 2 - (first + 1 - parity) // 2
         runs[parity::2] = chain - np.repeat(before, count)
     runs[first[has]] = vals[first[has]]
-    num_sid = np.flatnonzero(runs < 0)
-    bad[np.searchsorted(first + per_string, num_sid, side="right")] = True
+    negative = np.flatnonzero(runs < 0)
+    bad[np.searchsorted(first + per_string, negative, side="right")] = True
     cr = np.concatenate([[0], np.cumsum(runs)])
     bad |= (cr[first + per_string] - cr[first]) != np.asarray(areas, dtype=np.int64)
     hits = np.flatnonzero(bad)
