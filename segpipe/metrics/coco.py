@@ -149,9 +149,9 @@ def first_bad_rle_string(strings: Sequence[str], areas: Sequence[int]) -> int | 
     m = ends.size
     # a number is 5-bit groups, lowest first, the last one's bit 0x10 the sign: most numbers are
     # one character (-16..15), the few longer ones are assembled below
-    v = (c & np.uint8(0x1F)).astype(np.int8)
-    vals = v[ends].astype(np.int64)
-    vals[vals > 15] -= 32
+    v = c & np.uint8(0x1F)
+    top5 = v[ends].view(np.int8)
+    vals = ((top5 ^ np.int8(16)) - np.int8(16)).astype(np.int64)  # 5-bit two's complement
     multi = np.flatnonzero(ends[1:] - ends[:-1] > 1) + 1
     if m and ends[0] > 0:
         multi = np.concatenate([[0], multi])
@@ -177,14 +177,16 @@ def first_bad_rle_string(strings: Sequence[str], areas: Sequence[int]) -> int | 
     runs = np.empty_like(vals)
     for parity in (0, 1):
         chain = np.cumsum(y[parity::2])
-        before = np.concatenate([[0], chain])[(first + 1 - parity) // 2]
-        count = (first + per_string + 1 - parity) // 2 - (first + 1 - parity) // 2
-        runs[parity::2] = chain - np.repeat(before, count)
+        upto = (first + 1 - parity) // 2  # this parity's numbers before each string
+        before = np.where(upto > 0, chain[np.maximum(upto - 1, 0)], 0) if chain.size else np.zeros(n, np.int64)
+        runs[parity::2] = chain - np.repeat(before, (first + per_string + 1 - parity) // 2 - upto)
     runs[first[has]] = vals[first[has]]
-    negative = np.flatnonzero(runs < 0)
-    bad[np.searchsorted(first + per_string, negative, side="right")] = True
-    cr = np.concatenate([[0], np.cumsum(runs)])
-    bad |= (cr[first + per_string] - cr[first]) != np.asarray(areas, dtype=np.int64)
+    if m and runs.min() < 0:
+        bad[np.searchsorted(first + per_string, np.flatnonzero(runs < 0), side="right")] = True
+    totals = np.zeros(n, np.int64)
+    if m:
+        totals[has] = np.add.reduceat(runs, first[has])
+    bad |= totals != np.asarray(areas, dtype=np.int64)
     hits = np.flatnonzero(bad)
     return int(hits[0]) if hits.size else None
 
