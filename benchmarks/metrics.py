@@ -182,8 +182,10 @@ def coco_dataset(n_images: int, dets_per_image: int, seed: int = 0) -> tuple[dic
         return [float(v) for v in mask_utils.toBbox(r)]
 
     rng = np.random.default_rng(seed)
-    cats = [{"id": i, "name": name} for i, name in
-            enumerate(["worker", "excavator", "truck", "cone", "crane", "barrier"], start=1)]
+    # the synthetic dataset's thing classes
+    cats = [{"id": i, "name": name} for i, name in enumerate(
+        ["solar_panel_row", "pipe_segment", "trench", "excavator", "truck", "worker", "material_stack"], start=5)]
+    cat_ids = [c["id"] for c in cats]
     images, anns, dets = [], [], []
     for iid in range(1, n_images + 1):
         h, w = int(rng.integers(240, 481)), int(rng.integers(320, 641))
@@ -197,28 +199,28 @@ def coco_dataset(n_images: int, dets_per_image: int, seed: int = 0) -> tuple[dic
             m = _ellipse(rng, h, w, cy, cx, ry, rx)
             if not m.any():
                 continue
-            cat, r = int(rng.integers(1, len(cats) + 1)), rle(m)
+            cat, r = int(rng.choice(cat_ids)), rle(m)
             anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": cat, "iscrowd": 0,
                          "area": float(m.sum()), "bbox": box(r), "segmentation": r})
             for _ in range(int(rng.integers(1, 4))):
                 s = rng.uniform(0.8, 1.25)
                 d = _ellipse(rng, h, w, cy + rng.normal(0, ry / 6), cx + rng.normal(0, rx / 6), ry * s, rx * s)
                 if d.any():
-                    found.append((cat if rng.random() < 0.9 else int(rng.integers(1, len(cats) + 1)), d,
+                    found.append((cat if rng.random() < 0.9 else int(rng.choice(cat_ids)), d,
                                   round(float(rng.uniform(0.3, 1.0)), 3)))
         if iid % 10 == 0:  # a crowd region, as uncompressed RLE like COCO's
             m = _ellipse(rng, h, w, h / 2, w / 2, h / 4, w / 4)
             flat = m.ravel(order="F")
             edges = np.flatnonzero(np.diff(flat)) + 1
             runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": 1, "iscrowd": 1,
+            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": cat_ids[-1], "iscrowd": 1,
                          "area": float(m.sum()), "bbox": box(rle(m)),
                          "segmentation": {"size": [h, w], "counts": [0, *runs] if flat[0] else runs}})
         while len(found) < dets_per_image:  # false positives, scoring low
             radius = float(np.exp(rng.uniform(np.log(3), np.log(min(h, w) / 4))))
             d = _ellipse(rng, h, w, rng.uniform(0, h), rng.uniform(0, w), radius, radius * rng.uniform(0.5, 2))
             if d.any():
-                found.append((int(rng.integers(1, len(cats) + 1)), d, round(float(rng.uniform(0.05, 0.5)), 3)))
+                found.append((int(rng.choice(cat_ids)), d, round(float(rng.uniform(0.05, 0.5)), 3)))
         for cat, d, score in found[:dets_per_image]:
             r = rle(d)
             dets.append({"image_id": iid, "category_id": cat, "score": score, "bbox": box(r), "segmentation": r})

@@ -515,7 +515,9 @@ def run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str,
     if iou_type != "bbox":
         sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in gt["images"]}
         for d in results:
-            d["segmentation"] = _compressed(d["segmentation"], *sizes[d["image_id"]])
+            seg = d["segmentation"]
+            if type(seg) is not dict or type(seg["counts"]) is not str:
+                d["segmentation"] = _compressed(seg, *sizes[d["image_id"]])
     coco_dt = coco_gt.loadRes(results)
     ev = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=_quiet, boundary_dilation_ratio=boundary_ratio)
     with contextlib.redirect_stdout(io.StringIO()):

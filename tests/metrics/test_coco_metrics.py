@@ -400,14 +400,14 @@ class _BoundaryCOCOeval(COCOeval):
         return ious
 
 
-@pytest.mark.parametrize("ratio", [0.02, 0.05])
-def test_boundary_ap_equals_a_pycocotools_reference(ratio):
-    gt, dets = make_sized_dataset(3)
+@pytest.mark.parametrize("data, ratio", [(make_sized_dataset, 0.02), (make_sized_dataset, 0.05), (make_dataset, 0.02)])
+def test_boundary_ap_equals_a_pycocotools_reference(data, ratio):
+    gt, dets = data(3)  # make_dataset: polygons and uncompressed RLE too
     # a crowd region, matched on mask IoU alone
     img = gt["images"][0]
     m = np.zeros((img["height"], img["width"]), np.uint8)
     m[10:60, 10:90] = 1
-    gt["annotations"].append({"id": 999, "image_id": img["id"], "category_id": 3, "iscrowd": 1,
+    gt["annotations"].append({"id": 999, "image_id": img["id"], "category_id": gt["categories"][0]["id"], "iscrowd": 1,
                               "area": float(m.sum()), "bbox": _bbox(m), "segmentation": _rle(m)})
     for image in gt["images"]:  # sizes where ratio x diagonal is a half pixel are rounded differently
         x = ratio * np.hypot(image["height"], image["width"])
