@@ -111,7 +111,7 @@ def _new_id(entry: Any, what: str, seen: Any, source: str) -> Any:
 # Numbers of more than this many 5-bit groups (>= 2^40) are left to the pure-Python decoder, so
 # that the vectorised one never overflows int64.
 _MAX_GROUPS = 8
-_CHUNK_CHARS = 1 << 18
+_CHUNK_CHARS = 1 << 16
 
 
 def first_bad_rle_string(strings: Sequence[str], areas: Sequence[int]) -> int | None:
@@ -201,6 +201,19 @@ class _Segmentations:
         self.strings: list[str] = []
         self.areas: list[int] = []
         self.pending: list[tuple[Any, int, int, Any]] = []
+
+    def add_all(self, segs: list[Any], shapes: list[tuple[int, int]]) -> None:
+        """``add(segs[i], *shapes[i], i)`` for every ``i``; at once when all are compressed RLE
+        dicts of the right size, as in a results file."""
+        if all(type(seg) is dict and type(seg.get("counts")) is str and type(size := seg.get("size")) is list
+               and len(size) == 2 and type(size[0]) is int and type(size[1]) is int and size[0] == h and size[1] == w
+               for seg, (h, w) in zip(segs, shapes)):
+            self.strings += [seg["counts"] for seg in segs]
+            self.areas += [h * w for h, w in shapes]
+            self.pending += [(seg, h, w, i) for i, (seg, (h, w)) in enumerate(zip(segs, shapes))]
+            return
+        for i, (seg, (h, w)) in enumerate(zip(segs, shapes)):
+            self.add(seg, h, w, i)
 
     def add(self, seg: Any, h: int, w: int, key: Any) -> None:
         """A polygon list or an RLE dict of an ``h x w`` image, safe for the COCO C code."""
@@ -306,10 +319,13 @@ def _all_numbers(values: list[Any]) -> bool:
 def _boxes_look_valid(boxes: list[Any]) -> bool:
     if not all(type(b) is list and len(b) == 4 for b in boxes):
         return False
-    flat = [v for b in boxes for v in b]
-    if not all(type(v) is float or type(v) is int for v in flat) or not _all_numbers(flat):
+    if not all(type(v) is float or type(v) is int for b in boxes for v in b):
         return False
-    return bool((np.asarray(flat, dtype=np.float64).reshape(-1, 4)[:, 2:] >= 0).all())
+    try:
+        arr = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    except OverflowError:  # an int beyond float range
+        return False
+    return bool(np.isfinite(arr).all() and (arr[:, 2:] >= 0).all())
 
 
 def _annotations_look_valid(anns: list[Any], sizes: dict[Any, Any], cats: set[Any], iou_type: str) -> bool:
@@ -403,8 +419,7 @@ def validate_ground_truth(gt: Any, iou_type: str, source: str = "ground truth") 
             _check_annotation(i, ann, ann_ids, sizes, cats, iou_type, source)
     if iou_type == "segm":
         segs = _Segmentations(lambda i: f"{source}: annotation id {anns[i].get('id')}")
-        for i, ann in enumerate(anns):
-            segs.add(ann["segmentation"], *sizes[ann["image_id"]], i)
+        segs.add_all([a["segmentation"] for a in anns], [sizes[a["image_id"]] for a in anns])
         segs.check_strings()
 
 
@@ -461,8 +476,7 @@ def validate_detections(dets: Any, gt: dict[str, Any], iou_type: str, source: st
             _check_detection(i, d, sizes, cats, iou_type, boxed, source)
     if iou_type == "segm":
         segs = _Segmentations(lambda i: f"{source}: detection #{i} (image_id {dets[i]['image_id']})")
-        for i, d in enumerate(dets):
-            segs.add(d["segmentation"], *sizes[d["image_id"]], i)
+        segs.add_all([d["segmentation"] for d in dets], [sizes[d["image_id"]] for d in dets])
         segs.check_strings()
 
 
