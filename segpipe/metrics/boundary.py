@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.metrics.semantic import MetricsInputError, _mean, _ratio, _to_numpy
+from segpipe.metrics.semantic import MetricsInputError, _joint_histogram, _mean, _ratio, _to_numpy
 
 # The paper's default (2% of the image diagonal); evaluate's ``boundary_ratio`` and the CLIs' defaults.
 DEFAULT_RATIO = 0.02
@@ -41,36 +41,47 @@ def dilation_pixels(height: int, width: int, ratio: float = DEFAULT_RATIO) -> in
     return max(1, int(round(ratio * math.sqrt(height * height + width * width))))
 
 
+def _windows(a: np.ndarray, size: int, axis: int, op: np.ufunc) -> np.ndarray:
+    """``op`` (minimum or maximum) over every run of ``size`` consecutive elements along ``axis``:
+    the array shortens by ``size - 1`` there. Doubling, ``log2(size)`` whole-array operations:
+    the windows of length ``2s`` combine two of length ``s``, and any length combines two
+    overlapping windows of the largest power of two below it."""
+
+    def cut(x: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return x[(slice(None),) * axis + (slice(start, stop),)]
+
+    out, s = a, 1
+    while 2 * s <= size:
+        n = out.shape[axis]
+        out = op(cut(out, 0, n - s), cut(out, s, n))
+        s *= 2
+    if s < size:
+        n, r = out.shape[axis], size - s
+        out = op(cut(out, 0, n - r), cut(out, r, n))
+    return out
+
+
 def label_boundaries(labels: np.ndarray, d: int) -> np.ndarray:
     """``H x W`` bool: whether each pixel lies on the boundary of the region of its own label.
 
     Eroding ``labels == v`` (zero-padded by 1 px) ``d`` times with a 3 x 3 square keeps exactly the
     pixels whose ``(2d + 1) x (2d + 1)`` window lies inside the image and holds only ``v``; so a
-    pixel of label ``v`` is on ``v``'s boundary iff its window crosses the image edge, or its
-    window's minimum or maximum label differs from ``v``. Two separable min/max filters give every
-    label's boundary at once, whatever the number of classes. ``boundary(labels == v)`` is
+    pixel is on its label's boundary iff its window crosses the image edge or holds two labels,
+    i.e. the window's minimum and maximum label differ. Separable sliding minima and maxima give
+    every label's boundary at once, whatever the number of classes. ``boundary(labels == v)`` is
     ``(labels == v) & label_boundaries(labels, d)``.
     """
     if labels.ndim != 2:
         raise ValueError(f"expected an H x W label map, got shape {labels.shape}")
     if d < 1:
         raise ValueError(f"d must be >= 1, got {d}")
-    from scipy import ndimage  # not at import: segpipe.metrics.coco needs only the constants here
-
     h, w = labels.shape
-    size = 2 * d + 1
-    # 'nearest' is only a placeholder outside the image: windows that reach it are edge pixels,
-    # set below whatever the filters say
-    lo = ndimage.minimum_filter1d(ndimage.minimum_filter1d(labels, size, axis=0, mode="nearest"),
-                                  size, axis=1, mode="nearest")
-    out = lo != labels
-    del lo
-    hi = ndimage.maximum_filter1d(ndimage.maximum_filter1d(labels, size, axis=0, mode="nearest"),
-                                  size, axis=1, mode="nearest")
-    out |= hi != labels
-    del hi
-    out[:d] = out[max(h - d, 0):] = True
-    out[:, :d] = out[:, max(w - d, 0):] = True
+    out = np.ones((h, w), dtype=bool)  # windows that cross the image edge
+    if h > 2 * d and w > 2 * d:
+        size = 2 * d + 1
+        lo = _windows(_windows(labels, size, 0, np.minimum), size, 1, np.minimum)
+        hi = _windows(_windows(labels, size, 0, np.maximum), size, 1, np.maximum)
+        out[d:h - d, d:w - d] = lo != hi
     return out
 
 
@@ -156,19 +167,22 @@ class BoundaryIoU:
         gl, pl = self._compact(g, p, prefix)
         k = self.num_classes
         d = dilation_pixels(g.shape[0], g.shape[1], self.ratio)
-        on_g = label_boundaries(gl, d)
-        on_g &= gl != k  # ignored pixels (gt label k) are on no boundary
+        # each pixel's class on the gt / predicted boundary, or k (none): ignored pixels are on no
+        # boundary (their gt label is k already); one joint histogram then counts both
+        # boundaries and their intersection per class
+        on_g = np.where(label_boundaries(gl, d), gl, gl.dtype.type(k))
         on_p = label_boundaries(pl, d)
-        on_p &= pl != k
         if self.ignore_index is not None:
             on_p &= gl != k
-        both = on_g & on_p
-        both &= gl == pl
-        g_count = np.bincount(gl[on_g], minlength=k + 1)[:k]
-        p_count = np.bincount(pl[on_p], minlength=k + 1)[:k]
-        inter = np.bincount(gl[both], minlength=k + 1)[:k]
+        on_p = np.where(on_p, pl, pl.dtype.type(k))
+        if k < 256:
+            joint = _joint_histogram(on_g, on_p)[: k + 1, : k + 1]
+        else:
+            code = on_g.astype(np.int64) * (k + 1) + on_p
+            joint = np.bincount(code.ravel(), minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+        inter = np.diagonal(joint)[:k]
         self.intersection += inter
-        self.union += g_count + p_count - inter
+        self.union += joint[:k].sum(axis=1) + joint[:, :k].sum(axis=0) - inter
 
     def _compact(self, g: np.ndarray, p: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         """Validated label maps in the smallest dtype, values ``0..K-1`` and ``K`` for "no class":
