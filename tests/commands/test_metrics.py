@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import re
@@ -17,7 +18,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segpipe.commands.metrics import main
+from segpipe.commands.metrics import collector_paused, main
 from segpipe.metrics.boundary import BoundaryIoU
 from segpipe.metrics.coco import STAT_NAMES
 
@@ -187,9 +188,24 @@ def test_coco_command(tmp_path, capsys):
         main(["coco", "--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"), "--iou-type", "bbox",
               "--boundary-ap", "--out", str(tmp_path / "x.json")])
     assert "--boundary-ap / --boundary-ratio need --iou-type segm" in capsys.readouterr().err
+    assert gc.isenabled()  # paused while scoring only, errors included (the one below)
     dets[3]["segmentation"]["size"] = [1, 1]
     (tmp_path / "dt.json").write_text(json.dumps(dets))
     with pytest.raises(SystemExit):
         main(["coco", "--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"),
               "--iou-type", "segm", "--out", str(tmp_path / "x.json")])
     assert "dt.json: detection #3" in capsys.readouterr().err
+    assert gc.isenabled()
+
+
+def test_collector_paused_restores_the_collector_state():
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
