@@ -12,9 +12,10 @@ hold the numbers equal to pycocotools' COCOeval. See ``docs/metrics.md``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from numbers import Real
 from typing import Any
 
@@ -539,6 +540,22 @@ def run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str,
         ev.accumulate()
         ev.summarize()
     return ev
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block: parsing and scoring a results file
+    makes millions of dicts, lists and floats, and the collector's repeated passes over them cost
+    more than the work itself (a third of ``segpipe metrics coco``'s time on 50 000 detections).
+    Nothing here makes reference cycles; whatever does is collected once it is back on. For
+    callers that parse or hold large COCO documents; the evaluation does not pause it itself."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def evaluate_coco(

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segpipe.commands.metrics import collector_paused, main
+from segpipe.commands.metrics import main
 from segpipe.metrics.boundary import BoundaryIoU
 from segpipe.metrics.coco import STAT_NAMES
 
@@ -196,16 +196,3 @@ def test_coco_command(tmp_path, capsys):
               "--iou-type", "segm", "--out", str(tmp_path / "x.json")])
     assert "dt.json: detection #3" in capsys.readouterr().err
     assert gc.isenabled()
-
-
-def test_collector_paused_restores_the_collector_state():
-    with collector_paused():
-        assert not gc.isenabled()
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with collector_paused():
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.enable()

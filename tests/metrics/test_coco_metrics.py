@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from segpipe.metrics.boundary import boundary_mask, dilation_pixels
 from segpipe.metrics.coco import (
     STAT_NAMES,
+    collector_paused,
     counts_to_rle_string,
     evaluate_coco,
     first_bad_rle_string,
@@ -365,6 +367,19 @@ def test_real_boxes_evaluate_equal_to_pycocotools():
     got = evaluate_coco(gt, boxes, "bbox")
     assert_equals_pycocotools(got, gt, boxes, "bbox")
     assert 0 < got["bbox"]["AP"] < 1
+
+
+def test_collector_paused_restores_the_collector_state():
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 # --------------------------------------------------------------------------------------
