@@ -1,12 +1,14 @@
 """``segpipe metrics``: score predictions made by any system.
 
     segpipe metrics semantic --gt DIR --pred DIR --num-classes K [--ignore-index 255]
-                             [--classes classes.json] --out FILE.json
-    segpipe metrics coco --gt GT.json --dt DT.json --iou-type segm|bbox --out FILE.json
+                             [--classes classes.json] [--boundary-ratio 0.02] --out FILE.json
+    segpipe metrics coco --gt GT.json --dt DT.json --iou-type segm|bbox [--boundary-ap
+                         [--boundary-ratio 0.02]] --out FILE.json
     segpipe metrics panoptic --gt GT.json [--gt-dir DIR] --pred PRED.json [--pred-dir DIR] --out FILE.json
 
 Semantic: single-channel label PNGs (mode L, P or I;16) matched by file name; images are read one
-pair at a time into a confusion matrix. COCO: pycocotools' COCOeval after validation. Panoptic:
+pair at a time into a confusion matrix and Boundary IoU counts. COCO: COCOeval's numbers
+(faster-coco-eval's engine) after validation; ``--boundary-ap`` adds Boundary AP to segm. Panoptic:
 COCO panoptic JSON + RGB segment PNGs (the PNG folders default to the JSON paths without
 ``.json``, as in panopticapi), matched by image id and read one pair at a time into a ``PQStat``.
 """
@@ -26,6 +28,7 @@ from segpipe.files import atomic_write_json
 from segpipe.formats import pngs
 from segpipe.formats.pngs import LabelPngError, read_id_png
 from segpipe.metrics import panoptic
+from segpipe.metrics.boundary import DEFAULT_RATIO, BoundaryIoU, check_ratio, with_boundary_iou
 from segpipe.metrics.semantic import ConfusionMatrix, MetricsInputError, compute
 
 
@@ -87,36 +90,44 @@ def read_json(path: Path) -> Any:
         raise MetricsInputError(f"{path}: not valid JSON: {e}") from None
 
 
-def semantic_confusion(gt_dir: Path, pred_dir: Path, num_classes: int, ignore_index: int | None) -> ConfusionMatrix:
-    """The confusion matrix over all label PNG pairs, read one pair at a time."""
+def semantic_counts(gt_dir: Path, pred_dir: Path, num_classes: int, ignore_index: int | None,
+                    boundary_ratio: float = DEFAULT_RATIO) -> tuple[ConfusionMatrix, BoundaryIoU]:
+    """The confusion matrix and Boundary IoU counts over all label PNG pairs, read one pair at a time."""
     cm = ConfusionMatrix(num_classes, ignore_index)
+    boundary = BoundaryIoU(num_classes, ignore_index, boundary_ratio)
     for name in match_files(gt_dir, pred_dir):
         gt = read_label_png(gt_dir / name)
         pred = read_label_png(pred_dir / name)
         if gt.shape != pred.shape:
             raise MetricsInputError(
                 f"{pred_dir / name}: size {pred.shape[1]}x{pred.shape[0]} != ground truth {gt.shape[1]}x{gt.shape[0]}")
-        cm.update(gt, pred, where=str(pred_dir / name) + " (with " + str(gt_dir / name) + ")")
-    return cm
+        where = str(pred_dir / name) + " (with " + str(gt_dir / name) + ")"
+        cm.update(gt, pred, where=where)
+        boundary.update(gt, pred, where=where)
+    return cm, boundary
 
 
 def run_semantic(
     gt_dir: Path, pred_dir: Path, num_classes: int, out: Path,
-    ignore_index: int | None = 255, classes: Path | None = None,
+    ignore_index: int | None = 255, classes: Path | None = None, boundary_ratio: float = DEFAULT_RATIO,
 ) -> dict[str, Any]:
-    """Score label PNGs; write and return ``{pixel_acc, mean_acc, miou, fwiou, mdice, per_class}``."""
+    """Score label PNGs; write and return ``{pixel_acc, mean_acc, miou, boundary_iou, fwiou, mdice,
+    pixels, per_class}`` (``per_class[name]``: ``iou, dice, acc, boundary_iou``)."""
     names = class_names(read_json(classes), num_classes, str(classes)) if classes else None
-    cm = semantic_confusion(Path(gt_dir), Path(pred_dir), num_classes, ignore_index)
-    result = compute(cm.mat, names)
+    cm, boundary = semantic_counts(Path(gt_dir), Path(pred_dir), num_classes, ignore_index, boundary_ratio)
+    result = with_boundary_iou(compute(cm.mat, names), boundary.compute(names))
     atomic_write_json(out, result)
     return result
 
 
-def run_coco(gt: Path, dt: Path, iou_type: str, out: Path) -> dict[str, Any]:
-    """Score a COCO results file; write and return ``{iou_type: {AP, ...}, "per_class": {name: AP}}``."""
-    from segpipe.metrics.coco import evaluate_coco
+def run_coco(gt: Path, dt: Path, iou_type: str, out: Path, boundary_ratio: float | None = None) -> dict[str, Any]:
+    """Score a COCO results file; write and return ``{iou_type: {AP, ...}, "per_class": {name: AP}}``
+    (segm with ``boundary_AP`` too when ``boundary_ratio`` is given)."""
+    from segpipe.metrics.coco import collector_paused, evaluate_coco
 
-    result = evaluate_coco(read_json(gt), read_json(dt), iou_type, gt_source=str(gt), dt_source=str(dt))
+    with collector_paused():
+        result = evaluate_coco(read_json(gt), read_json(dt), iou_type, gt_source=str(gt), dt_source=str(dt),
+                               boundary_ratio=boundary_ratio)
     atomic_write_json(out, result)
     return result
 
@@ -186,11 +197,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     s.add_argument("--num-classes", type=int, required=True)
     s.add_argument("--ignore-index", type=int, default=255, help="ground-truth value to skip (default 255; -1: none)")
     s.add_argument("--classes", type=Path, help='classes.json ([{"id", "name", ...}]) to name the classes')
+    s.add_argument("--boundary-ratio", type=float, default=DEFAULT_RATIO,
+                   help=f"Boundary IoU width as a fraction of the image diagonal (default {DEFAULT_RATIO})")
     s.add_argument("--out", type=Path, required=True)
     c = sub.add_parser("coco", help="COCOeval of a results JSON")
     c.add_argument("--gt", type=Path, required=True, help="COCO instances JSON")
     c.add_argument("--dt", type=Path, required=True, help="COCO results JSON (list of detections)")
     c.add_argument("--iou-type", choices=["segm", "bbox"], required=True)
+    c.add_argument("--boundary-ap", action="store_true",
+                   help="segm: add boundary_AP (matching on min(mask IoU, boundary IoU)); several times slower")
+    c.add_argument("--boundary-ratio", type=float,
+                   help=f"boundary width of --boundary-ap (implied), a fraction of the image diagonal "
+                        f"(default {DEFAULT_RATIO})")
     c.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("panoptic", help="PQ, SQ, RQ of COCO panoptic PNGs + JSON")
     p.add_argument("--gt", type=Path, required=True, help="COCO panoptic ground-truth JSON (with categories)")
@@ -210,18 +228,33 @@ def main(argv: Sequence[str] | None = None) -> None:
             ignore = None if args.ignore_index == -1 else args.ignore_index
             if ignore is not None and 0 <= ignore < args.num_classes:
                 raise MetricsInputError(f"--ignore-index {ignore} is a class id (< --num-classes {args.num_classes})")
-            result = run_semantic(args.gt, args.pred, args.num_classes, args.out, ignore, args.classes)
-            print(f"miou {_fmt(result['miou'])}  pixel_acc {_fmt(result['pixel_acc'])}  -> {args.out}")
+            ratio = _ratio_arg(args.boundary_ratio)
+            result = run_semantic(args.gt, args.pred, args.num_classes, args.out, ignore, args.classes, ratio)
+            print(f"miou {_fmt(result['miou'])}  boundary_iou {_fmt(result['boundary_iou'])}  "
+                  f"pixel_acc {_fmt(result['pixel_acc'])}  -> {args.out}")
         elif args.kind == "panoptic":
             result = run_panoptic(args.gt, args.pred, args.out, args.gt_dir, args.pred_dir)
             print(f"pq {_fmt(result['pq'])}  sq {_fmt(result['sq'])}  rq {_fmt(result['rq'])}  "
                   f"({result['images']} images) -> {args.out}")
         else:
-            result = run_coco(args.gt, args.dt, args.iou_type, args.out)
-            print(f"{args.iou_type} AP {_fmt(result[args.iou_type]['AP'])}  -> {args.out}")
+            ratio = None
+            if args.boundary_ap or args.boundary_ratio is not None:
+                if args.iou_type != "segm":
+                    raise MetricsInputError("--boundary-ap / --boundary-ratio need --iou-type segm")
+                ratio = _ratio_arg(DEFAULT_RATIO if args.boundary_ratio is None else args.boundary_ratio)
+            result = run_coco(args.gt, args.dt, args.iou_type, args.out, ratio)
+            extra = f"  boundary_AP {_fmt(result['segm']['boundary_AP'])}" if "boundary_AP" in result[args.iou_type] else ""
+            print(f"{args.iou_type} AP {_fmt(result[args.iou_type]['AP'])}{extra}  -> {args.out}")
     except MetricsInputError as e:
         print(f"segpipe metrics: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _ratio_arg(ratio: float) -> float:
+    try:
+        return check_ratio(ratio, "--boundary-ratio")
+    except ValueError as e:
+        raise MetricsInputError(str(e)) from None
 
 
 def _fmt(v: float | None) -> str:

@@ -1,7 +1,8 @@
-"""Evaluation metrics: semantic (a confusion matrix) and COCO (pycocotools' COCOeval, in ``coco``).
+"""Evaluation metrics: semantic (a confusion matrix, Boundary IoU counts in ``boundary``), COCO
+(COCOeval's numbers through faster-coco-eval, in ``coco``) and panoptic quality (``panoptic``).
 
 Conventions are written down in ``docs/metrics.md``. ``segpipe.metrics.coco`` imports
-pycocotools and is not imported here.
+faster-coco-eval and is not imported here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from segpipe.metrics.boundary import BoundaryIoU
 from segpipe.metrics.semantic import ConfusionMatrix, MetricsInputError, compute
 
 
@@ -25,4 +27,4 @@ def metric_value(metrics: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
-__all__ = ["ConfusionMatrix", "MetricsInputError", "compute", "metric_value"]
+__all__ = ["BoundaryIoU", "ConfusionMatrix", "MetricsInputError", "compute", "metric_value"]

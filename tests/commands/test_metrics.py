@@ -1,9 +1,11 @@
-"""``segpipe metrics semantic|coco``: files in, the documented JSON out, errors naming the file."""
+"""``segpipe metrics semantic|coco``: files in, the documented JSON out (Boundary IoU beside mIoU,
+Boundary AP on request), errors naming the file."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import re
@@ -17,6 +19,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segpipe.commands.metrics import main
+from segpipe.metrics.boundary import BoundaryIoU
+from segpipe.metrics.coco import STAT_NAMES
 
 # pycocotools' decode under numpy 2 (its own deprecation, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -44,13 +48,44 @@ def test_semantic_writes_the_documented_json(tmp_path):
     main(["semantic", "--gt", str(gt), "--pred", str(pred), "--num-classes", "3",
           "--classes", str(classes), "--out", str(out)])
     m = json.loads(out.read_text())
-    assert {"pixel_acc", "mean_acc", "miou", "fwiou", "mdice", "per_class"} <= set(m)
+    assert {"pixel_acc", "mean_acc", "miou", "boundary_iou", "fwiou", "mdice", "per_class"} <= set(m)
     # a: [[1,0],[1,2]]; b: [[4,1,0],[1,2,0],[0,0,0]]  -> [[5,1,0],[2,4,0],[0,0,0]]
     assert m["pixel_acc"] == pytest.approx(9 / 12)
     assert m["per_class"]["ground"]["iou"] == pytest.approx(5 / (6 + 7 - 5))
     assert m["per_class"]["worker"]["iou"] == pytest.approx(4 / (6 + 5 - 4))
-    assert m["per_class"]["cone"] == {"iou": None, "dice": None, "acc": None}
+    assert m["per_class"]["cone"] == {"iou": None, "dice": None, "acc": None, "boundary_iou": None}
     assert m["miou"] == pytest.approx((5 / 8 + 4 / 7) / 2)
+    # in images this small every pixel is within d = 1 of the edge: boundary IoU is the IoU
+    assert m["per_class"]["ground"]["boundary_iou"] == pytest.approx(5 / 8)
+    assert m["per_class"]["worker"]["boundary_iou"] == pytest.approx(4 / 7)
+    assert m["boundary_iou"] == pytest.approx(m["miou"])
+
+
+def test_semantic_boundary_iou_and_ratio(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    acc = {r: BoundaryIoU(3, 255, r) for r in (0.02, 0.1)}
+    for i in range(3):
+        gt = np.kron(rng.integers(0, 3, (8, 8)), np.ones((8, 8), np.int64)).astype(np.uint8)
+        pred = np.roll(gt, 2, axis=1)
+        gt[10] = 255
+        _png(tmp_path / "gt" / f"{i}.png", gt)
+        _png(tmp_path / "pred" / f"{i}.png", pred)
+        for a in acc.values():
+            a.update(gt, pred)
+    for ratio, a in acc.items():
+        out = tmp_path / f"m{ratio}.json"
+        main(["semantic", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred"), "--num-classes", "3",
+              "--boundary-ratio", str(ratio), "--out", str(out)])
+        m = json.loads(out.read_text())
+        want = a.compute()
+        assert m["boundary_iou"] == pytest.approx(want["boundary_iou"])
+        assert {n: c["boundary_iou"] for n, c in m["per_class"].items()} == pytest.approx(want["per_class"])
+        assert f"boundary_iou {want['boundary_iou']:.4f}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m0.02.json").read_text())["boundary_iou"] < m["boundary_iou"]
+    with pytest.raises(SystemExit):
+        main(["semantic", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred"), "--num-classes", "3",
+              "--boundary-ratio", "0", "--out", str(tmp_path / "x.json")])
+    assert "--boundary-ratio must be a finite number > 0, got 0.0" in capsys.readouterr().err
 
 
 def test_semantic_palette_pngs_read_as_indices(tmp_path):
@@ -138,11 +173,26 @@ def test_coco_command(tmp_path, capsys):
               "--iou-type", iou_type, "--out", str(out)])
         m = json.loads(out.read_text())
         assert set(m) == {iou_type, "per_class"}
-        assert m[iou_type]["AP"] == pytest.approx(_pycocotools_ap(gt, dets, iou_type), abs=0)
+        assert list(m[iou_type]) == list(STAT_NAMES)
+        assert m[iou_type]["AP"] == pytest.approx(_pycocotools_ap(gt, dets, iou_type), abs=1e-6)
         assert set(m["per_class"]) == {"worker", "excavator", "cone"}
+    main(["coco", "--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"), "--iou-type", "segm",
+          "--boundary-ap", "--out", str(tmp_path / "b.json")])
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert list(b["segm"]) == [*STAT_NAMES, "boundary_AP"] and 0 < b["segm"]["boundary_AP"] <= b["segm"]["AP"]
+    assert f"boundary_AP {b['segm']['boundary_AP']:.4f}" in capsys.readouterr().out
+    main(["coco", "--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"), "--iou-type", "segm",
+          "--boundary-ratio", "0.2", "--out", str(tmp_path / "b2.json")])
+    assert json.loads((tmp_path / "b2.json").read_text())["segm"]["boundary_AP"] >= b["segm"]["boundary_AP"]
+    with pytest.raises(SystemExit):
+        main(["coco", "--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"), "--iou-type", "bbox",
+              "--boundary-ap", "--out", str(tmp_path / "x.json")])
+    assert "--boundary-ap / --boundary-ratio need --iou-type segm" in capsys.readouterr().err
+    assert gc.isenabled()  # paused while scoring only, errors included (the one below)
     dets[3]["segmentation"]["size"] = [1, 1]
     (tmp_path / "dt.json").write_text(json.dumps(dets))
     with pytest.raises(SystemExit):
         main(["coco", "--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"),
               "--iou-type", "segm", "--out", str(tmp_path / "x.json")])
     assert "dt.json: detection #3" in capsys.readouterr().err
+    assert gc.isenabled()
