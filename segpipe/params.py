@@ -301,12 +301,16 @@ class EvaluateParams:
     batch_size: int = 8
     num_overlays: int = 4
     engine: str = "local"  # local: this process; ray: a Ray Data actor pool (segpipe.inference.map_rows)
+    # Boundary IoU's band: d = max(1, round(boundary_ratio x image diagonal)) pixels (Cheng et al. 2021);
+    # also Boundary AP's of instance models (tests/test_params.py pins it to segpipe.metrics.boundary's)
+    boundary_ratio: float = 0.02
     detection: DetectionParams = field(default_factory=DetectionParams)
     panoptic: MaskFormerPanopticParams = field(default_factory=MaskFormerPanopticParams)
 
     def __post_init__(self) -> None:
         require(self, [
             ("split", bool(self.split), "must name a split"),
+            ("boundary_ratio", 0 < self.boundary_ratio <= 1, "must be in (0, 1]"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("num_overlays", self.num_overlays >= 0, "must be >= 0"),
             ("engine", self.engine in ENGINES, f"must be one of {', '.join(ENGINES)}"),

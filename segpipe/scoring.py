@@ -53,7 +53,7 @@ CONFUSION_ROWS = 10_000  # rows of confusion.csv: enough for percent-level shadi
 CHUNK_BATCHES = 4  # batches per unit of work: small enough to spread a 100-image split over actors
 # A source collection's metrics in metrics.json's per_collection block: the scalars, not per class
 # (per_collection.csv and the summary's collection x model table show them).
-COLLECTION_KEYS = ("images", "pixel_acc", "mean_acc", "miou", "fwiou", "mdice", "miou_things")
+COLLECTION_KEYS = ("images", "pixel_acc", "mean_acc", "miou", "boundary_iou", "fwiou", "mdice", "miou_things")
 
 
 # --------------------------------------------------------------------------------------
@@ -130,9 +130,16 @@ def plan_chunks(shards: ShardSet, split: str, rows_per_chunk: int) -> list[dict[
     return chunks
 
 
-def semantic_result(mat: np.ndarray, names: Sequence[str], thing_names: Sequence[str]) -> dict[str, Any]:
-    """Semantic metrics of a confusion matrix, plus ``miou_things`` over the thing classes in ``names``."""
+def semantic_result(mat: np.ndarray, names: Sequence[str], thing_names: Sequence[str],
+                    boundary: np.ndarray | None = None, ignore: int = 255) -> dict[str, Any]:
+    """Semantic metrics of a confusion matrix, plus ``miou_things`` over the thing classes in ``names``,
+    and Boundary IoU (``boundary_iou``, per class too) from ``boundary``: the ``2 x K`` counts of a
+    ``segpipe.metrics.boundary.BoundaryIoU``."""
     result = compute(mat, list(names))
+    if boundary is not None:
+        from segpipe.metrics.boundary import BoundaryIoU, with_boundary_iou
+
+        result = with_boundary_iou(result, BoundaryIoU.from_array(boundary, ignore).compute(list(names)))
     things = [n for n in names if n in set(thing_names)]
     if things:
         result["miou_things"] = mean_over(result, "iou", things)
@@ -140,8 +147,14 @@ def semantic_result(mat: np.ndarray, names: Sequence[str], thing_names: Sequence
 
 
 def per_class_iou_csv(result: dict[str, Any]) -> str:
-    rows = ["class,iou"] + [f"{csv_field(n)},{v['iou']:.6f}" for n, v in result["per_class"].items()
-                            if v["iou"] is not None]
+    """``class,iou[,boundary_iou]`` of the classes scored (boundary IoU empty where undefined)."""
+    boundary = any("boundary_iou" in v for v in result["per_class"].values())
+    rows = ["class,iou,boundary_iou" if boundary else "class,iou"]
+    for n, v in result["per_class"].items():
+        if v["iou"] is None:
+            continue
+        b = v.get("boundary_iou")
+        rows.append(f"{csv_field(n)},{v['iou']:.6f}" + ((f",{b:.6f}" if b is not None else ",") if boundary else ""))
     return "\n".join(rows) + "\n"
 
 
@@ -152,7 +165,8 @@ def per_class_pq_csv(panoptic: dict[str, Any] | None) -> str:
     return "\n".join(rows) + "\n"
 
 
-PER_COLLECTION_COLUMNS = ("miou", "miou_things", "pixel_acc", "mdice", "segm.AP", "segm.AP50", "panoptic.pq")
+PER_COLLECTION_COLUMNS = ("miou", "boundary_iou", "miou_things", "pixel_acc", "mdice", "segm.AP", "segm.AP50",
+                          "panoptic.pq")
 
 
 def per_collection_csv(per_collection: dict[str, dict[str, Any]]) -> str:
@@ -192,16 +206,22 @@ class Scoring:
     ignore: int
     instances: bool
     panoptic: bool
+    # Boundary IoU's band (evaluate.boundary_ratio): of the label maps of semantic models, and in Boundary AP
+    # of detections; None: not scored
+    boundary_ratio: float | None = None
 
     @classmethod
-    def for_meta(cls, meta: CheckpointMeta, outputs: Iterable[str] | None = None) -> Scoring:
-        """A checkpoint's outputs (those of them in ``outputs`` when given); MetricsInputError when
-        an instance model has no thing classes."""
+    def for_meta(cls, meta: CheckpointMeta, outputs: Iterable[str] | None = None,
+                 boundary_ratio: float | None = None) -> Scoring:
+        """A checkpoint's outputs (those of them in ``outputs`` when given); Boundary IoU with
+        ``boundary_ratio`` for semantic models. MetricsInputError when an instance model has no
+        thing classes."""
         from segpipe.models import spec_of
 
         has = spec_of(meta.arch).outputs if outputs is None else frozenset(outputs)
         scoring = cls(meta.task, tuple(class_names(list(meta.classes), meta.num_classes)),
-                      tuple(meta.thing_ids or ()), meta.ignore_index, "instances" in has, "panoptic" in has)
+                      tuple(meta.thing_ids or ()), meta.ignore_index, "instances" in has, "panoptic" in has,
+                      boundary_ratio)
         if scoring.task == "instance":
             try:
                 scoring.things()
@@ -232,6 +252,19 @@ class Scoring:
         else:
             cm.update(gt, pred, where=where)
 
+    @property
+    def boundary_scored(self) -> bool:
+        """Boundary IoU of the label maps: semantic models (an instance model's maps are things + one background)."""
+        return self.boundary_ratio is not None and self.task == "semantic"
+
+    def boundary(self) -> Any:
+        """Boundary IoU accumulators (segpipe.metrics.boundary), or None when not scored."""
+        if not self.boundary_scored:
+            return None
+        from segpipe.metrics.boundary import BoundaryIoU
+
+        return BoundaryIoU(len(self.names), self.ignore, self.boundary_ratio)
+
     def pq_stat(self) -> Any:
         """PQ accumulators over every class id (segpipe.metrics.panoptic)."""
         from segpipe.metrics.panoptic import PQStat
@@ -259,13 +292,13 @@ class ChunkScorer:
     first ``num_overlays`` images)."""
 
     def __init__(self, predictor: Predictor, shards: dict[str, Any], split: str, batch_size: int,
-                 num_overlays: int, scoring: Scoring | None = None) -> None:
+                 num_overlays: int, scoring: Scoring | None = None, boundary_ratio: float | None = None) -> None:
         from segpipe.inference import palette
         from segpipe.shards import ShardSet
 
         self.predictor, self.split, self.batch_size, self.num_overlays = predictor, split, batch_size, num_overlays
         self.shards = ShardSet.from_dict(shards)
-        self.scoring = scoring or Scoring.for_meta(predictor.meta)
+        self.scoring = scoring or Scoring.for_meta(predictor.meta, boundary_ratio=boundary_ratio)
         self.pal = palette(list(predictor.meta.classes))
         self._table: tuple[int, Any] | None = None  # the last shard read: consecutive chunks share it
 
@@ -287,6 +320,7 @@ class ChunkScorer:
 
         sc = self.scoring
         cms: dict[str, ConfusionMatrix] = {}
+        bounds: dict[str, Any] = {}
         seen: dict[str, int] = {}
         pqs: dict[str, Any] = {}
         images, anns, dets, overlays = [], [], [], []
@@ -298,6 +332,8 @@ class ChunkScorer:
                 where = f"image {s['image_id']}"
                 sc.update(cms.setdefault(collection, sc.matrix()), gt, pred.labels, where=where)
                 seen[collection] = seen.get(collection, 0) + 1
+                if sc.boundary_scored:
+                    bounds.setdefault(collection, sc.boundary()).update(gt, pred.labels, where=where)
                 if sc.panoptic:
                     try:
                         gt_map, gt_info = sample_ground_truth(s, sc.thing_ids, sc.ignore)
@@ -320,6 +356,7 @@ class ChunkScorer:
         return {"first": chunk["first"], "images": position - chunk["first"],
                 "collections": json.dumps([[n, seen[n]] for n in names]),
                 "confusion": stacked.tobytes(),
+                "boundary": np.stack([bounds[n].counts for n in names]).tobytes() if bounds else b"",
                 "coco": json.dumps({"images": images, "annotations": anns, "detections": dets}),
                 "panoptic": json.dumps({n: p.to_json() for n, p in pqs.items()}) if sc.panoptic else "",
                 "overlays": json.dumps(overlays)}
@@ -354,15 +391,17 @@ class FusedChunkScorer(ChunkScorer):
 
 
 def _coco(scoring: Scoring, images: list[dict[str, Any]], anns: list[dict[str, Any]],
-          dets: list[dict[str, Any]]) -> dict[str, Any]:
-    from segpipe.metrics.coco import evaluate_coco
+          dets: list[dict[str, Any]], boundary_ratio: float | None) -> dict[str, Any]:
+    from segpipe.metrics.coco import collector_paused, evaluate_coco
 
     gt = {"images": [{k: v for k, v in im.items() if k != "collection"} for im in images], "annotations": anns,
           "categories": [{"id": t, "name": scoring.names[t]} for t in scoring.thing_ids]}
     out = {}
-    for iou_type in ("segm", "bbox"):
-        coco = evaluate_coco(gt, dets, iou_type, "shard ground truth", "detections")
-        out[iou_type] = {**coco[iou_type], "per_class": coco["per_class"]}
+    with collector_paused():  # COCO evaluation builds many small objects: the collector only slows it
+        for iou_type in ("segm", "bbox"):
+            coco = evaluate_coco(gt, dets, iou_type, "shard ground truth", "detections",
+                                 boundary_ratio=boundary_ratio if iou_type == "segm" else None)
+            out[iou_type] = {**coco[iou_type], "per_class": coco["per_class"]}
     return out
 
 
@@ -377,6 +416,7 @@ def summarise(scoring: Scoring, results: Iterable[dict[str, Any]], out: Path | N
 
     k = len(scoring.cm_names)
     mats: dict[str, np.ndarray] = {}
+    bounds: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     pqs: dict[str, Any] = {}
     images, anns, dets = [], [], []
@@ -387,6 +427,9 @@ def summarise(scoring: Scoring, results: Iterable[dict[str, Any]], out: Path | N
         for (name, n), mat in zip(seen, stacked):
             mats[name] = mats.get(name, 0) + mat
             counts[name] = counts.get(name, 0) + int(n)
+        if r["boundary"]:
+            for (name, _), b in zip(seen, np.frombuffer(r["boundary"], dtype=np.int64).reshape(len(seen), 2, -1)):
+                bounds[name] = bounds.get(name, 0) + b
         coco = json.loads(r["coco"])
         for a in coco["annotations"]:  # numbered across chunks, in split order
             a["id"] += len(anns)
@@ -402,24 +445,27 @@ def summarise(scoring: Scoring, results: Iterable[dict[str, Any]], out: Path | N
         raise MetricsInputError("the split has no images")
     thing_names = [scoring.names[t] for t in scoring.thing_ids]
     mat = sum(mats.values())
-    result = semantic_result(mat, scoring.cm_names, thing_names)
+    result = semantic_result(mat, scoring.cm_names, thing_names, sum(bounds.values()) if bounds else None,
+                             scoring.ignore)
     if scoring.task == "instance":
         result["semantic_classes"] = "things+background"
     if scoring.instances:
-        result.update(_coco(scoring, images, anns, dets))
+        result.update(_coco(scoring, images, anns, dets, scoring.boundary_ratio))
     if scoring.panoptic:
         total = scoring.pq_stat()
         for stat in pqs.values():
             total.merge(stat)
         result["panoptic"] = scoring.panoptic_result(total)
     result["images"] = n_images
-    result["per_collection"] = _per_collection(scoring, result, mats, counts, pqs, images, anns, dets, thing_names)
+    result["per_collection"] = _per_collection(scoring, result, mats, bounds, counts, pqs, images, anns, dets,
+                                               thing_names)
     if out is not None:
         _write_outputs(out, scoring, mat, result, dets, overlays)
     return result
 
 
-def _per_collection(scoring: Scoring, overall: dict[str, Any], mats: dict[str, np.ndarray], counts: dict[str, int],
+def _per_collection(scoring: Scoring, overall: dict[str, Any], mats: dict[str, np.ndarray],
+                    bounds: dict[str, np.ndarray], counts: dict[str, int],
                     pqs: dict[str, Any], images: list[dict[str, Any]], anns: list[dict[str, Any]],
                     dets: list[dict[str, Any]], thing_names: list[str]) -> dict[str, dict[str, Any]]:
     """The metrics of each source collection (``COLLECTION_KEYS``, COCO and PQ scalars). With one
@@ -433,13 +479,14 @@ def _per_collection(scoring: Scoring, overall: dict[str, Any], mats: dict[str, n
         return {name: block}
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(mats):
-        block = {k: v for k, v in semantic_result(mats[name], scoring.cm_names, thing_names).items()
-                 if k in COLLECTION_KEYS}
+        block = {k: v for k, v in semantic_result(mats[name], scoring.cm_names, thing_names, bounds.get(name),
+                                                  scoring.ignore).items() if k in COLLECTION_KEYS}
         block["images"] = counts[name]
         if scoring.instances:
             mine = [im for im in images if im["collection"] == name]
             ids = {im["id"] for im in mine}
-            coco = _coco(scoring, mine, [a for a in anns if a["image_id"] in ids], [d for d in dets if d["image_id"] in ids])
+            coco = _coco(scoring, mine, [a for a in anns if a["image_id"] in ids],
+                         [d for d in dets if d["image_id"] in ids], scoring.boundary_ratio)
             block.update({key: _scalars(v) for key, v in coco.items()})
         if scoring.panoptic and name in pqs:
             block["panoptic"] = _scalars(scoring.panoptic_result(pqs[name]))
@@ -489,10 +536,11 @@ def score_checkpoint(checkpoint: Path, shards: ShardSet, params: EvaluateParams,
     checkpoint = Path(checkpoint)
     meta = load_meta(checkpoint)
     check_classes(checkpoint, meta, list(shards.classes))
-    scoring = Scoring.for_meta(meta)  # an instance model without thing classes fails here, before it is loaded
+    # an instance model without thing classes fails here, before it is loaded
+    scoring = Scoring.for_meta(meta, boundary_ratio=params.boundary_ratio)
     ref = CheckpointRef.of(checkpoint)
     worker = {"shards": shards.to_dict(), "split": params.split, "batch_size": params.batch_size,
-              "num_overlays": params.num_overlays if out is not None else 0}
+              "num_overlays": params.num_overlays if out is not None else 0, "boundary_ratio": params.boundary_ratio}
     results = map_rows(_chunks(shards, params), checkpoint, ChunkScorer, worker, engine=params.engine,
                        detection=params.detection, device=device, panoptic=PanopticSettings(maskformer=params.panoptic))
     result = summarise(scoring, results, out)

@@ -178,3 +178,10 @@ def test_nested_sections_are_typed_and_range_checked(tmp_path):
     assert PredictParams().fusion == FusionParams()
     with pytest.raises(ParamsError, match=r"evaluate\.panoptic: expected a mapping"):
         load_section("evaluate", write(tmp_path, "evaluate:\n  panoptic: 3\n"))
+
+
+def test_boundary_ratio_default_is_the_metrics_modules():
+    from segpipe.metrics.boundary import DEFAULT_RATIO
+    from segpipe.params import EvaluateParams
+
+    assert EvaluateParams().boundary_ratio == DEFAULT_RATIO

@@ -18,11 +18,13 @@ COLUMNS: list[tuple[str, str]] = [
     ("pixel acc", "pixel_acc"),
     ("mean acc", "mean_acc"),
     ("mIoU", "miou"),
+    ("Boundary IoU", "boundary_iou"),
     ("fwIoU", "fwiou"),
     ("mDice", "mdice"),
     ("mIoU things", "miou_things"),
     ("segm AP", "segm.AP"),
     ("segm AP50", "segm.AP50"),
+    ("segm Boundary AP", "segm.boundary_AP"),
     ("bbox AP", "bbox.AP"),
     ("segm AR100", "segm.AR100"),
 ]

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.files import atomic_dir, atomic_write_json, atomic_write_text
+from segpipe.metrics.boundary import BoundaryIoU
 from segpipe.metrics.semantic import ConfusionMatrix, MetricsInputError, class_names
 from segpipe.params import BaselinesParams, EvaluateParams, add_params_arguments, from_args
 
@@ -100,20 +101,28 @@ def run(params: BaselinesParams, scoring: EvaluateParams, shards: Path | str, ou
     predictors = fit_baselines(((x["image"], x["semantic"]) for x in iter_samples(s, split="train")),
                                s.num_classes, s.ignore_index, params.colour_bits)
     matrices: dict[str, dict[str, ConfusionMatrix]] = {k: {} for k in predictors}
+    bounds: dict[str, dict[str, BoundaryIoU]] = {k: {} for k in predictors}
     images: dict[str, int] = {}
     for sample in iter_samples(s, split=scoring.split):
         c = sample["collection"]
         images[c] = images.get(c, 0) + 1
+        where = f"image {sample['image_id']}"
         for k, predictor in predictors.items():
-            cm = matrices[k].setdefault(c, ConfusionMatrix(s.num_classes, s.ignore_index))
-            cm.update(sample["semantic"], predictor.predict(sample["image"]), where=f"image {sample['image_id']}")
+            pred = predictor.predict(sample["image"])
+            matrices[k].setdefault(c, ConfusionMatrix(s.num_classes, s.ignore_index)).update(sample["semantic"], pred,
+                                                                                          where=where)
+            bounds[k].setdefault(c, BoundaryIoU(s.num_classes, s.ignore_index, scoring.boundary_ratio)).update(
+                sample["semantic"], pred, where=where)
     if not images:
         raise MetricsInputError(f"split {scoring.split!r} of {s.root} has no images")
     metrics = {}
     with atomic_dir(Path(out)) as tmp:
         for k, per in matrices.items():
-            result = semantic_result(sum(cm.mat for cm in per.values()), names, thing_names)
-            per_collection = {c: {**{m: v for m, v in semantic_result(cm.mat, names, thing_names).items()
+            b = bounds[k]
+            result = semantic_result(sum(cm.mat for cm in per.values()), names, thing_names,
+                                     sum(x.counts for x in b.values()), s.ignore_index)
+            per_collection = {c: {**{m: v for m, v in semantic_result(cm.mat, names, thing_names, b[c].counts,
+                                                                      s.ignore_index).items()
                                      if m in COLLECTION_KEYS}, "images": images[c]} for c, cm in sorted(per.items())}
             metrics[k] = {"baseline": k, "arch": f"baseline:{k}", "task": "semantic", "fitted_on": "train",
                           "colour_bits": params.colour_bits if k == "colour" else None,

@@ -68,6 +68,7 @@ def test_baselines_are_fitted_on_train_and_scored_like_models(tiny_shards, tmp_p
         assert m["miou"] == pytest.approx(compute(cm.mat)["miou"])
         assert m["baseline"] == name and m["shards_manifest_sha256"] == s.manifest_sha256 and m["split"] == "val"
         assert m["scoring"] == EvaluateParams().scoring_key()
-        assert "miou_things" in m and (out / name / "per_class_iou.csv").read_text().startswith("class,iou\n")
+        assert "miou_things" in m and (out / name / "per_class_iou.csv").read_text().startswith("class,iou,boundary_iou\n")
+        assert 0 <= m["boundary_iou"] <= 1
         (collection,) = m["per_collection"]
         assert m["per_collection"][collection]["miou"] == pytest.approx(m["miou"])

@@ -33,9 +33,14 @@ def _check_outputs(out: Path, m: dict, ckpt: Path, shards: Path, params: Evaluat
     assert lines[0] == "actual,predicted" and len(lines) == 1 + scoring.CONFUSION_ROWS
     counts = [line.split(",") for line in (out / "confusion_counts.csv").read_text().splitlines()[1:]]
     assert sum(int(c[2]) for c in counts) == m["pixels"]
-    ious = dict(line.split(",") for line in (out / "per_class_iou.csv").read_text().splitlines()[1:])
-    for name, iou in ious.items():
+    lines = (out / "per_class_iou.csv").read_text().splitlines()
+    boundary = m["task"] == "semantic"  # Boundary IoU of semantic models' label maps
+    assert lines[0] == ("class,iou,boundary_iou" if boundary else "class,iou")
+    for line in lines[1:]:
+        name, iou, *b = line.split(",")
         assert float(iou) == pytest.approx(m["per_class"][name]["iou"], abs=1e-6)
+        if boundary and b[0]:
+            assert float(b[0]) == pytest.approx(m["per_class"][name]["boundary_iou"], abs=1e-6)
     assert len(list((out / "overlays").glob("*.png"))) == min(2, m["images"])
     (collection,) = m["per_collection"]  # one collection: its numbers are the split's
     assert m["per_collection"][collection]["miou"] == m["miou"]
@@ -55,6 +60,7 @@ def test_semantic_checkpoint_end_to_end(eval_shards, tmp_path, tiny_checkpoint):
     m = json.loads((out / "metrics.json").read_text())
     _check_outputs(out, m, ckpt, eval_shards)
     assert "segm" not in m and json.loads((out / "detections.json").read_text()) == []
+    assert 0 <= m["boundary_iou"] <= 1 and m["per_collection"]["raw"]["boundary_iou"] == m["boundary_iou"]
     assert "panoptic" not in m and (out / "per_class_pq.csv").read_text() == "class,pq\n"
     # the same matrix computed image by image, unbatched, each image padded by replicating its edges
     model, meta = load_model(ckpt)
@@ -91,6 +97,7 @@ def test_instance_checkpoint_end_to_end_writes_detections_once(eval_shards, tmp_
         assert list(m[iou_type])[:12] == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
                                           "ARs", "ARm", "ARl"]
         assert set(m[iou_type]["per_class"]) == set(things)
+    assert "boundary_AP" in m["segm"] and "boundary_AP" not in m["bbox"] and "boundary_iou" not in m
     dets = json.loads((out / "detections.json").read_text())
     assert dets and {d["image_id"] for d in dets} <= set(range(1, m["images"] + 1))
     # detections.json scores with the standalone command to the same numbers
