@@ -8,10 +8,12 @@ its pipeline size (randomly initialised: speed does not depend on the weights), 
 ``champion`` in a temporary registry. Then, on this machine:
 
 - the baseline: ``segpipe predict`` on the same images in one process (``predict.run``, the local
-  engine: decode, predict, label PNG and overlay written per image), images/s; and the latency
-  of shelling out to ``segpipe predict`` for one image (process start, imports, model load);
+  engine: decode, predict, label PNG and overlay written per image) with ``--threads`` torch
+  threads, images/s; and the latency of shelling out to ``segpipe predict`` for one image
+  (process start, imports, model load);
 - for each ``--batch-sizes`` value (``serve.max_batch_size``), one ``segpipe serve`` (a local Ray
-  of its own, one replica holding ``--threads`` CPUs, as many torch threads), and for each
+  of its own, one replica holding ``--threads`` CPUs, as many torch threads; the proxy, decoding
+  and the clients use the machine's other cores), and for each
   ``--clients`` count that many client threads (keep-alive HTTP) sending ``--requests`` images
   in all: requests/s, p50 and p99 latency, the mean batch the replica ran (``X-Batch-Size``),
   and whether every answer is byte for byte predict's label PNG. Then SIGTERM, timed.
@@ -107,11 +109,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--requests", type=int, default=96, help="per client count")
     ap.add_argument("--arch", default="unet")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of predict and of the replica (its CPUs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of predict and of the replica (its CPUs)")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 1])
     ap.add_argument("--shell-outs", type=int, default=3, help="one-image `segpipe predict` processes timed")
     args = ap.parse_args()
+    # Set before torch starts its thread pool, here and in every process started below: a pool
+    # resized later (torch.set_num_threads) ran 3x slower here on a busy machine.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     import torch
 
@@ -149,7 +154,6 @@ def main() -> None:
         print(f"segpipe predict, one process, {args.threads} threads: {baseline:.2f} images/s "
               f"({len(files)} images of {args.size} x {args.size}, {args.arch})", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["OMP_NUM_THREADS"] = str(args.threads)
         shell = []
         for i in range(args.shell_outs):
             t0 = time.perf_counter()

@@ -10,7 +10,7 @@ Ctrl-C or SIGTERM. Stopping drains running requests (up to ``serve.shutdown_time
 deletes the application from a cluster, or shuts down Serve and the local Ray with every process
 it started.
 
-Routes (``docs/production.md`` has the curl commands):
+Routes (the README's "Serving the champion" has curl commands; ``docs/production.md`` a cluster's set-up):
 
     POST /v1/segment   the image's bytes (Content-Type image/jpeg, image/png or image/tiff) ->
                        image/png: the label map, byte for byte what ``segpipe predict`` writes
@@ -97,6 +97,8 @@ class SegmentService:
             self._following.start()
 
     def _follow(self) -> None:
+        # logged at warning level: the level the command runs Serve's logs at (its info lines are chatter)
+        reported = None
         while not self._stop.wait(self.params.reload_interval_s):
             before = self.follower.current.source
             try:
@@ -108,8 +110,10 @@ class SegmentService:
                 now = self.follower.current.source
                 logger.warning("segpipe serve: %s moved: now serving %s (sha256 %s), was %s", self.follower.ref,
                                now.version, now.sha256[:12], before.version)
-            elif self.follower.problem:
-                logger.warning("segpipe serve: %s", self.follower.problem["error"])
+            problem = (self.follower.problem or {}).get("error")
+            if problem and problem != reported:
+                logger.warning("segpipe serve: %s", problem)
+            reported = problem
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a model is loaded and the registry is still followed."""
@@ -240,9 +244,13 @@ def deployment(serve_params: ServeParams, device: str) -> Any:
     """The Ray Serve deployment of :class:`SegmentService` sized by ``serve_params``."""
     from ray import serve
 
+    # torch sizes its thread pool from OMP_NUM_THREADS when it starts; resizing it later
+    # (torch.set_num_threads) ran several times slower on a busy machine (benchmarks/serve.py)
+    env = {"OMP_NUM_THREADS": str(replica_threads(serve_params))}
     return serve.deployment(
         SegmentService, name=DEPLOYMENT, num_replicas=serve_params.replicas,
-        ray_actor_options={"num_cpus": serve_params.cpus_per_replica, "num_gpus": 1 if device.startswith("cuda") else 0},
+        ray_actor_options={"num_cpus": serve_params.cpus_per_replica, "num_gpus": 1 if device.startswith("cuda") else 0,
+                           "runtime_env": {"env_vars": env}},
         max_ongoing_requests=serve_params.max_ongoing_requests,
         graceful_shutdown_timeout_s=serve_params.shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=min(0.5, serve_params.shutdown_timeout_s) or 0.1,
@@ -297,8 +305,8 @@ def run(params: ServeParams, predict: PredictParams, model_ref: str, registry: P
                 stop = serve.shutdown if started else (lambda: serve.delete(APP))
                 _bounded(stop, params.shutdown_timeout_s + 30, "stopping Ray Serve")
                 served = time.monotonic() - began
+                _bounded(ray.shutdown, 30, "stopping the local Ray" if started else "disconnecting")
                 if started:
-                    _bounded(ray.shutdown, 30, "stopping the local Ray")
                     _, alive = psutil.wait_procs([p for p in own if p.is_running()], timeout=5)
                     for proc in alive:
                         with contextlib.suppress(psutil.NoSuchProcess):
@@ -321,8 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy listens on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument("--replicas", type=int, help="model replicas (default: params serve.replicas)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu | cuda: one GPU per replica (default: cuda when this machine has one)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda: one GPU per replica (default: cuda when this machine has one)")
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "serve")
