@@ -273,14 +273,15 @@ def run(params: ServeParams, predict: PredictParams, model_ref: str, registry: P
     source = locate(model_ref, registry)
     source.verify()  # fail here, in one line, rather than in every replica
     plan = model_plan(predict, source.directory, model_ref=model_ref)
+    from segpipe.lifetime import terminate_as_interrupt
+
+    terminate_as_interrupt()  # SIGTERM stops the server as Ctrl-C does: through the finally below
     address = os.environ.get("RAY_ADDRESS") or None
     cpus = None if address else max(os.cpu_count() or 1, math.ceil(params.replicas * params.cpus_per_replica))
     quiet = {"log_level": "WARNING", "enable_access_log": False}
     with connect(num_cpus=cpus) as started:
         import ray
         from ray import serve
-
-        from segpipe.lifetime import terminate_as_interrupt
 
         terminate_as_interrupt()  # again: ray.init replaced the handler with sys.exit
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this driver's "Started Serve ..." lines
@@ -319,8 +320,6 @@ def run(params: ServeParams, predict: PredictParams, model_ref: str, registry: P
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from segpipe.lifetime import terminate_as_interrupt
-
     parser = argparse.ArgumentParser(prog="segpipe serve", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="champion",
                         help="champion | panoptic-champion | challenger | vN | CHECKPOINT_DIR (default: champion); "
@@ -337,7 +336,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.replicas is not None:
         params = build(ServeParams, {**as_dict(params), "replicas": args.replicas}, "--replicas: serve")
     predict = from_args(args, "predict")
-    terminate_as_interrupt()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: the way a server is stopped
         run(params, predict, args.model, args.registry, args.host, args.port, args.device)
 

@@ -216,6 +216,18 @@ def server(site, ray_session) -> Server:
             serve.shutdown()  # the controller and proxy the command started on the shared Ray
 
 
+def test_a_model_that_cannot_be_served_is_refused_in_one_line_before_any_ray(site, capsys):
+    from segpipe.cli import main
+
+    for model, message in (("v9", "unknown version 'v9'"), ("v5", "v5/model.safetensors: sha256"),
+                           ("challenger", "no 'challenger' yet")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--model", model, "--registry", str(site.registry), "--params", str(site.params)])
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("segpipe serve: error: ") and message in err and "\n" not in err, err
+
+
 # --------------------------------------------------------------------------------------
 # Pixel identity with segpipe predict
 # --------------------------------------------------------------------------------------
