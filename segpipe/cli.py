@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("segpipe.stages.promote", "promote evaluated candidates into the model registry by rules"),
     "registry": ("segpipe.commands.registry", "list the registry, print a model's lineage, roll an alias back"),
     "predict": ("segpipe.commands.predict", "run a model on images of any size (sliding window), in this process or on Ray"),
+    "serve": ("segpipe.commands.serve", "serve a model over HTTP on Ray Serve (batched, follows its registry alias)"),
     "export": ("segpipe.commands.export", "export a model to ONNX or TorchScript with a parity check"),
     "report": ("segpipe.commands.report", "write reports/summary.md from evaluations and the promotion"),
     "ingest": ("pipelines.ingest", "validate a drop of site imagery and version it under data/raw (Prefect flow)"),

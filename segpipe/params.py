@@ -404,6 +404,39 @@ class PredictParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """``segpipe serve``: a registered model over HTTP on Ray Serve. What is predicted (tiles,
+    thresholds) is the ``predict`` section's, so a served label PNG is the one predict writes;
+    these keys say how it is served."""
+
+    replicas: int = 1  # model copies (Ray Serve replicas); --replicas overrides
+    cpus_per_replica: float = 1.0  # Ray CPUs each replica holds (a GPU each with --device cuda)
+    threads: int = 0  # torch threads per replica; 0 = its CPUs rounded down, at least 1
+    max_ongoing_requests: int = 32  # requests a replica takes at once; more wait in the proxy's queue
+    max_batch_size: int = 8  # images within one predict.tile that arrive together run as one batch
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill after its first image
+    max_image_pixels: int = 100_000_000  # width x height from the header; larger: 413, never decoded
+    max_body_bytes: int = 134_217_728  # 128 MiB; a larger request body: 413
+    reload_interval_s: float = 10.0  # how often a replica serving an alias reads the registry
+    shutdown_timeout_s: float = 5.0  # how long running requests may finish on Ctrl-C / SIGTERM
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("replicas", self.replicas >= 1, "must be >= 1"),
+            ("cpus_per_replica", self.cpus_per_replica > 0, "must be > 0"),
+            ("threads", self.threads >= 0, "must be >= 0 (0 = the replica's CPUs)"),
+            ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
+            ("max_ongoing_requests", self.max_ongoing_requests >= self.max_batch_size,
+             f"must be >= max_batch_size ({self.max_batch_size}), or a batch can never fill"),
+            ("batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, "must be >= 0 seconds"),
+            ("max_image_pixels", self.max_image_pixels >= 1, "must be >= 1"),
+            ("max_body_bytes", self.max_body_bytes >= 1, "must be >= 1"),
+            ("reload_interval_s", self.reload_interval_s > 0, "must be > 0 seconds"),
+            ("shutdown_timeout_s", self.shutdown_timeout_s >= 0, "must be >= 0 seconds"),
+        ])
+
+
+@dataclass(frozen=True)
 class RetrainParams:
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"  # IANA name the cron is read in
@@ -454,6 +487,7 @@ SECTIONS: dict[str, type] = {
     "baselines": BaselinesParams,
     "promote": PromoteParams,
     "predict": PredictParams,
+    "serve": ServeParams,
     "retrain": RetrainParams,
     "ingest": IngestParams,
 }

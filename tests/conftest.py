@@ -158,6 +158,34 @@ SITE_CLASSES = (
 )
 
 
+def make_tiny_checkpoint(out: Path, arch: str, *, shards: Path | None = None, seed: int = 0, image_size: int = 64,
+                         detects_things: bool = False, **kwargs) -> Path:
+    """A real checkpoint of ``arch`` with seeded random weights in ``out``: what :func:`tiny_checkpoint`
+    makes, for fixtures of a wider scope than a test."""
+    import torch
+
+    from segpipe.checkpoint import CheckpointMeta, save_checkpoint
+    from segpipe.models import build_model, default_kwargs
+    from segpipe.shards import open_shards
+
+    s = open_shards(shards) if shards is not None else None
+    classes = tuple(s.classes) if s else SITE_CLASSES
+    num_classes = max(int(c["id"]) for c in classes) + 1
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes, **kwargs)
+    if detects_things:
+        heads = model.detector.roi_heads
+        torch.nn.init.constant_(heads.mask_predictor.mask_fcn_logits.bias, 3.0)
+        with torch.no_grad():  # torchvision's label is the class id + 1
+            heads.box_predictor.cls_score.bias[[int(c["id"]) + 1 for c in classes if c["isthing"]]] += 5.0
+    meta = CheckpointMeta(arch=arch, num_classes=num_classes, classes=classes,
+                          model_kwargs={**default_kwargs(arch), **kwargs},
+                          ignore_index=s.ignore_index if s else 255, image_size=image_size,
+                          params={"seed": seed}, epoch=1,
+                          shards_manifest_sha256=s.manifest_sha256 if s else "x" * 64)
+    return save_checkpoint(out, model, meta)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A factory of real checkpoints of registered architectures with seeded random weights:
@@ -169,30 +197,9 @@ def tiny_checkpoint(tmp_path):
     biases a Mask R-CNN towards the thing classes and positive mask logits, so that its random
     detections are things with masks (as a trained one's are), not empty stuff.
     """
-    import torch
 
-    from segpipe.checkpoint import CheckpointMeta, save_checkpoint
-    from segpipe.models import build_model, default_kwargs
-    from segpipe.shards import open_shards
-
-    def make(arch: str, *, shards: Path | None = None, out: Path | None = None, seed: int = 0,
-             image_size: int = 64, detects_things: bool = False, **kwargs) -> Path:
-        s = open_shards(shards) if shards is not None else None
-        classes = tuple(s.classes) if s else SITE_CLASSES
-        num_classes = max(int(c["id"]) for c in classes) + 1
-        torch.manual_seed(seed)
-        model = build_model(arch, num_classes, **kwargs)
-        if detects_things:
-            heads = model.detector.roi_heads
-            torch.nn.init.constant_(heads.mask_predictor.mask_fcn_logits.bias, 3.0)
-            with torch.no_grad():  # torchvision's label is the class id + 1
-                heads.box_predictor.cls_score.bias[[int(c["id"]) + 1 for c in classes if c["isthing"]]] += 5.0
-        meta = CheckpointMeta(arch=arch, num_classes=num_classes, classes=classes,
-                              model_kwargs={**default_kwargs(arch), **kwargs},
-                              ignore_index=s.ignore_index if s else 255, image_size=image_size,
-                              params={"seed": seed}, epoch=1,
-                              shards_manifest_sha256=s.manifest_sha256 if s else "x" * 64)
-        return save_checkpoint(out or tmp_path / arch, model, meta)
+    def make(arch: str, *, out: Path | None = None, **kwargs) -> Path:
+        return make_tiny_checkpoint(out or tmp_path / arch, arch, **kwargs)
 
     return make
 

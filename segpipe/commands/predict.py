@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +51,8 @@ from segpipe.params import FusionParams, PredictParams, add_params_arguments, fr
 from segpipe.registry import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
-    from segpipe.inference import Predictor
+    from segpipe.checkpoint import CheckpointMeta
+    from segpipe.inference import Prediction, Predictor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 OVERLAY_ALPHA = 0.5
@@ -76,6 +79,11 @@ def list_images(path: str | Path) -> list[str]:
     raise FileNotFoundError(f"{path}: no such image or directory")
 
 
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 of an opened image: how every input of predict (and of ``segpipe serve``) is decoded."""
+    return np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """H x W x 3 uint8 of a local path or object-store URI. Unreadable files, and images over
     MAX_IMAGE_PIXELS (checked from the header, before anything is decoded), raise ImageError
@@ -86,7 +94,7 @@ def read_image(path: str | Path) -> np.ndarray:
         location = storage.resolve(path, "--input")
         source = location.local_path() if location.local else storage.read_bytes(location)
         with open_image(source, MAX_IMAGE_PIXELS, name="", limit_name="the predict limit") as im:
-            return np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
+            return rgb_array(im)
     except ImageTooLarge as e:
         raise ImageTooLarge(f"{path}: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -106,18 +114,24 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def label_png(labels: np.ndarray) -> bytes:
+    """The label PNG of a label map: 8-bit, or 16-bit when a class id or ignore_index needs it."""
+    return png_bytes(labels if labels.dtype.itemsize <= 2 else labels.astype(np.uint16))
+
+
 def output_name(path: str) -> str:
     """``labels/NAME.png`` is named after the input's file name without its extension."""
     return PurePosixPath(path).stem
 
 
 class ImagePredictor:
-    """Predicts images one at a time with one predictor: what a Ray actor or this process runs.
-    A result is a flat row: ``id``, ``file_name``, ``width``, ``height``, the ``labels`` and
-    ``overlay`` PNGs, ``detections`` (JSON: COCO results; ``[]`` for semantic-only models), and
-    ``panoptic`` (the COCO panoptic PNG, empty without a panoptic output) with ``segments_info``
-    (JSON). With ``instance_checkpoint`` (a fused bundle's instance member, loaded once beside
-    the predictor), the panoptic output is the fusion of both models' tiled predictions."""
+    """Predicts images with one predictor: what a Ray actor, this process or a ``segpipe serve``
+    replica runs. :meth:`predict` gives the predictions; called on a row, it gives a flat row:
+    ``id``, ``file_name``, ``width``, ``height``, the ``labels`` and ``overlay`` PNGs,
+    ``detections`` (JSON: COCO results; ``[]`` for semantic-only models), and ``panoptic`` (the
+    COCO panoptic PNG, empty without a panoptic output) with ``segments_info`` (JSON). With
+    ``instance_checkpoint`` (a fused bundle's instance member, loaded once beside the predictor),
+    the panoptic output is the fusion of both models' tiled predictions."""
 
     def __init__(self, predictor: Predictor, tile: int, overlap: int, batch_size: int,
                  instance_checkpoint: str | None = None, fusion: FusionParams | None = None) -> None:
@@ -129,24 +143,93 @@ class ImagePredictor:
             instance_checkpoint, predictor.request.detection, predictor.device, outputs={"instances"})
         self.fusion = fusion
 
+    def within_one_tile(self, image: np.ndarray) -> bool:
+        """Whether ``image`` is predicted whole (else by sliding window)."""
+        return image.shape[0] <= self.tile and image.shape[1] <= self.tile
+
+    def _run(self, predictor: Predictor, images: Sequence[np.ndarray]) -> list[Prediction]:
+        # Images within one tile go through the model together (predict_images groups them by
+        # padded size, so none depends on what it ran with), exactly as predict_tiled predicts
+        # one alone; larger ones by sliding window, one at a time.
+        whole = [i for i, im in enumerate(images) if self.within_one_tile(im)]
+        out: list[Prediction] = [None] * len(images)  # type: ignore[list-item]
+        for i, pred in zip(whole, predictor.images([images[i] for i in whole]) if whole else []):
+            out[i] = pred
+        for i, im in enumerate(images):
+            if out[i] is None:
+                out[i] = predictor.tiled(im, self.tile, self.overlap, self.batch_size)
+        return out
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """One prediction per image (labels, instances, panoptic), a fused bundle's fused."""
+        from segpipe.inference import Prediction, fuse
+
+        preds = self._run(self.predictor, images)
+        if self.instance is None:
+            return preds
+        found = self._run(self.instance, images)
+        return [Prediction(p.labels, f.instances, fuse(p, Prediction(p.labels, f.instances),
+                                                       self.predictor.request.thing_ids, self.fusion))
+                for p, f in zip(preds, found)]
+
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from segpipe.inference import coco_results, fuse
+        from segpipe.inference import coco_results
         from segpipe.panoptic import encode_png
 
         image = read_image(row["path"])
         h, w = image.shape[:2]
-        pred = self.predictor.tiled(image, self.tile, self.overlap, self.batch_size)
-        panoptic, instances = pred.panoptic, pred.instances
-        if self.instance is not None:
-            instances = self.instance.tiled(image, self.tile, self.overlap, self.batch_size).instances
-            panoptic = fuse(pred, type(pred)(pred.labels, instances), self.predictor.request.thing_ids, self.fusion)
-        labels = pred.labels if pred.labels.dtype.itemsize <= 2 else pred.labels.astype(np.uint16)
-        found = coco_results(instances, row["id"], h, w) if instances is not None else []
+        pred = self.predict([image])[0]
+        found = coco_results(pred.instances, row["id"], h, w) if pred.instances is not None else []
         return {"id": row["id"], "file_name": PurePosixPath(str(row["path"])).name, "width": w, "height": h,
-                "labels": png_bytes(labels), "overlay": png_bytes(overlay(image, pred.labels, self.pal)),
+                "labels": label_png(pred.labels), "overlay": png_bytes(overlay(image, pred.labels, self.pal)),
                 "detections": json.dumps(found),
-                "panoptic": encode_png(panoptic[0]) if panoptic is not None else b"",
-                "segments_info": json.dumps(panoptic[1] if panoptic is not None else [])}
+                "panoptic": encode_png(pred.panoptic[0]) if pred.panoptic is not None else b"",
+                "segments_info": json.dumps(pred.panoptic[1] if pred.panoptic is not None else [])}
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """How a resolved model is run: the checkpoint a Predictor loads (a fused bundle's semantic
+    member), its meta, the Predictor's ``loading`` kwargs (``detection``, ``panoptic``,
+    ``outputs``) and the ImagePredictor's ``worker`` kwargs. ``bundle``: a fused registry
+    bundle (always panoptic); ``panoptic``: panoptic outputs are made."""
+
+    checkpoint: Path
+    meta: CheckpointMeta
+    loading: dict[str, Any]
+    worker: dict[str, Any]
+    bundle: bool
+    panoptic: bool
+
+    @property
+    def arch(self) -> str:
+        return "fused" if self.bundle else self.meta.arch
+
+
+def model_plan(params: PredictParams, directory: Path, panoptic: bool = False, model_ref: str | Path = "") -> ModelPlan:
+    """The plan of the (verified) model folder ``directory``: a checkpoint or a fused bundle.
+    ``panoptic`` asks for panoptic outputs (ValueError for a model without one)."""
+    from segpipe.checkpoint import load_meta
+    from segpipe.inference import PanopticSettings
+    from segpipe.models import spec_of
+    from segpipe.params import build
+    from segpipe.registry import read_bundle
+
+    bundle = read_bundle(directory)
+    worker: dict[str, Any] = {"tile": params.tile, "overlap": params.overlap, "batch_size": params.batch_size}
+    if bundle is not None:
+        panoptic = True
+        worker["instance_checkpoint"] = str(directory / bundle["members"]["instance"])
+        worker["fusion"] = build(FusionParams, bundle["fusion"], f"{directory / 'bundle.json'}: fusion")
+        directory = directory / bundle["members"]["semantic"]
+    meta = load_meta(directory)
+    if panoptic and bundle is None and "panoptic" not in spec_of(meta.arch).outputs:
+        raise ValueError(f"--panoptic: model {model_ref or directory} ({meta.arch}) has no panoptic output; use a model "
+                         f"with one (maskformer) or a fused registry bundle (e.g. --model panoptic-champion)")
+    outputs = {"semantic", "instances"} | ({"panoptic"} if panoptic and bundle is None else set())
+    loading = {"detection": params.detection, "panoptic": PanopticSettings(params.panoptic, params.fusion),
+               "outputs": outputs}
+    return ModelPlan(directory, meta, loading, worker, bundle is not None, panoptic)
 
 
 def panoptic_categories(classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -171,24 +254,13 @@ def run(
     ``params``' (``detection``, ``panoptic``, ``fusion``)."""
     from tqdm import tqdm
 
-    from segpipe.checkpoint import load_meta
-    from segpipe.inference import PanopticSettings, map_rows
+    from segpipe.inference import map_rows
     from segpipe.models import spec_of
-    from segpipe.params import build
-    from segpipe.registry import checkpoint_dir, read_bundle
+    from segpipe.registry import checkpoint_dir
 
-    directory = checkpoint_dir(model_ref, registry)  # a bundle's files (both models) are verified here
-    bundle = read_bundle(directory)
-    worker: dict[str, Any] = {"tile": params.tile, "overlap": params.overlap, "batch_size": params.batch_size}
-    if bundle is not None:
-        panoptic = True
-        worker["instance_checkpoint"] = str(directory / bundle["members"]["instance"])
-        worker["fusion"] = build(FusionParams, bundle["fusion"], f"{directory / 'bundle.json'}: fusion")
-        directory = directory / bundle["members"]["semantic"]
-    meta = load_meta(directory)
-    if panoptic and bundle is None and "panoptic" not in spec_of(meta.arch).outputs:
-        raise ValueError(f"--panoptic: model {model_ref} ({meta.arch}) has no panoptic output; use a model with one "
-                         f"(maskformer) or a fused registry bundle (e.g. --model panoptic-champion)")
+    # a bundle's files (both models) are verified by checkpoint_dir
+    plan = model_plan(params, checkpoint_dir(model_ref, registry), panoptic, model_ref)
+    panoptic, meta = plan.panoptic, plan.meta
     images = list_images(inputs)
     names: dict[str, str] = {}
     for path in images:
@@ -196,10 +268,7 @@ def run(
             raise ValueError(f"{path}: same output name as {names[output_name(path)]}; rename one of them")
         names[output_name(path)] = path
     rows = [{"id": i, "path": path} for i, path in enumerate(images, start=1)]
-    outputs = {"semantic", "instances"} | ({"panoptic"} if panoptic and bundle is None else set())
-    results = map_rows(rows, directory, ImagePredictor, worker, engine=engine,
-                       detection=params.detection, device=device,
-                       panoptic=PanopticSettings(params.panoptic, params.fusion), outputs=outputs)
+    results = map_rows(rows, plan.checkpoint, ImagePredictor, plan.worker, engine=engine, device=device, **plan.loading)
     out = Path(out)
     table, detections, annotations = [], [], []
     for r in tqdm(results, total=len(rows), desc="predict", unit="image", disable=not progress):
@@ -214,14 +283,14 @@ def run(
                                 "segments_info": json.loads(r["segments_info"])})
     detections.sort(key=lambda d: d[0])
     results_list = [d for _, found in detections for d in found]
-    if "instances" in spec_of(meta.arch).outputs or bundle is not None:
+    if "instances" in spec_of(meta.arch).outputs or plan.bundle:
         atomic_write_json(out / "detections.json", results_list)
     table.sort(key=lambda t: t["id"])
     atomic_write_json(out / "images.json", table)
     if panoptic:
         atomic_write_json(out / "panoptic.json", {"images": table, "annotations": sorted(annotations, key=lambda a: a["image_id"]),
                                                   "categories": panoptic_categories(list(meta.classes))})
-    return {"model": str(model_ref), "arch": "fused" if bundle is not None else meta.arch, "images": len(images),
+    return {"model": str(model_ref), "arch": plan.arch, "images": len(images),
             "instances": len(results_list), "engine": engine, "panoptic": panoptic}
 
 
