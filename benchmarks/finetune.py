@@ -70,9 +70,9 @@ def main() -> None:
         print(f"champion: {champion['steps']} steps in {champion['train_s']} s", flush=True)
         synth.run(SynthParams(images=args.drop, seed=7, **site_preset("site2")), raw / "site2")
         convert.run(ConvertParams(), read_collections(raw), root / "after", progress=False)
-        tuned = train(args.arch, root / "after", root / "finetuned", budget / 4,
-                      init_from=str(root / "champion" / "checkpoint"))
-        scratch = train(args.arch, root / "after", root / "scratch", budget)
+        train(args.arch, root / "after", root / "finetuned", budget / 4,
+              init_from=str(root / "champion" / "checkpoint"))
+        train(args.arch, root / "after", root / "scratch", budget)
         rows = {}
         for name, run in (("champion (before the drop)", root / "champion"), ("fine-tuned, budget / 4", root / "finetuned"),
                           ("from scratch, budget", root / "scratch")):
