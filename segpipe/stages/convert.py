@@ -45,7 +45,10 @@ from segpipe.images import ImageError, open_image
 from segpipe.lifetime import die_with_parent
 from segpipe.params import ConvertParams, ParamsError, add_params_arguments, as_dict, from_args
 
-BATCH = 4  # records per pool task
+# Records per pool task. Fewer, larger tasks cost less IPC; the first results and the last
+# worker's tail wait longer. benchmarks/convert.py (300 x 512 px, 2 workers): 1.21, 1.17 and
+# 1.16 CPU s in all for batches of 4, 8 and 16.
+BATCH = 8
 
 
 class ConvertError(UserError, ValueError):
@@ -429,6 +432,7 @@ def process_chunks(source: Source, ctx: Context, workers: int, progress: bool = 
                 yield done(task if isinstance(task, Chunk) else process_batch(task, ctx))
             return
         window: collections.deque[Future | Chunk] = collections.deque()
+        _preload()
         with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
                                  initargs=(ctx.max_image_pixels, os.getpid())) as pool:
             for task in tasks:
@@ -468,6 +472,15 @@ def process_batch(records: list[Record], ctx: Context) -> Chunk:
     return collect([process_record(r, ctx) for r in records])
 
 
+def _preload() -> None:
+    """Import what every task needs (Pillow's JPEG and PNG plugins, pycocotools) before the
+    workers fork, so that each one does not import it again on its first task."""
+    from PIL import Image
+    from pycocotools import mask  # noqa: F401
+
+    Image.preinit()
+
+
 def _mp_context() -> Any:
     # fork where the OS has it: spawned workers re-import numpy, pyarrow, PIL and segpipe, which
     # cost 3-4 s of a 300-image conversion on the 2-core machine (benchmarks/convert.py). The
@@ -496,7 +509,7 @@ def default_collection(source: Source) -> str:
     files = resolve_paths(source.files)
     if not files:
         return shards.UNNAMED_COLLECTION
-    return Path(os.path.commonpath([str(f.parent) for f in files])).name or shards.UNNAMED_COLLECTION
+    return Path(os.path.commonpath([os.path.dirname(f) for f in files])).name or shards.UNNAMED_COLLECTION
 
 
 def dataset_entries(source: Source) -> list[dict[str, str]]:
@@ -532,28 +545,30 @@ def source_hash(files: list[Path], digests: dict[str, str] | None = None) -> str
         return hashlib.sha256(b"").hexdigest()
     digests = digests or {}
     resolved = resolve_paths(files)
-    root = Path(os.path.commonpath([str(f.parent) for f in resolved]))
+    # every resolved path lies under root: its path relative to root is what follows root's "/"
+    root = os.path.join(os.path.commonpath([os.path.dirname(f) for f in resolved]), "")
     h = hashlib.sha256()
     for f, real in zip(files, resolved):
         digest = digests.get(str(f)) or sha256_file(f)
-        h.update(f"{real.relative_to(root).as_posix()}\0{digest}\n".encode())
+        h.update(f"{real[len(root):].replace(os.sep, '/')}\0{digest}\n".encode())
     return h.hexdigest()
 
 
-def resolve_paths(files: list[Path]) -> list[Path]:
-    """``[f.resolve() for f in files]``, resolving each folder once: a file that is not a symbolic
-    link resolves to its resolved folder / its name (what ``Path.resolve`` walks to as well)."""
-    folders: dict[Path, Path] = {}
+def resolve_paths(files: list[Path]) -> list[str]:
+    """``[str(Path(f).resolve()) for f in files]``, resolving each folder once: a file that is not
+    a symbolic link resolves to its resolved folder joined with its name, which is where
+    ``Path.resolve`` ends up too (pathlib costs more than the hashing in ``source_hash``)."""
+    folders: dict[str, str] = {}
     out = []
-    for f in files:
-        f = Path(f)
-        if f.name in ("", ".", "..") or f.is_symlink():
-            out.append(f.resolve())
+    for f in map(os.fspath, files):
+        head, name = os.path.split(f)
+        if name in ("", ".", "..") or os.path.islink(f):
+            out.append(str(Path(f).resolve()))
             continue
-        folder = folders.get(f.parent)
+        folder = folders.get(head)
         if folder is None:
-            folder = folders[f.parent] = f.parent.resolve()
-        out.append(folder / f.name)
+            folder = folders[head] = str(Path(head).resolve())
+        out.append(os.path.join(folder, name))
     return out
 
 
