@@ -133,7 +133,8 @@ def to_rle(inst: dict[str, Any], height: int, width: int) -> dict[str, Any]:
         return mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
     # Validated: each polygon is >= 6 finite numbers, so pycocotools reads them as polygons.
     polys = [p if isinstance(p, list) else list(p) for p in seg]
-    return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    rles = mask_utils.frPyObjects(polys, height, width)
+    return rles[0] if len(rles) == 1 else mask_utils.merge(rles)  # merging one RLE would copy it
 
 
 def instance_struct(inst_id: Any, category_id: int, iscrowd: int, rle: dict[str, Any]) -> dict[str, Any] | None:
