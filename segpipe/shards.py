@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,12 +199,116 @@ def new_set(out: Location) -> AbstractContextManager[Staging]:
     return storage.output_dir(out, MANIFEST)
 
 
+def record_batch(rows: Sequence[dict[str, Any]]) -> pa.RecordBatch:
+    """Rows (dicts keyed by the shard schema's columns) -> one RecordBatch in :data:`SCHEMA`.
+
+    Built column by column from buffers; equal to ``pa.RecordBatch.from_pylist(rows,
+    schema=SCHEMA)`` (tests/test_shards.py pins it): a missing key or a None is a null. Two
+    reasons not to use ``from_pylist`` or ``pa.array``: they infer the nested instance structs
+    value by value (most of the converter's Parquet writing time), and their first call in a
+    process imports pandas to ask whether the input is a pandas object, about 1 s of CPU in the
+    converter and again in each of its forked workers.
+    """
+    columns = [_instances_array(rows) if name == "instances" else
+               _flat_array([row.get(name) for row in rows], SCHEMA.field(name).type) for name in SCHEMA.names]
+    return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
+
+
+_NUMPY_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64, pa.uint8(): np.uint8, pa.float64(): np.float64}
+
+
+def _flat_array(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
+    """An Arrow array of strings, bytes or numbers (None is null), built from its buffers."""
+    n = len(values)
+    valid = np.fromiter((v is not None for v in values), bool, n)
+    nulls = n - int(valid.sum())
+    validity = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    if type_ in (pa.string(), pa.binary()):
+        blobs = [b"" if v is None else v.encode() if isinstance(v, str) else bytes(v) for v in values]
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        if offsets[-1] >= 2**31:
+            raise ValueError(f"{offsets[-1]} bytes of {type_} in one batch; at most 2 GiB fit")
+        return pa.Array.from_buffers(type_, n, [validity, pa.py_buffer(offsets.astype(np.int32)),
+                                                pa.py_buffer(b"".join(blobs))], null_count=nulls)
+    data = np.array([0 if v is None else v for v in values], dtype=_NUMPY_TYPES[type_])
+    return pa.Array.from_buffers(type_, n, [validity, pa.py_buffer(data)], null_count=nulls)
+
+
+def _instances_array(rows: Sequence[dict[str, Any]]) -> pa.Array:
+    """The ``instances`` column: one list of instance structs per row, built from flat columns."""
+    offsets = [0]
+    ids, categories, crowds, bboxes, areas, counts, sizes = [], [], [], [], [], [], []
+    lists = [row.get("instances") for row in rows]
+    for k, insts in enumerate(lists):
+        for inst in insts or ():
+            bbox, size = inst["bbox"], inst["size"]
+            if len(bbox) != 4 or len(size) != 2:
+                raise ValueError(f"row {k} (image {rows[k].get('image_id')}): an instance needs a bbox of 4 "
+                                 f"numbers and a size of 2, got {list(bbox)} and {list(size)}")
+            ids.append(inst["id"])
+            categories.append(inst["category_id"])
+            crowds.append(inst["iscrowd"])
+            bboxes.extend(bbox)
+            areas.append(inst["area"])
+            counts.append(inst["counts"])
+            sizes.extend(size)
+        offsets.append(len(ids))
+    types = {f.name: f.type for f in INSTANCE_TYPE}
+    structs = pa.StructArray.from_arrays(
+        [_flat_array(ids, types["id"]), _flat_array(categories, types["category_id"]),
+         _flat_array(crowds, types["iscrowd"]),
+         pa.FixedSizeListArray.from_arrays(_flat_array(bboxes, pa.float64()), 4),
+         _flat_array(areas, types["area"]), _flat_array(counts, types["counts"]),
+         pa.FixedSizeListArray.from_arrays(_flat_array(sizes, pa.int32()), 2)],
+        fields=list(INSTANCE_TYPE))
+    valid = np.fromiter((insts is not None for insts in lists), bool, len(lists))
+    nulls = len(lists) - int(valid.sum())
+    validity = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    return pa.Array.from_buffers(SCHEMA.field("instances").type, len(rows),
+                                 [validity, pa.py_buffer(np.array(offsets, np.int32))], null_count=nulls,
+                                 children=[structs])
+
+
+class _HashingFile(io.RawIOBase):
+    """A binary file opened for writing that hashes what goes through it (sha256), so a shard's
+    checksum needs no second read of the shard."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._sha256 = hashlib.sha256()
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sha256.update(data)
+        written = self._file.write(data)
+        self._written += written
+        return written
+
+    def tell(self) -> int:
+        return self._written
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
+
+
 class ShardWriter:
     """Writes rows of one split to ``OUT/<split>/part-NNNNN.parquet``, ``rows_per_shard`` each.
 
-    Each shard is written under a temporary name and renamed when complete, then handed to
-    ``send`` (``Staging.send`` uploads it to an object store). Rows are buffered into row groups
-    of ``row_group_rows`` so memory stays bounded by one row group.
+    Each shard is written under a temporary name (hashed as it is written) and renamed when
+    complete, then handed to ``send`` (``Staging.send`` uploads it to an object store). Rows are buffered into row groups
+    of ``row_group_rows`` so memory stays bounded by one row group (plus the batch being added).
+    Row groups and shards are cut by row count alone and each row group is written as one
+    contiguous chunk, so the bytes written do not depend on how the rows were batched.
     """
 
     def __init__(self, out: Path, split: str, rows_per_shard: int, row_group_rows: int = 64,
@@ -215,46 +319,61 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = max(1, min(row_group_rows, rows_per_shard))
         self.shards: list[dict[str, Any]] = []
-        self._buffer: list[dict[str, Any]] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
         self._writer: pq.ParquetWriter | None = None
         self._ctx: Any = None
-        self._tmp: Path | None = None
+        self._file: _HashingFile | None = None
         self._rows_in_shard = 0
 
-    def write(self, row: dict[str, Any]) -> None:
-        self._buffer.append(row)
-        if len(self._buffer) >= self.row_group_rows or self._rows_in_shard + len(self._buffer) >= self.rows_per_shard:
-            self._flush()
+    def write(self, rows: pa.RecordBatch | pa.Table) -> None:
+        """Append rows in :data:`SCHEMA` (see :func:`record_batch`)."""
+        if not rows.schema.equals(SCHEMA):
+            raise ValueError(f"rows for {self.split} are not in the shard schema: {rows.schema}")
+        if rows.num_rows == 0:
+            return
+        self._pending.append(rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows]))
+        self._pending_rows += rows.num_rows
+        while self._pending_rows and self._pending_rows >= self._group_rows():
+            self._flush(self._group_rows())
 
     def close(self) -> list[dict[str, Any]]:
         """Flush and finish the open shard; returns [{path, split, rows, bytes, sha256}]."""
-        self._flush()
+        if self._pending_rows:
+            self._flush(self._pending_rows)
         self._finish_shard()
         return self.shards
 
     def abort(self) -> None:
         if self._ctx is not None:
             try:
-                self._writer.close()  # type: ignore[union-attr]
+                try:
+                    self._writer.close()  # type: ignore[union-attr]
+                finally:
+                    self._file.close()  # type: ignore[union-attr]
             finally:
                 self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            self._ctx = self._writer = None
+            self._ctx = self._writer = self._file = None
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
+    def _group_rows(self) -> int:
+        """Rows of the next row group: a full group, or what the open shard has room for."""
+        return min(self.row_group_rows, self.rows_per_shard - self._rows_in_shard)
+
+    def _flush(self, n: int) -> None:
         if self._writer is None:
             path = self._path(len(self.shards))
             self._ctx = atomic_path(path)
-            self._tmp = self._ctx.__enter__()
+            self._file = _HashingFile(self._ctx.__enter__())
             self._writer = pq.ParquetWriter(
-                self._tmp, SCHEMA, compression=COMPRESSION, write_page_checksum=True,
+                self._file, SCHEMA, compression=COMPRESSION, write_page_checksum=True,
                 use_dictionary=["split", "semantic_encoding", "image_format"], write_statistics=False,
             )
-        table = pa.Table.from_pylist(self._buffer, schema=SCHEMA)
-        self._writer.write_table(table, row_group_size=len(self._buffer))
-        self._rows_in_shard += len(self._buffer)
-        self._buffer = []
+        pending = self._pending[0] if len(self._pending) == 1 else pa.concat_tables(self._pending)
+        rest = pending.slice(n)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        # One chunk per column: Parquet pages are cut per written chunk, so batching must not show.
+        self._writer.write_table(pending.slice(0, n).combine_chunks(), row_group_size=n)
+        self._rows_in_shard += n
         if self._rows_in_shard >= self.rows_per_shard:
             self._finish_shard()
 
@@ -262,6 +381,7 @@ class ShardWriter:
         if self._writer is None:
             return
         self._writer.close()
+        self._file.close()  # type: ignore[union-attr]
         path = self._path(len(self.shards))
         self._ctx.__exit__(None, None, None)  # fsync + rename into place
         self.shards.append(
@@ -270,10 +390,10 @@ class ShardWriter:
                 "split": self.split,
                 "rows": self._rows_in_shard,
                 "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
+                "sha256": self._file.hexdigest(),  # type: ignore[union-attr]
             }
         )
-        self._writer = self._ctx = self._tmp = None
+        self._writer = self._ctx = self._file = None
         self._rows_in_shard = 0
         if self.send is not None:
             self.send(path)
@@ -572,4 +692,4 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 def table_rows(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Rows -> a Table in the shard schema (for tests and tools that build rows by hand)."""
-    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    return pa.Table.from_batches([record_batch(list(rows))])

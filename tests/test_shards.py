@@ -1,4 +1,10 @@
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -7,7 +13,9 @@ from pycocotools import mask as mask_utils
 from segpipe.formats.base import ClassInfo, Record, Source
 from segpipe.params import ConvertParams
 from segpipe.shards import (
+    SCHEMA,
     ShardError,
+    ShardWriter,
     decode_row,
     decode_semantic,
     encode_semantic,
@@ -17,8 +25,10 @@ from segpipe.shards import (
     open_shards,
     read_manifest,
     read_shard,
+    record_batch,
     semantic_dtype,
     shard_files,
+    table_rows,
     verify_split,
 )
 from segpipe.stages.convert import run
@@ -70,6 +80,73 @@ def test_semantic_roundtrip_uint8_and_uint16():
         decode_semantic(bytes(63), 7, 10, "zstd-uint8")
     with pytest.raises(ShardError, match="unknown semantic encoding"):
         decode_semantic(b"", 1, 1, "jpeg")
+
+
+def rows_by_hand(n: int, seed: int = 0) -> list[dict]:
+    """Shard rows as the converter builds them: encoded bytes, 0-3 instances each."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        sem, enc = encode_semantic(rng.integers(0, 3, (6, 5)).astype(np.uint8), np.uint8)
+        rows.append({"image_id": f"im{i}", "split": "train", "height": 6, "width": 5,
+                     "image": rng.bytes(int(rng.integers(0, 40))), "image_format": "PNG", "semantic": sem,
+                     "semantic_encoding": enc, "source_image_id": f"im{i}", "tile_x": 0, "tile_y": i,
+                     "collection": "site", "instances": [
+                         {"id": 10 * i + k, "category_id": k, "iscrowd": k % 2, "bbox": [0.0, 1.0, 2.5, 3.0],
+                          "area": 7 + k, "counts": f"0{k}5", "size": [6, 5]} for k in range(i % 4)]})
+    return rows
+
+
+def test_record_batch_equals_from_pylist():
+    rows = rows_by_hand(7)
+    rows[2]["instances"] = None  # a null list, unlike []
+    rows[3] = {"image_id": "sparse", "instances": [rows[1]["instances"][0]]}  # missing keys are null
+    rows[4]["image"] = b"\x00ends in zero bytes\x00\x00"
+    got = record_batch(rows)
+    assert got.equals(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
+    assert got.column("instances").null_count == 1 and got.column("split").null_count == 1
+    assert table_rows(rows).to_pylist() == pa.Table.from_pylist(rows, schema=SCHEMA).to_pylist()
+    assert record_batch([]).num_rows == 0
+    with pytest.raises(ValueError, match=r"row 0 \(image im0\): an instance needs a bbox of 4"):
+        record_batch([{**rows[1], "image_id": "im0", "instances": [{**rows[1]["instances"][0], "bbox": [1, 2]}]}])
+
+
+def test_record_batch_does_not_import_pandas():
+    # pa.array and from_pylist import pandas on first use: about 1 s of CPU in each converter worker
+    code = ("import sys; from segpipe.shards import record_batch; from tests.test_shards import rows_by_hand; "
+            "record_batch(rows_by_hand(3)); print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_shard_bytes_and_checksums_do_not_depend_on_how_rows_are_batched(tmp_path):
+    rows = rows_by_hand(11)
+    batchings = {"one batch": [rows], "row by row": [[r] for r in rows],
+                 "uneven": [rows[:3], rows[3:4], [], rows[4:10], rows[10:]]}
+    written = {}
+    for name, batches in batchings.items():
+        out = tmp_path / name.replace(" ", "_")
+        writer = ShardWriter(out, "train", rows_per_shard=4, row_group_rows=3)
+        for batch in batches:
+            writer.write(record_batch(batch))
+        entries = writer.close()
+        written[name] = (entries, [(out / e["path"]).read_bytes() for e in entries])
+    (entries, data), *others = written.values()
+    assert all(other == (entries, data) for other in others)
+    assert [e["rows"] for e in entries] == [4, 4, 3]
+    assert [pq.ParquetFile(tmp_path / "one_batch" / e["path"]).metadata.num_row_groups for e in entries] == [2, 2, 1]
+    for e, blob in zip(entries, data):  # the checksum taken while writing is that of the file
+        assert e["bytes"] == len(blob) and e["sha256"] == hashlib.sha256(blob).hexdigest()
+    assert pq.read_table(tmp_path / "uneven" / "train" / "part-00002.parquet").to_pylist() == \
+        table_rows(rows[8:]).to_pylist()
+
+
+def test_writer_refuses_rows_outside_the_schema(tmp_path):
+    writer = ShardWriter(tmp_path, "train", rows_per_shard=4)
+    with pytest.raises(ValueError, match="rows for train are not in the shard schema"):
+        writer.write(pa.record_batch({"image_id": ["a"]}))
+    assert writer.close() == [] and not any(tmp_path.iterdir())
 
 
 def test_reader_api(tmp_path):

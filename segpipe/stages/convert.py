@@ -1,9 +1,12 @@
 """``segpipe convert``: annotations in any supported format -> validated, checksummed Parquet shards.
 
 Records stream from a format reader (``segpipe.formats``) through a process pool that
-validates and encodes one image at a time (ordered results, so the output is deterministic),
-into per-split shard writers. Bad items are quarantined with a reason naming the file and the
-image / annotation id, and listed in the manifest; ``--strict`` turns the first one into an error.
+validates and encodes a few images per task (ordered results, so the output is deterministic)
+and hands back their rows as Arrow record batches, one per split, for per-split shard writers.
+The workers also hash the source files they read (for the manifest's ``source_sha256``), so the
+parent only hashes what no worker reads (the annotation files). Bad items are quarantined with
+a reason naming the file and the image / annotation id, and listed in the manifest;
+``--strict`` turns the first one into an error.
 
 Granularity: a bad image, label map or record quarantines the image; a bad annotation
 quarantines only that annotation and the image is kept with its other instances. The kept
@@ -22,7 +25,7 @@ import os
 import pickle
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
@@ -30,18 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from segpipe import shards, storage, validation
 from segpipe.errors import UserError
-from segpipe.files import sha256_file
+from segpipe.files import sha256_bytes, sha256_file
 from segpipe.formats import FORMATS, get_reader
 from segpipe.formats.base import Record, Source
 from segpipe.images import ImageError, open_image
 from segpipe.lifetime import die_with_parent
 from segpipe.params import ConvertParams, add_params_arguments, as_dict, from_args
 
-BATCH = 4  # records per pool task
+# Records per pool task. Fewer, larger tasks cost less IPC; the first results and the last
+# worker's tail wait longer. benchmarks/convert.py (300 x 512 px, 2 workers): 1.21, 1.17 and
+# 1.16 CPU s in all for batches of 4, 8 and 16.
+BATCH = 8
 
 
 class ConvertError(UserError, ValueError):
@@ -74,6 +81,18 @@ class Outcome:
     quarantine: list[dict[str, str]] = field(default_factory=list)
     image_quarantined: bool = False
     warnings: list[dict[str, str]] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)  # sha256 of the source files read, by path
+
+
+@dataclass
+class Chunk:
+    """The outcomes of consecutive records, in order, with their rows batched: what one pool task
+    hands back. The outcomes' own ``rows`` are empty; their rows are in ``rows``."""
+
+    outcomes: list[Outcome]
+    rows: dict[str, pa.RecordBatch] = field(default_factory=dict)  # per split, in record order
+    class_pixels: dict[str, np.ndarray] = field(default_factory=dict)  # per split, as :func:`class_pixels`
+    collections: dict[str, dict[str, int]] = field(default_factory=dict)  # rows per collection and split
 
 
 # --------------------------------------------------------------------------------------
@@ -114,7 +133,8 @@ def to_rle(inst: dict[str, Any], height: int, width: int) -> dict[str, Any]:
         return mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
     # Validated: each polygon is >= 6 finite numbers, so pycocotools reads them as polygons.
     polys = [p if isinstance(p, list) else list(p) for p in seg]
-    return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    rles = mask_utils.frPyObjects(polys, height, width)
+    return rles[0] if len(rles) == 1 else mask_utils.merge(rles)  # merging one RLE would copy it
 
 
 def instance_struct(inst_id: Any, category_id: int, iscrowd: int, rle: dict[str, Any]) -> dict[str, Any] | None:
@@ -139,9 +159,16 @@ def instance_struct(inst_id: Any, category_id: int, iscrowd: int, rle: dict[str,
 PIXELS_KEY = "_class_pixels"  # per-row class pixel counts, summed into the manifest, never stored
 
 
+# Up to this many class ids, one compare-and-count pass per id beats a bincount, which widens
+# every pixel to int64 first (benchmarks/convert.py's label maps: 12 ids, 0.3 vs 1.0 ms).
+FEW_CLASSES = 32
+
+
 def class_pixels(semantic: np.ndarray, class_ids: frozenset[int], ignore_index: int) -> list[int]:
     """Pixels of each class id ``0 .. max(class_ids)`` in a label map; the ignore index is not counted."""
     n = max(class_ids) + 1
+    if n <= FEW_CLASSES:
+        return [0 if v == ignore_index else int(np.count_nonzero(semantic == v)) for v in range(n)]
     flat = semantic.ravel()
     counts = np.bincount(flat[(flat < n) & (flat != ignore_index)].astype(np.int64), minlength=n)
     return counts[:n].tolist()
@@ -161,6 +188,33 @@ def rasterise(instances: list[dict[str, Any]], height: int, width: int, ignore_i
         m = mask_utils.decode({"size": inst["size"], "counts": inst["counts"].encode()})
         sem[m.astype(bool)] = inst["category_id"]
     return sem
+
+
+def file_digest(path: str | Path) -> dict[str, str]:
+    """``{str(Path(path)): sha256}`` of a file, or nothing when it cannot be read (then whoever
+    needs the digest, :func:`source_hash`, reads the file itself and reports the error)."""
+    try:
+        return {str(Path(path)): sha256_file(path)}
+    except OSError:
+        return {}
+
+
+def collect(outcomes: list[Outcome]) -> Chunk:
+    """Outcomes -> a Chunk: their rows as one record batch per split, in order, and the rows'
+    class pixels and collection counts summed per split."""
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    chunk = Chunk([])
+    for o in outcomes:
+        for row in o.rows:
+            split = row["split"]
+            counts = np.asarray(row.pop(PIXELS_KEY), dtype=np.int64)
+            chunk.class_pixels[split] = chunk.class_pixels[split] + counts if split in chunk.class_pixels else counts
+            per_split = chunk.collections.setdefault(row["collection"], {})
+            per_split[split] = per_split.get(split, 0) + 1
+            by_split.setdefault(split, []).append(row)
+        chunk.outcomes.append(dataclasses.replace(o, rows=[]))
+    chunk.rows = {split: shards.record_batch(rows) for split, rows in by_split.items()}
+    return chunk
 
 
 def _entry(item: str, file: str, reason: str) -> dict[str, str]:
@@ -197,6 +251,8 @@ def process_record(record: Record, ctx: Context) -> Outcome:
             return reject(img_file, "image file missing")
         except OSError as e:
             return reject(img_file, f"image file unreadable: {e}")
+        if ctx.encode:
+            out.digests[str(Path(record.image_path))] = sha256_bytes(data)
     if not data:
         return reject(img_file, "image file is empty (0 bytes)")
     try:
@@ -228,6 +284,8 @@ def process_record(record: Record, ctx: Context) -> Outcome:
             semantic = np.asarray(record.semantic())
         except (OSError, ValueError, SyntaxError) as e:
             return reject(sem_file, f"label map unreadable: {e}")
+        if ctx.encode and record.semantic_source:
+            out.digests.update(file_digest(record.semantic_source))
         if reason := validation.check_label_map(semantic, height, width, ctx.class_ids, ctx.ignore_index):
             return reject(sem_file, reason)
 
@@ -335,9 +393,16 @@ def _picklable(record: Record) -> Record:
 
 
 def process_source(source: Source, ctx: Context, workers: int, progress: bool = True) -> Iterator[Outcome]:
-    """Process every record of ``source`` in order, ``workers`` processes at a time.
+    """Every record's Outcome, in order (rows left out: see :func:`process_chunks`)."""
+    for chunk in process_chunks(source, ctx, workers, progress):
+        yield from chunk.outcomes
 
-    At most a few records per worker are in flight, so memory does not grow with the dataset.
+
+def process_chunks(source: Source, ctx: Context, workers: int, progress: bool = True) -> Iterator[Chunk]:
+    """Process every record of ``source`` in order, ``workers`` processes at a time, ``BATCH``
+    records per task; yields each task's Chunk in record order.
+
+    At most a few tasks per worker are in flight, so memory does not grow with the dataset.
     Duplicate image ids are caught here (first one wins, later ones are quarantined).
     """
     from tqdm import tqdm
@@ -356,52 +421,65 @@ def process_source(source: Source, ctx: Context, workers: int, progress: bool = 
         seen[record.image_id] = record.source
         return None
 
+    def done(chunk: Chunk) -> Chunk:
+        bar.update(len(chunk.outcomes))
+        return chunk
+
+    tasks = _tasks(source.records(), dedup)
     try:
         if workers == 1:
             _init_worker(ctx.max_image_pixels)
-            for record in source.records():
-                out = dedup(record) or process_record(record, ctx)
-                bar.update()
-                yield out
+            for task in tasks:
+                yield done(task if isinstance(task, Chunk) else process_batch(task, ctx))
             return
-        # Records travel in small batches: one task per image costs more in IPC than a small
-        # image takes to check.
-        window: collections.deque[Future | list[Outcome]] = collections.deque()
-        batch: list[Record] = []
+        window: collections.deque[Future | Chunk] = collections.deque()
+        _preload()
         with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
                                  initargs=(ctx.max_image_pixels, os.getpid())) as pool:
-
-            def submit() -> None:
-                window.append(pool.submit(process_batch, batch.copy(), ctx))
-                batch.clear()
-
-            for record in source.records():
-                dup = dedup(record)
-                if dup is not None:
-                    if batch:
-                        submit()
-                    window.append([dup])
-                else:
-                    batch.append(_picklable(record))
-                    if len(batch) >= BATCH:
-                        submit()
+            for task in tasks:
+                window.append(task if isinstance(task, Chunk) else
+                              pool.submit(process_batch, [_picklable(r) for r in task], ctx))
                 while len(window) > 3 * workers:
-                    for out in _result(window.popleft()):
-                        bar.update()
-                        yield out
-            if batch:
-                submit()
+                    yield done(_result(window.popleft()))
             while window:
-                for out in _result(window.popleft()):
-                    bar.update()
-                    yield out
+                yield done(_result(window.popleft()))
     finally:
         bar.close()
 
 
-def process_batch(records: list[Record], ctx: Context) -> list[Outcome]:
-    """:func:`process_record` over a batch, in order (one pool task)."""
-    return [process_record(r, ctx) for r in records]
+def _tasks(records: Iterator[Record], dedup: Callable[[Record], Outcome | None]) -> Iterator[list[Record] | Chunk]:
+    """Records in batches of up to ``BATCH``, in order, and the duplicates ``dedup`` finds as
+    finished Chunks. Batches, because one task per image costs more in IPC than a small image
+    takes to check; one process batches the same way, so both run the same code."""
+    batch: list[Record] = []
+    for record in records:
+        dup = dedup(record)
+        if dup is not None:
+            if batch:
+                yield batch
+                batch = []
+            yield Chunk([dup])
+            continue
+        batch.append(record)
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def process_batch(records: list[Record], ctx: Context) -> Chunk:
+    """:func:`process_record` over a batch, in order, collected into a Chunk (one pool task)."""
+    return collect([process_record(r, ctx) for r in records])
+
+
+def _preload() -> None:
+    """Import what every task needs (Pillow's JPEG and PNG plugins, pycocotools) before the
+    workers fork, so that each one does not import it again on its first task."""
+    from PIL import Image
+    from pycocotools import mask  # noqa: F401
+
+    Image.preinit()
 
 
 def _mp_context() -> Any:
@@ -411,7 +489,7 @@ def _mp_context() -> Any:
     return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
 
 
-def _result(item: Future | list[Outcome]) -> list[Outcome]:
+def _result(item: Future | Chunk) -> Chunk:
     return item.result() if isinstance(item, Future) else item
 
 
@@ -429,10 +507,10 @@ def make_context(source: Source, params: ConvertParams, encode: bool = True) -> 
 def default_collection(source: Source) -> str:
     """The collection of records that name none: the folder holding all of the source's files
     (the dataset's root), or ``shards.UNNAMED_COLLECTION`` when there are none."""
-    files = [Path(f).resolve() for f in source.files]
+    files = resolve_paths(source.files)
     if not files:
         return shards.UNNAMED_COLLECTION
-    return Path(os.path.commonpath([str(f.parent) for f in files])).name or shards.UNNAMED_COLLECTION
+    return Path(os.path.commonpath([os.path.dirname(f) for f in files])).name or shards.UNNAMED_COLLECTION
 
 
 def dataset_entries(source: Source) -> list[dict[str, str]]:
@@ -458,16 +536,41 @@ def nothing_converted(source: Source, images: int, quarantine: list[dict[str, st
     return head
 
 
-def source_hash(files: list[Path]) -> str:
-    """sha256 over the sorted (relative path, content sha256) of every source file."""
+def source_hash(files: list[Path], digests: dict[str, str] | None = None) -> str:
+    """sha256 over the sorted (relative path, content sha256) of every source file.
+
+    ``digests`` maps ``str(path)`` to the sha256 of files already hashed (the workers hash the
+    image and label-map bytes they read); every other file is read and hashed here."""
     files = sorted({Path(f) for f in files})
     if not files:
         return hashlib.sha256(b"").hexdigest()
-    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    digests = digests or {}
+    resolved = resolve_paths(files)
+    # every resolved path lies under root: its path relative to root is what follows root's "/"
+    root = os.path.join(os.path.commonpath([os.path.dirname(f) for f in resolved]), "")
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.resolve().relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+    for f, real in zip(files, resolved):
+        digest = digests.get(str(f)) or sha256_file(f)
+        h.update(f"{real[len(root):].replace(os.sep, '/')}\0{digest}\n".encode())
     return h.hexdigest()
+
+
+def resolve_paths(files: list[Path]) -> list[str]:
+    """``[str(Path(f).resolve()) for f in files]``, resolving each folder once: a file that is not
+    a symbolic link resolves to its resolved folder joined with its name, which is where
+    ``Path.resolve`` ends up too (pathlib costs more than the hashing in ``source_hash``)."""
+    folders: dict[str, str] = {}
+    out = []
+    for f in map(os.fspath, files):
+        head, name = os.path.split(f)
+        if name in ("", ".", "..") or os.path.islink(f):
+            out.append(str(Path(f).resolve()))
+            continue
+        folder = folders.get(head)
+        if folder is None:
+            folder = folders[head] = str(Path(head).resolve())
+        out.append(os.path.join(folder, name))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -489,26 +592,31 @@ def run(params: ConvertParams, source: Source, out: Path | str | storage.Locatio
     images = 0
     pixels: dict[str, np.ndarray] = {}
     collections: dict[str, dict[str, int]] = {}
+    digests: dict[str, str] = {}
     with shards.new_set(out) as staging:
         writers: dict[str, shards.ShardWriter] = {}
         try:
-            for outcome in process_source(source, ctx, params.workers, progress):
-                if outcome.quarantine and params.strict:
-                    e = outcome.quarantine[0]
-                    raise ConvertError(f"--strict: {e['file']}: {e['item']}: {e['reason']}")
-                images += 1
-                quarantine.extend(outcome.quarantine)
-                warnings_.extend(outcome.warnings)
-                for row in outcome.rows:
-                    counts = np.asarray(row.pop(PIXELS_KEY), dtype=np.int64)
-                    pixels[row["split"]] = pixels.get(row["split"], 0) + counts
-                    per_split = collections.setdefault(row["collection"], {})
-                    per_split[row["split"]] = per_split.get(row["split"], 0) + 1
-                    w = writers.get(row["split"])
+            for chunk in process_chunks(source, ctx, params.workers, progress):
+                for outcome in chunk.outcomes:
+                    if outcome.quarantine and params.strict:
+                        e = outcome.quarantine[0]
+                        raise ConvertError(f"--strict: {e['file']}: {e['item']}: {e['reason']}")
+                    images += 1
+                    quarantine.extend(outcome.quarantine)
+                    warnings_.extend(outcome.warnings)
+                    digests.update(outcome.digests)
+                for split, counts in chunk.class_pixels.items():
+                    pixels[split] = pixels.get(split, 0) + counts
+                for name, per_split in chunk.collections.items():
+                    mine = collections.setdefault(name, {})
+                    for split, n in per_split.items():
+                        mine[split] = mine.get(split, 0) + n
+                for split, rows in chunk.rows.items():
+                    w = writers.get(split)
                     if w is None:
-                        w = writers[row["split"]] = shards.ShardWriter(staging.path, row["split"],
-                                                                       params.rows_per_shard, send=staging.send)
-                    w.write(row)
+                        w = writers[split] = shards.ShardWriter(staging.path, split, params.rows_per_shard,
+                                                                send=staging.send)
+                    w.write(rows)
             shard_list = [s for split in sorted(writers) for s in writers[split].close()]
             if not shard_list:
                 raise ConvertError(nothing_converted(source, images, quarantine)
@@ -530,7 +638,7 @@ def run(params: ConvertParams, source: Source, out: Path | str | storage.Locatio
             # rows per source collection and split (evaluate scores each collection apart)
             "collections": {name: dict(sorted(collections[name].items())) for name in sorted(collections)},
             "shards": shard_list,
-            "source_sha256": source_hash(source.files),
+            "source_sha256": source_hash(source.files, digests),
             "quarantine": quarantine,
             "warnings": warnings_,
             # workers changes how fast, never what: leave it out so the manifest stays identical.

@@ -11,10 +11,26 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from segpipe.files import sha256_file
 from segpipe.formats import coco
 from segpipe.params import ConvertParams
 from segpipe.shards import iter_samples, read_manifest
-from segpipe.stages.convert import ConvertError, hash_split, main, run, tile_origins
+from segpipe.stages import convert as convert_stage
+from segpipe.stages.convert import (
+    PIXELS_KEY,
+    ConvertError,
+    Outcome,
+    class_pixels,
+    collect,
+    hash_split,
+    main,
+    make_context,
+    process_record,
+    resolve_paths,
+    run,
+    source_hash,
+    tile_origins,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "formats"
 CLASSES = [
@@ -139,19 +155,37 @@ def test_without_masks_semantic_is_rasterised_and_unlabelled_is_ignore(tmp_path)
     assert s["semantic"][31, 39] == 255 and s["semantic"].dtype == np.uint8
 
 
-def test_byte_identical_output_for_same_input_and_any_worker_count(tmp_path):
-    make_dataset(tmp_path / "raw", n=8)
+def test_byte_identical_output_for_same_input_and_any_worker_count(tmp_path, monkeypatch):
+    def edit(d, root):  # a duplicate image id and a bad image, so quarantined items are in the mix
+        d["images"][5]["id"] = 2
+        (root / "images" / "img003.jpg").write_bytes(b"")
+
+    make_dataset(tmp_path / "raw", n=8, edit=edit)
     convert(tmp_path / "raw", tmp_path / "a", workers=1, rows_per_shard=3)
-    convert(tmp_path / "raw", tmp_path / "b", workers=2, rows_per_shard=3)
+    for workers, batch in ((2, 3), (3, 1)):  # a task is BATCH records: vary both
+        monkeypatch.setattr(convert_stage, "BATCH", batch)
+        convert(tmp_path / "raw", tmp_path / f"w{workers}", workers=workers, rows_per_shard=3)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) >= 4
-    for rel in files_a:
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    for other in ("w2", "w3"):
+        files_b = sorted(p.relative_to(tmp_path / other) for p in (tmp_path / other).rglob("*") if p.is_file())
+        assert files_a == files_b and len(files_a) >= 4
+        for rel in files_a:
+            assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / other / rel).read_bytes(), (other, rel)
     m = read_manifest(tmp_path / "a")
+    # (image 6's annotations now name an image that does not exist: dataset problems)
+    assert [q["item"] for q in m["quarantine"] if q["item"] != "dataset"] == ["image 4", "image 2"]
+    assert sum(m["splits"].values()) == 6
     assert all(s["rows"] <= 3 for s in m["shards"])
     md = pq.ParquetFile(tmp_path / "a" / m["shards"][0]["path"]).metadata
     assert md.num_rows == m["shards"][0]["rows"]
+
+
+def test_progress_bar_counts_every_image(tmp_path, capsys):
+    make_dataset(tmp_path / "raw", n=5)
+    src = coco.read([tmp_path / "raw" / "annotations" / "instances.json"], tmp_path / "raw" / "images")
+    run(ConvertParams(workers=2), src, tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "convert coco: 100%" in err and "5/5" in err
 
 
 def test_split_declared_by_file_name_wins_and_hash_split_is_stable(tmp_path):
@@ -354,6 +388,76 @@ def test_tiling_cuts_image_mask_and_clips_instances(tmp_path):
     # a sliver under tile_min_area is dropped: the worker in tile (0,8) is rows 8:12 x cols 3:15 = 48 px
     convert(tmp_path / "raw", tmp_path / "out2", tile_size=24, tile_overlap=8, tile_min_area=50)
     assert 1 not in {i["id"] for i in samples(tmp_path / "out2")["1@0,8"]["instances"]}
+
+
+# --------------------------------------------------------------------------------------
+# Bookkeeping: class pixels, batching into chunks, source hashing
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top", [11, 300])  # few ids: one compare per id; many: a bincount
+def test_class_pixels_counts_each_id_and_never_the_ignore_index(top):
+    rng = np.random.default_rng(3)
+    ignore = 5  # inside 0..top, so it must be left out, not just fall off the end
+    sem = rng.integers(0, top + 1, (37, 41)).astype(np.uint16)
+    sem[0, :] = 65535  # values above every id are not counted either
+    got = class_pixels(sem, frozenset({0, 2, top}), ignore)
+    expect = np.bincount(sem[sem <= top].astype(np.int64), minlength=top + 1)
+    expect[ignore] = 0
+    assert got == expect.tolist() and len(got) == top + 1
+
+
+def _row(image_id, split, collection, pixels):
+    return {"image_id": image_id, "split": split, "collection": collection, "instances": [],
+            PIXELS_KEY: pixels}
+
+
+def test_collect_batches_rows_per_split_in_order_and_sums_their_counts():
+    outcomes = [Outcome("a", rows=[_row("a", "train", "x", [1, 2])]),
+                Outcome("b", quarantine=[{"item": "image b", "file": "f", "reason": "r"}], image_quarantined=True),
+                Outcome("c", rows=[_row("c@0,0", "val", "y", [0, 5]), _row("c@4,0", "val", "y", [3, 0])]),
+                Outcome("d", rows=[_row("d", "train", "y", [10, 20])], digests={"d.jpg": "00"})]
+    chunk = collect(outcomes)
+    assert [o.image_id for o in chunk.outcomes] == ["a", "b", "c", "d"]
+    assert all(o.rows == [] for o in chunk.outcomes) and chunk.outcomes[3].digests == {"d.jpg": "00"}
+    assert {k: v.column("image_id").to_pylist() for k, v in chunk.rows.items()} == {
+        "train": ["a", "d"], "val": ["c@0,0", "c@4,0"]}
+    assert {k: v.tolist() for k, v in chunk.class_pixels.items()} == {"train": [11, 22], "val": [3, 5]}
+    assert chunk.collections == {"x": {"train": 1}, "y": {"val": 2, "train": 1}}
+    assert collect([]).rows == {}
+
+
+def test_workers_hash_the_files_they_read_and_the_source_hash_stays_that_of_every_file(tmp_path):
+    make_dataset(tmp_path / "raw", n=4)
+    root = tmp_path / "raw"
+
+    def source():
+        return coco.read([root / "annotations" / "instances.json"], root / "images", root / "masks")
+
+    record = next(source().records())
+    outcome = process_record(record, make_context(source(), ConvertParams()))
+    files = [root / "images" / "img000.jpg", root / "masks" / "img000.png"]
+    assert outcome.digests == {str(f): sha256_file(f) for f in files}
+    m = run(ConvertParams(workers=2), source(), tmp_path / "out", progress=False)
+    assert m["source_sha256"] == source_hash(source().files)  # each file hashed by the parent
+    # a digest is trusted as given: one that differs shows in the hash
+    assert source_hash(source().files, {str(files[0]): "0" * 64}) != m["source_sha256"]
+
+
+def test_resolve_paths_equals_path_resolve_through_symbolic_links(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "real" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "other" / "t.jpg").write_bytes(b"t")
+    (tmp_path / "linkdir").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "l.jpg").symlink_to(tmp_path / "other" / "t.jpg")
+    (tmp_path / "real" / "rel").symlink_to("../other")
+    monkeypatch.chdir(tmp_path / "real")
+    paths = [tmp_path / "real" / "a.jpg", tmp_path / "linkdir" / "a.jpg", tmp_path / "linkdir" / "l.jpg",
+             Path("a.jpg"), Path("missing.jpg"), tmp_path / "nope" / "x.jpg", Path("rel/t.jpg"),
+             Path("rel/../a.jpg"), tmp_path / "linkdir" / ".." / "other" / "t.jpg", "./a.jpg", Path(".")]
+    assert resolve_paths(paths) == [str(Path(p).resolve()) for p in paths]
+    assert resolve_paths(paths)[2] == str(tmp_path.resolve() / "other" / "t.jpg")
 
 
 # --------------------------------------------------------------------------------------
