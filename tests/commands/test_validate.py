@@ -4,9 +4,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segpipe.commands.validate import main, run
+from segpipe.commands.validate import run
+
 from segpipe.formats import coco
 from segpipe.params import ConvertParams
+
+
+def main(argv: list[str]) -> None:
+    """`segpipe validate ARGV` as a user runs it: errors the user can fix end as one line, exit 1."""
+    from segpipe.cli import main as cli
+
+    cli(["validate", *argv])
 
 
 def dataset(root, bad_polygon=True):

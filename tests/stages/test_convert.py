@@ -23,7 +23,6 @@ from segpipe.stages.convert import (
     class_pixels,
     collect,
     hash_split,
-    main,
     make_context,
     process_record,
     resolve_paths,
@@ -33,6 +32,13 @@ from segpipe.stages.convert import (
 )
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "formats"
+
+
+def main(argv: list[str]) -> None:
+    """`segpipe convert ARGV` as a user runs it: errors the user can fix end as one line, exit 1."""
+    from segpipe.cli import main as cli
+
+    cli(["convert", *argv])
 CLASSES = [
     {"id": 0, "name": "ground", "isthing": False, "color": [80, 80, 80]},
     {"id": 1, "name": "worker", "isthing": True, "color": [255, 0, 0]},
@@ -503,10 +509,13 @@ def test_cli_reads_params_file_and_strict_flag(tmp_path, capsys):
     m = read_manifest(tmp_path / "out")
     assert m["splits"] == {"train": 3} and len(m["shards"]) == 2 and m["params"]["rows_per_shard"] == 2
     assert "1 quarantined item(s)" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        main(argv + ["--strict"])
+    from segpipe.cli import main as cli
+
+    with pytest.raises(SystemExit) as e:  # a ConvertError: one line from the CLI, exit 1
+        cli(["convert", *argv, "--strict"])
     assert e.value.code == 1
-    assert "category_id 42 is not declared" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("segpipe convert: error: --strict:") and "category_id 42 is not declared" in line
 
 
 def test_params_are_checked():
