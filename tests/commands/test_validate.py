@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from segpipe.commands.validate import run
-
 from segpipe.formats import coco
 from segpipe.params import ConvertParams
 
