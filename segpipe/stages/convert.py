@@ -340,12 +340,12 @@ def process_source(source: Source, ctx: Context, workers: int, progress: bool = 
     At most a few records per worker are in flight, so memory does not grow with the dataset.
     Duplicate image ids are caught here (first one wins, later ones are quarantined).
     """
-    from tqdm import tqdm
+    from segpipe.progress import Progress
 
     workers = workers or os.cpu_count() or 1
     seen: dict[str, str] = {}
-    bar = tqdm(total=source.count, unit="img", desc=f"convert {source.name}", disable=not progress,
-               file=sys.stderr, mininterval=0.5)
+    bar = Progress(f"convert {source.name}", total=source.count, enabled=progress)
+    bar.start()
 
     def dedup(record: Record) -> Outcome | None:
         if record.image_id in seen:
@@ -361,7 +361,7 @@ def process_source(source: Source, ctx: Context, workers: int, progress: bool = 
             _init_worker(ctx.max_image_pixels)
             for record in source.records():
                 out = dedup(record) or process_record(record, ctx)
-                bar.update()
+                bar.advance()
                 yield out
             return
         # Records travel in small batches: one task per image costs more in IPC than a small
@@ -387,13 +387,13 @@ def process_source(source: Source, ctx: Context, workers: int, progress: bool = 
                         submit()
                 while len(window) > 3 * workers:
                     for out in _result(window.popleft()):
-                        bar.update()
+                        bar.advance()
                         yield out
             if batch:
                 submit()
             while window:
                 for out in _result(window.popleft()):
-                    bar.update()
+                    bar.advance()
                     yield out
     finally:
         bar.close()
