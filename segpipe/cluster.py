@@ -160,14 +160,17 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
+    from segpipe.progress import native_stderr_to_log
+
     if ray.is_initialized():
         yield False
         return
-    if address:
-        ray.init(address=address, **_quiet())
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **_quiet())
-    try:
-        yield not address
-    finally:
-        ray.shutdown()
+    with native_stderr_to_log():  # Ray's C++ core worker writes its own warnings to stderr
+        if address:
+            ray.init(address=address, **_quiet())
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **_quiet())
+        try:
+            yield not address
+        finally:
+            ray.shutdown()

@@ -266,15 +266,25 @@ def _isatty(stream: Any) -> bool:
 class Console:
     """The process's real output streams, the one live progress line (on ``err``), and the log
     file that library output goes to. Writes are serialised; a write to a terminal first clears
-    the live line and redraws it after a complete line."""
+    the live line, which is redrawn once the line written is complete. Nothing is put in the
+    middle of a line being written (``print`` writes the text and its newline apart): the live
+    line and lines of the console's own wait for its end."""
 
     def __init__(self, out: TextIO, err: TextIO, log_path: Path | None = None) -> None:
         self.out, self.err, self.log_path = out, err, log_path
         self.lock = threading.RLock()
         self.live = ""
         self.live_shown = False
+        self.partial = {"out": False, "err": False}  # a stream's last write did not end its line
+        self.pending: list[tuple[str, str]] = []  # (stream, line) waiting for a partial line to end
         self._log: TextIO | None = None
         self._log_failed = False
+
+    def _role(self, stream: TextIO) -> str | None:
+        return "err" if stream is self.err else "out" if stream is self.out else None
+
+    def _mid_line(self) -> bool:
+        return any(self.partial.values())
 
     @property
     def tty(self) -> bool:
@@ -286,7 +296,7 @@ class Console:
             self.live_shown = False
 
     def _draw(self) -> None:
-        if self.live and self.tty:
+        if self.live and self.tty and not self._mid_line():
             width = shutil.get_terminal_size((100, 24)).columns
             from tqdm.utils import disp_trim
 
@@ -302,7 +312,16 @@ class Console:
                 self.err.flush()
             stream.write(text)
             stream.flush()
-            if text.endswith("\n") and self.live and not self.live_shown:
+            role = self._role(stream)
+            if role is not None:
+                self.partial[role] = not text.endswith("\n")
+            if self._mid_line():
+                return
+            pending, self.pending = self.pending, []
+            for role, line in pending:
+                getattr(self, role).write(line)
+                getattr(self, role).flush()
+            if self.live and not self.live_shown:
                 self._draw()
 
     def show(self, line: str) -> None:
@@ -312,8 +331,14 @@ class Console:
             self._draw()
 
     def line(self, text: str, stream: TextIO | None = None) -> None:
-        """Print ``text`` as a line of its own (on ``err`` unless ``stream`` is given), above the live line."""
-        self.write(self.err if stream is None else stream, text + "\n")
+        """Print ``text`` as a line of its own (on ``err`` unless ``stream`` is given), above the
+        live line; after the line being written, if one is."""
+        target = self.err if stream is None else stream
+        with self.lock:
+            if self._mid_line():
+                self.pending.append((self._role(target) or "err", text + "\n"))
+            else:
+                self.write(target, text + "\n")
 
     def end_live(self) -> None:
         """Remove the live line (its stage ended; its result line follows)."""
@@ -356,9 +381,17 @@ class Router(io.TextIOBase):
     what Ray, Ray Data, Ray Train and warnings log (``forward_stdout``: this router stands for
     stdout, and keeps the former on the console)."""
 
-    def __init__(self, console: Console, stream: TextIO, forward_stdout: bool = False) -> None:
+    def __init__(self, console: Console, role: str) -> None:
         super().__init__()
-        self.console, self.stream, self.forward_stdout = console, stream, forward_stdout
+        if role not in ("out", "err"):
+            raise ValueError(f"Router role {role!r}: valid: out, err")
+        self.console, self.role = console, role
+        self.forward_stdout = role == "out"
+
+    @property
+    def stream(self) -> TextIO:
+        """The console stream this router stands for (looked up at each write: see :func:`native_stderr_to_log`)."""
+        return getattr(self.console, self.role)
 
     def write(self, text: str) -> int:
         if not text:
@@ -415,13 +448,55 @@ def session(command: str, argv: Sequence[str] = (), log_dir: Path | str | None =
     folder = Path(log_dir if log_dir is not None else os.environ.get(LOG_DIR_ENV) or "logs")
     con = Console(out, err, folder / f"{log_name(command, argv)}.log")
     _active = con
-    sys.stdout, sys.stderr = Router(con, out, forward_stdout=True), Router(con, err)
+    sys.stdout, sys.stderr = Router(con, "out"), Router(con, "err")
     try:
         yield con
     finally:
         sys.stdout, sys.stderr = out, err
         _active = None
         con.close()
+
+
+@contextlib.contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """While the block runs, what native code in this process writes to file descriptor 2 (Ray's
+    C++ core worker, in a driver) goes to the session's log; the console keeps writing to the real
+    stderr through a duplicate of it. A no-op outside a session, or when stderr is not fd 2.
+    ``segpipe.cluster.connect`` runs Ray inside it."""
+    con = _active
+    try:
+        fd = con.err.fileno() if con is not None and con.log_path is not None else -1
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        fd = -1
+    if fd != 2:
+        yield
+        return
+    original = con.err
+    original.flush()
+    read_end, write_end = os.pipe()
+    saved = os.fdopen(os.dup(2), "w", encoding=getattr(original, "encoding", None) or "utf-8", errors="replace",
+                      buffering=1)
+    with con.lock:
+        con.err = saved
+        os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 65536):
+            con.log(chunk.decode("utf-8", errors="replace"))
+        os.close(read_end)
+
+    thread = threading.Thread(target=drain, name="native stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with con.lock:
+            saved.flush()
+            os.dup2(saved.fileno(), 2)  # the pipe's last write end in this process closes: the drain ends
+            con.err = original
+            saved.close()
+        thread.join(timeout=2)  # a child process still holding the pipe keeps it open: do not wait for it
 
 
 # --------------------------------------------------------------------------------------
@@ -638,4 +713,4 @@ class ProgressRelay:
 
 __all__ = ["Console", "DEFAULT_EVERY_S", "EVERY_ENV", "LOG_DIR_ENV", "LOG_ENV", "Progress", "ProgressError",
            "ProgressRelay", "RelayBox", "Router", "State", "TRAIN_FIELDS", "console", "every_s", "fmt_duration",
-           "forwarded", "log_name", "origin", "render", "session", "time_left", "used_s", "verbose"]
+           "forwarded", "log_name", "native_stderr_to_log", "origin", "render", "session", "time_left", "used_s", "verbose"]

@@ -189,6 +189,31 @@ def test_a_dependency_s_deprecation_warning_goes_to_the_log_and_ours_to_the_cons
         in done.stderr
 
 
+NATIVE = """
+import os, sys
+from segpipe.progress import native_stderr_to_log, session
+with session("evaluate", [], log_dir=sys.argv[1]):
+    with native_stderr_to_log():
+        os.write(2, b"[E core_worker.cc:2465] Actor with class name ...\\n")  # as Ray's C++ core writes
+        print("evaluate unet: 3/11 images", file=sys.stderr)
+    os.write(2, b"after the block: the console again\\n")
+"""
+
+
+def test_what_native_code_writes_to_stderr_while_ray_runs_goes_to_the_log(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != progress.LOG_ENV}
+    done = subprocess.run([sys.executable, "-c", NATIVE, str(tmp_path / "logs")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    log = tmp_path / "logs" / "evaluate.log"
+    assert log.read_text() == "[E core_worker.cc:2465] Actor with class name ...\n"
+    # the log is written by a thread reading the pipe: its notice may come before or after our line
+    assert sorted(done.stderr.splitlines()) == sorted([f"(messages of Ray and other libraries: {log})",
+                                                       "evaluate unet: 3/11 images",
+                                                       "after the block: the console again"])
+    assert done.stderr.endswith("after the block: the console again\n")
+
+
 def test_with_segpipe_log_debug_everything_reaches_the_console(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(progress.LOG_ENV, "debug")
     lib = _library_code(os.path.join(SITE, "somelib", "core.py"), "def chatter():\n    print('library says')\n")
