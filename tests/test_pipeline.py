@@ -39,7 +39,7 @@ def tiny_repo(tmp_path_factory, copy_repo) -> Path:
     sh(["git", "init", "-q"], root)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], root)
-    sh(["dvc", "repro"], root)
+    (root / "repro.log").write_text(sh(["dvc", "repro"], root))  # what the console showed
     return root
 
 
@@ -68,7 +68,7 @@ def test_repro_writes_every_output(tiny_repo):
     fused = json.loads((root / "models/fused/metrics.json").read_text())
     assert fused["task"] == "panoptic" and "skipped" not in fused
     assert {k: v["arch"] for k, v in fused["checkpoints"].items()} == {"semantic": "unet", "instance": "mask_rcnn"}
-    assert fused["fusion"]["stuff_min_area"] == params_of(root)["evaluate"]["panoptic"]["fusion"]["stuff_min_area"]
+    assert fused["fusion"]["stuff_min_area"] == params_of(root)["fuse"]["fusion"]["stuff_min_area"]
     assert fused["panoptic"]["pq"] is not None and 0 <= fused["panoptic"]["pq"] <= 1
     assert (root / "models/fused/per_class_pq.csv").read_text().startswith("class,pq")
     assert (root / "models/eval/unet/per_class_pq.csv").read_text() == "class,pq\n"
@@ -77,6 +77,19 @@ def test_repro_writes_every_output(tiny_repo):
     summary = (root / "reports/summary.md").read_text()
     assert "| unet |" in summary and "| mask_rcnn |" in summary and "Promotion" in summary
     assert "## Panoptic quality" in summary and "| fused: unet + mask_rcnn |" in summary
+    page = (root / "reports/index.html").read_text()
+    assert "<title>segpipe report</title>" in page and 'src="http' not in page and "<script" not in page
+    assert "<td>unet</td>" in page and "<td>mask_rcnn</td>" in page and "fused: unet + mask_rcnn" in page
+    ending = (root / "reports/ending.txt").read_text()
+    assert ending.startswith("== segpipe: the outcome (promotion of ") and "Report: reports/index.html" in ending
+    # the console: Ray's and its libraries' messages are in logs/, our lines are not repeated
+    console = (root / "repro.log").read_text()
+    assert "Requesting resources" not in console and "Starting execution of Dataset" not in console
+    assert "RayDeprecationWarning" not in console and "Moving model to device" not in console
+    ours = [line for line in console.splitlines() if line.startswith("[")]
+    assert ours and len(ours) == len(set(ours)), ours
+    assert ending.rstrip("\n") in console  # the promote stage printed it (a plain dvc repro)
+    assert (root / "logs" / "train-unet.log").is_file()
     index = json.loads((root / "models/registry/index.json").read_text())
     versions = {v["version"] for v in index["versions"]}
     if "champion" in index["aliases"]:

@@ -16,7 +16,7 @@ Three outputs, from the same results:
   promotion with every gate and its reason, the per-collection table and, with ``--drift``, the
   drift report;
 - on the console, the outcome (:func:`ending`): the champion and its metric against the best
-  baseline, the panoptic champion and its PQ, what this run promoted or refused and why, and
+  baseline, the panoptic champion and its PQ, what the promotion changed (promoted, refused and why), and
   where the report is. With ``SEGPIPE_ENDING=later`` (``make pipeline``, which prints it after
   DVC's own closing lines) it is only written, to ``ending.txt`` beside ``--out``.
 
@@ -260,7 +260,7 @@ def _champion_value(ranking: dict[str, Any]) -> tuple[float | None, str]:
     for c in ranking.get("candidates", []):
         if c.get("decision") == "promoted to champion":
             before = ranking.get("champion_before")
-            return c.get("value"), f"promoted in this run (was {_who(before)})" if before else "promoted in this run"
+            return c.get("value"), f"newly promoted (was {_who(before)})" if before else "newly promoted"
     judged = ranking.get("champion_judged") or {}
     if after and judged.get("version") == after.get("version"):
         return judged.get("on_this_data"), "unchanged"
@@ -270,9 +270,10 @@ def _champion_value(ranking: dict[str, Any]) -> tuple[float | None, str]:
 def ending(promotion: dict[str, Any] | None, evals: dict[str, dict[str, Any]], fused: dict[str, dict[str, Any]],
            report: str) -> str:
     """What ``make pipeline`` ends with: the champion and its metric against the best baseline,
-    the panoptic champion and its PQ, what this run promoted or refused and why, and where the
-    report is (``report``: its path)."""
-    lines = ["== segpipe: the outcome =="]
+    the panoptic champion and its PQ, what the promotion changed (each candidate promoted or
+    refused, and why), and where the report is (``report``: its path)."""
+    when = f" (promotion of {promotion['time']})" if promotion and promotion.get("time") else ""
+    lines = [f"== segpipe: the outcome{when} =="]
     if promotion is None:
         ranked = sorted(((m.get("miou"), arch) for arch, m in evals.items() if metric_value(m, "miou") is not None),
                         reverse=True)
@@ -302,7 +303,7 @@ def ending(promotion: dict[str, Any] | None, evals: dict[str, dict[str, Any]], f
             lines.append(f"Panoptic champion: {who}, {how}: {pan['metric']} {_f4(value)}.")
         rows = [*promotion.get("candidates", []), *((pan or {}).get("candidates") or [])]
         if rows:
-            lines.append("This run:")
+            lines.append("Decisions:")
             width = max(len(str(r.get("arch", ""))) for r in rows)
             lines += [f"  {str(r.get('arch', '')):<{width}}  {r.get('decision', '')}" for r in rows]
         if promotion.get("created"):

@@ -299,9 +299,10 @@ def test_html_report_is_self_contained_and_has_every_part(results):
 def test_the_outcome_names_the_champion_the_baseline_the_panoptic_champion_and_every_decision(results):
     write_report(results)
     outcome = (results / "reports" / "ending.txt").read_text()
-    assert outcome.splitlines()[1] == ("Champion: v2 (unet), promoted in this run (was v1 (fcn8s)): miou 0.6100 on val; "
-                                       "best baseline colour 0.2100 (+0.4000).")
-    assert ("Panoptic champion: v3 (fused) = unet + mask_rcnn, promoted in this run: panoptic.pq 0.4500."
+    assert outcome.splitlines()[:2] == [
+        "== segpipe: the outcome (promotion of 2026-01-02T03:04:05+00:00) ==",
+        "Champion: v2 (unet), newly promoted (was v1 (fcn8s)): miou 0.6100 on val; best baseline colour 0.2100 (+0.4000)."]
+    assert ("Panoptic champion: v3 (fused) = unet + mask_rcnn, newly promoted: panoptic.pq 0.4500."
             in outcome.splitlines())
     assert "  fcn8s       rejected at margin: miou 0.40 vs champion v1 0.61" in outcome
     assert "New registry versions: v2, v3." in outcome
@@ -317,7 +318,8 @@ def test_the_command_prints_the_outcome_or_leaves_it_for_later(results, capsys, 
             str(results / "r" / "summary.md"), "--html", str(results / "r" / "index.html")]
     report.main(argv)
     out = capsys.readouterr().out
-    assert out.startswith("== segpipe: the outcome ==\nChampion: v2 (unet)") and "Report:" in out.splitlines()[-1]
+    assert out.startswith("== segpipe: the outcome (promotion of ") and "\nChampion: v2 (unet)" in out
+    assert out.splitlines()[-1].startswith("Report: ")
     monkeypatch.setenv(report.ENDING_ENV, "later")
     report.main(argv)
     assert capsys.readouterr().out == f"report: wrote {results / 'r' / 'index.html'}, {results / 'r' / 'summary.md'}\n"
