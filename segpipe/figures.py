@@ -48,7 +48,7 @@ def learning_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> byt
         if scored:
             val_ax.plot(*zip(*scored), marker="o", markersize=3, color=colour, label=arch)
         if loss:
-            loss_ax.plot(*zip(*loss), color=colour, label=arch)
+            loss_ax.plot(*zip(*loss), marker="o", markersize=2, color=colour, label=arch)
     val_ax.set(title="validation score", xlabel="seconds of training", ylabel="val score (mIoU; things: thing mIoU)")
     loss_ax.set(title="training loss", xlabel="seconds of training", ylabel="loss")
     for ax in (val_ax, loss_ax):
