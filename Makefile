@@ -9,8 +9,12 @@ STAMP  := $(VENV)/.segpipe-installed
 .PHONY: pipeline test install lint bench bench-learning clean-data
 
 # One local Ray serves every train stage of the DAG (segpipe/cluster.py), stopped afterwards.
+# The outcome (champion, baselines, what was promoted or refused, where the report is) is the
+# last thing shown: the report stage writes it (SEGPIPE_ENDING=later: without printing it), and it
+# is printed after DVC's own closing lines, also when nothing had to be rerun.
 pipeline: install
-	$(RUN) $(BIN)/segpipe with-ray $(BIN)/dvc repro
+	$(RUN) SEGPIPE_ENDING=later $(BIN)/segpipe with-ray $(BIN)/dvc repro
+	@cat reports/ending.txt
 
 test: install
 	$(RUN) $(BIN)/python -m pytest

@@ -8,10 +8,16 @@ Errors a user can cause (``segpipe.errors.UserError``: bad params, input, shards
 registry entries; and OSError: a full disk, a missing file) end the command with one line on
 stderr naming the file, key or argument at fault, and a non-zero exit status: 2 for params, 1 for
 the rest, 130 when interrupted. Anything else is a bug and keeps its traceback.
+
+Every ``segpipe.*`` command runs in a ``segpipe.progress.session``: messages of Ray and other
+libraries go to ``logs/<command>[-<name>].log`` (its path printed once), and the console keeps the
+stage's progress line, its results and its errors. ``segpipe -v COMMAND`` (or ``SEGPIPE_LOG=debug``)
+shows everything. The Prefect commands (``pipelines.*``) keep Prefect's own log on the console.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -60,13 +66,21 @@ def error_line(command: str, exc: BaseException) -> str:
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: segpipe COMMAND [options]   (segpipe COMMAND --help for a command's options)", ""]
+    lines = ["usage: segpipe [-v] COMMAND [options]   (segpipe COMMAND --help for a command's options;",
+             "       -v: every message of Ray and other libraries on the console, as SEGPIPE_LOG=debug)", ""]
     lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-v"], ["--verbose"]):
+        import os
+
+        from segpipe.progress import LOG_ENV
+
+        os.environ[LOG_ENV] = "debug"
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -76,9 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     module = importlib.import_module(COMMANDS[name][0])
     from segpipe.params import ParamsError
+    from segpipe.progress import session
 
     try:
-        module.main(rest)
+        with session(name, rest) if COMMANDS[name][0].startswith("segpipe.") else contextlib.nullcontext():
+            module.main(rest)
     except ParamsError as e:
         print(f"segpipe {name}: params error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         raise SystemExit(2) from None

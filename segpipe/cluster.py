@@ -13,7 +13,11 @@ Two ways to get a Ray:
   suite's session fixture. Only the processes of that Ray are stopped afterwards, never another
   Ray on the machine.
 
-Ray's own chatter stays at warning level, so that the one progress line per epoch is not buried.
+Where Ray's own messages go: the driver logs at warning level; what Ray forwards from its workers
+and actors, its loggers' output and its deprecation warnings are routed to the command's log file
+by ``segpipe.progress.session`` (``SEGPIPE_LOG=debug`` shows them). Ray Train's patch of the
+workers' ``print`` (which sends every printed line to the console twice: once as printed, once
+through its logger) is turned off for the Rays started here (:data:`RAY_ENV`).
 """
 
 from __future__ import annotations
@@ -80,6 +84,12 @@ def stop_processes(*markers: str, timeout: float = 15.0, rounds: int = 3) -> Non
         psutil.wait_procs(alive, timeout=5)
 
 
+# Environment of the Ray processes started here (and of an in-process Ray's workers, which inherit
+# the driver's): Ray Train V2 would otherwise re-log each line a worker prints (a duplicate of it).
+# Ray's distributed tqdm would also replace the driver's ``print`` with its own.
+RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TQDM_PATCH_PRINT": "0"}
+
+
 def auth_env(env: dict[str, str]) -> dict[str, str]:
     """``env`` with token authentication on, generating ``~/.ray/auth_token`` if no token exists."""
     env = {**env, "RAY_AUTH_MODE": "token"}
@@ -99,6 +109,7 @@ def local_ray(num_cpus: int | None = None) -> Iterator[dict[str, str]]:
     temp = Path(tempfile.mkdtemp(prefix="segray", dir="/tmp"))
     env = auth_env({k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env = {**RAY_ENV, **env}
     address = f"127.0.0.1:{port}"
     try:
         subprocess.run([ray_executable(), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
@@ -142,19 +153,24 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
     if not address or has_ray_token():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
     if not address:
         # A local single-node Ray is never preempted: skip Ray Train's watcher actor (one process less).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
+    from segpipe.progress import native_stderr_to_log
+
     if ray.is_initialized():
         yield False
         return
-    if address:
-        ray.init(address=address, **_quiet())
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **_quiet())
-    try:
-        yield not address
-    finally:
-        ray.shutdown()
+    with native_stderr_to_log():  # Ray's C++ core worker writes its own warnings to stderr
+        if address:
+            ray.init(address=address, **_quiet())
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **_quiet())
+        try:
+            yield not address
+        finally:
+            ray.shutdown()

@@ -12,7 +12,8 @@ predictions. One policy each:
   ``max_detections``;
 - rendering (:func:`render_instances`): each pixel takes the class of the best-scoring detection
   covering it, ``ignore_index`` where none does;
-- COCO results (:func:`coco_results`) and the palette (:func:`palette`).
+- COCO results (:func:`coco_results`), the palette (:func:`palette`) and the colour legend of
+  overlays (:func:`legend`).
 
 Three entry points: whole images (:func:`predict_images`: evaluate, train validation), large
 images by sliding window (:func:`predict_tiled`: predict), and work over a dataset
@@ -218,6 +219,53 @@ def palette(classes: Sequence[Mapping[str, Any]]) -> np.ndarray:
 def colorize(labels: np.ndarray, pal: np.ndarray) -> np.ndarray:
     """``H x W`` labels -> ``H x W x 3`` colours (values beyond the palette have no class)."""
     return pal[np.clip(labels.astype(np.int64, copy=False), 0, len(pal) - 1)]
+
+
+NO_CLASS_NAME = "no class"  # the legend's name of NO_CLASS_COLOR: ignore, no detection
+
+
+def legend_entries(values: Collection[int], classes: Sequence[Mapping[str, Any]],
+                   pal: np.ndarray) -> list[tuple[str, tuple[int, int, int]]]:
+    """``[(name, colour)]`` of the label ``values`` shown in an image, by class id; values without
+    a class (ignore, no detection) are one ``no class`` entry, last."""
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in classes}
+    present = sorted({int(v) for v in values})
+    entries = [(names[v], tuple(int(x) for x in pal[v])) for v in present if v in names]
+    if any(v not in names for v in present):
+        entries.append((NO_CLASS_NAME, NO_CLASS_COLOR))
+    return entries  # type: ignore[return-value]
+
+
+def legend(values: Collection[int], classes: Sequence[Mapping[str, Any]], pal: np.ndarray, width: int) -> np.ndarray:
+    """A white strip ``h x width x 3`` (uint8) naming the colour of each label value in
+    ``values`` (:func:`legend_entries`): a swatch and the class name, in rows that wrap at
+    ``width``. Drawn below an overlay, so that a colour says its class."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = int(min(max(width / 60, 10), 18))
+    try:
+        font: Any = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    pad, box = max(size // 3, 3), size
+    rows: list[list[tuple[int, str, tuple[int, int, int]]]] = [[]]
+    x = pad
+    for name, colour in legend_entries(values, classes, pal):
+        w = box + pad + int(font.getlength(name)) + 2 * pad
+        if rows[-1] and x + w > width:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, name, colour))
+        x += w
+    line = box + pad
+    strip = Image.new("RGB", (max(width, 1), pad + line * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for r, row in enumerate(rows):
+        y = pad + r * line
+        for x0, name, colour in row:
+            draw.rectangle([x0, y, x0 + box - 1, y + box - 1], fill=colour, outline=(64, 64, 64))
+            draw.text((x0 + box + pad, y + box // 2), name, fill=(32, 32, 32), font=font, anchor="lm")
+    return np.asarray(strip)
 
 
 # --------------------------------------------------------------------------------------

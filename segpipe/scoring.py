@@ -24,7 +24,7 @@ import base64
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -61,11 +61,16 @@ COLLECTION_KEYS = ("images", "pixel_acc", "mean_acc", "miou", "boundary_iou", "f
 # --------------------------------------------------------------------------------------
 
 
-def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, pal: np.ndarray) -> np.ndarray:
-    """image | ground truth | prediction side by side (``H x 3W x 3``)."""
-    from segpipe.inference import colorize
+def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, pal: np.ndarray,
+            classes: Sequence[Mapping[str, Any]] = ()) -> np.ndarray:
+    """image | ground truth | prediction side by side (``H x 3W x 3``), above a legend naming the
+    colour of every class in the ground truth or the prediction (``classes``: the class table,
+    ``{"id", "name"}`` each; ``segpipe.inference.legend``)."""
+    from segpipe.inference import colorize, legend
 
-    return np.concatenate([image, colorize(gt, pal), colorize(pred, pal)], axis=1)
+    panels = np.concatenate([image, colorize(gt, pal), colorize(pred, pal)], axis=1)
+    values = np.union1d(np.unique(gt), np.unique(pred))
+    return np.concatenate([panels, legend(values.tolist(), classes, pal, panels.shape[1])], axis=0)
 
 
 def gt_annotations(sample: dict[str, Any], image_id: int, first_id: int, thing_ids: set[int]) -> list[dict[str, Any]]:
@@ -348,7 +353,7 @@ class ChunkScorer:
                     dets += coco_results(pred.instances, image_id, int(h), int(w), things)
                 if position < self.num_overlays:
                     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(s["image_id"]))
-                    png = _png(overlay(s["image"], gt, pred.labels, self.pal))
+                    png = _png(overlay(s["image"], gt, pred.labels, self.pal, self.predictor.meta.classes))
                     overlays.append([f"{position:03d}_{name}.png", base64.b64encode(png).decode("ascii")])
                 position += 1
         names = list(cms)
@@ -524,11 +529,20 @@ def _chunks(shards: ShardSet, params: EvaluateParams) -> list[dict[str, int]]:
     return chunks
 
 
+def _counted(results: Iterable[dict[str, Any]], on_images: Callable[[int], None] | None) -> Iterator[dict[str, Any]]:
+    """``results`` as they come, calling ``on_images(n)`` with each chunk's image count (a progress line)."""
+    for r in results:
+        if on_images is not None:
+            on_images(int(r["images"]))
+        yield r
+
+
 def score_checkpoint(checkpoint: Path, shards: ShardSet, params: EvaluateParams, device: str = "cpu",
-                     out: Path | None = None) -> dict[str, Any]:
+                     out: Path | None = None, on_images: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The metrics of the checkpoint folder ``checkpoint`` on ``params.split`` of ``shards`` (with
     its provenance: arch, task, checkpoint path + sha256, shard manifest, split, scoring key);
-    with ``out``, the plots, overlays and detections are written there too."""
+    with ``out``, the plots, overlays and detections are written there too. ``on_images(n)`` is
+    called as each chunk of ``n`` images is scored."""
     from segpipe.checkpoint import check_classes, load_meta
     from segpipe.inference import PanopticSettings, map_rows
     from segpipe.results import CheckpointRef
@@ -543,7 +557,7 @@ def score_checkpoint(checkpoint: Path, shards: ShardSet, params: EvaluateParams,
               "num_overlays": params.num_overlays if out is not None else 0, "boundary_ratio": params.boundary_ratio}
     results = map_rows(_chunks(shards, params), checkpoint, ChunkScorer, worker, engine=params.engine,
                        detection=params.detection, device=device, panoptic=PanopticSettings(maskformer=params.panoptic))
-    result = summarise(scoring, results, out)
+    result = summarise(scoring, _counted(results, on_images), out)
     return {"arch": meta.arch, "task": meta.task, "checkpoint": ref.to_json(),
             "shards_manifest_sha256": shards.manifest_sha256,
             "trained_on_shards_manifest_sha256": meta.shards_manifest_sha256, "split": params.split,

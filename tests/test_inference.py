@@ -129,6 +129,22 @@ def test_one_palette_black_for_values_without_a_class():
     assert inference.colorize(np.array([[0, 5000]]), pal).tolist() == [[[1, 2, 3], list(inference.NO_CLASS_COLOR)]]
 
 
+def test_the_legend_names_the_colour_of_each_class_shown():
+    classes = [{"id": 0, "name": "ground", "color": [120, 90, 60]}, {"id": 3, "name": "excavator", "color": [255, 200, 0]},
+               {"id": 7, "name": "worker", "color": [255, 0, 255]}]
+    pal = inference.palette(classes)
+    # classes in id order, values without a class (ignore 255, no detection) once, last
+    assert inference.legend_entries([7, 255, 0, 250, 0], classes, pal) == [
+        ("ground", (120, 90, 60)), ("worker", (255, 0, 255)), (inference.NO_CLASS_NAME, inference.NO_CLASS_COLOR)]
+    strip = inference.legend([0, 3, 7, 255], classes, pal, width=90)
+    assert strip.dtype == np.uint8 and strip.shape[1] == 90 and strip.shape[2] == 3
+    colours = {tuple(c) for c in strip.reshape(-1, 3)}
+    assert {(120, 90, 60), (255, 200, 0), (255, 0, 255), (0, 0, 0), (255, 255, 255)} <= colours  # swatches on white
+    assert strip.shape[0] > inference.legend([0], classes, pal, width=90).shape[0]  # four names wrap into more rows
+    wide = inference.legend([0, 3, 7, 255], classes, pal, width=600)
+    assert wide.shape[0] < strip.shape[0]
+
+
 def test_an_image_within_one_tile_is_predicted_whole():
     torch.manual_seed(0)
     model = build_model("unet", 3, base_channels=4, depth=3).eval()

@@ -7,7 +7,7 @@ Writes, per input image ``NAME.ext``::
 
     OUT/labels/NAME.png     class ids (uint8; uint16 when there are more than 255 classes); for
                             instance-only models the detections rendered, ignore_index (255) elsewhere
-    OUT/overlays/NAME.png   the image blended with the class colours
+    OUT/overlays/NAME.png   the image blended with the class colours, above a legend naming them
     OUT/detections.json     instance-capable models: COCO results, instances merged across tiles
     OUT/images.json         [{"id", "file_name", "width", "height"}]: the image_id of each result
     OUT/panoptic/NAME.png   with --panoptic: COCO panoptic PNG, segment id = R + 256 G + 256^2 B
@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -101,11 +101,15 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read image: {e}") from None
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    from segpipe.inference import colorize
+def overlay(image: np.ndarray, labels: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA,
+            classes: Sequence[Mapping[str, Any]] = ()) -> np.ndarray:
+    """The image blended with the class colours of ``labels``, above a legend naming the colour of
+    each class it shows (``classes``: the class table; ``segpipe.inference.legend``)."""
+    from segpipe.inference import colorize, legend
 
     colours = colorize(labels, pal)
-    return (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+    blended = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+    return np.concatenate([blended, legend(np.unique(labels).tolist(), classes, pal, blended.shape[1])], axis=0)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -181,7 +185,8 @@ class ImagePredictor:
         pred = self.predict([image])[0]
         found = coco_results(pred.instances, row["id"], h, w) if pred.instances is not None else []
         return {"id": row["id"], "file_name": PurePosixPath(str(row["path"])).name, "width": w, "height": h,
-                "labels": label_png(pred.labels), "overlay": png_bytes(overlay(image, pred.labels, self.pal)),
+                "labels": label_png(pred.labels), "overlay": png_bytes(overlay(image, pred.labels, self.pal,
+                                                                classes=self.predictor.meta.classes)),
                 "detections": json.dumps(found),
                 "panoptic": encode_png(pred.panoptic[0]) if pred.panoptic is not None else b"",
                 "segments_info": json.dumps(pred.panoptic[1] if pred.panoptic is not None else [])}

@@ -405,12 +405,12 @@ def process_chunks(source: Source, ctx: Context, workers: int, progress: bool = 
     At most a few tasks per worker are in flight, so memory does not grow with the dataset.
     Duplicate image ids are caught here (first one wins, later ones are quarantined).
     """
-    from tqdm import tqdm
+    from segpipe.progress import Progress
 
     workers = workers or os.cpu_count() or 1
     seen: dict[str, str] = {}
-    bar = tqdm(total=source.count, unit="img", desc=f"convert {source.name}", disable=not progress,
-               file=sys.stderr, mininterval=0.5)
+    bar = Progress(f"convert {source.name}", total=source.count, enabled=progress)
+    bar.start()
 
     def dedup(record: Record) -> Outcome | None:
         if record.image_id in seen:
@@ -422,7 +422,7 @@ def process_chunks(source: Source, ctx: Context, workers: int, progress: bool = 
         return None
 
     def done(chunk: Chunk) -> Chunk:
-        bar.update(len(chunk.outcomes))
+        bar.advance(len(chunk.outcomes))
         return chunk
 
     tasks = _tasks(source.records(), dedup)

@@ -18,7 +18,7 @@ the end)::
     per_class_iou.csv   class,iou
     per_class_pq.csv    class,pq (models with a panoptic output, MaskFormer; a header only otherwise)
     per_collection.csv  collection,images,<metric>...: one row per source collection
-    overlays/*.png      image | ground truth | prediction, in class colours
+    overlays/*.png      image | ground truth | prediction, in class colours, above a legend naming them
     detections.json     COCO results (instance-capable models; [] for semantic-only ones)
 
 Conventions (instance models rendered to label maps, nulls, PQ, ...) are in docs/metrics.md.
@@ -39,13 +39,15 @@ def run(params: EvaluateParams, model_dir: Path | str, shards: Path | str, out: 
         device: str = "cpu") -> dict[str, Any]:
     """Evaluate the checkpoint ``model_dir`` on ``params.split`` of ``shards`` (a folder or URI);
     write ``out`` (replaced whole) and return the metrics.json content."""
+    from segpipe.progress import Progress
     from segpipe.scoring import score_checkpoint
     from segpipe.shards import open_shards
     from segpipe.storage import resolve
 
     shard_set = open_shards(resolve(shards, "--shards"))
-    with atomic_dir(Path(out)) as tmp:
-        metrics = score_checkpoint(Path(model_dir), shard_set, params, device, out=tmp)
+    with Progress(f"evaluate {Path(out).name}", total=shard_set.rows(params.split)) as bar, \
+            atomic_dir(Path(out)) as tmp:
+        metrics = score_checkpoint(Path(model_dir), shard_set, params, device, out=tmp, on_images=bar.advance)
         atomic_write_json(tmp / "metrics.json", metrics)
     return metrics
 

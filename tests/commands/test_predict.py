@@ -40,7 +40,9 @@ def test_predict_run_writes_full_size_labels_and_overlays(tmp_path, tiny_checkpo
     expected = Predictor.load(ck).tiled(image, tile=256, overlap=64, batch_size=4).labels
     assert np.array_equal(labels, expected)
     ov = np.asarray(Image.open(out / "overlays" / "site.png"))
-    assert ov.shape == (700, 1000, 3)
+    # the blended image, above a legend naming the colour of each class it shows
+    assert ov.shape[1:] == (1000, 3) and 700 < ov.shape[0] < 800
+    assert np.all(ov[700:] == 255, axis=2).mean() > 0.8
     assert json.loads((out / "images.json").read_text())[0] == {"id": 1, "file_name": "site.png", "width": 1000, "height": 700}
     assert not (out / "detections.json").exists()  # unet is not instance-capable
 

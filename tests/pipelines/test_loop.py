@@ -90,7 +90,7 @@ def loop(tmp_path_factory, copy_repo, ray_session) -> Loop:
     loop = Loop(root, env)
     sh(["git", "init", "-q"], root, env)
     loop.commit("copy")
-    loop.repro()
+    (root / "repro.log").write_text(loop.repro())  # what the console showed
     return loop
 
 
@@ -120,6 +120,19 @@ def test_repro_writes_every_output(loop):
     summary = (root / "reports/summary.md").read_text()
     assert "| unet |" in summary and "| mask_rcnn |" in summary and "Promotion" in summary
     assert "## Panoptic quality" in summary and "| fused: unet + mask_rcnn |" in summary
+    page = (root / "reports/index.html").read_text()
+    assert "<title>segpipe report</title>" in page and 'src="http' not in page and "<script" not in page
+    assert "<td>unet</td>" in page and "<td>mask_rcnn</td>" in page and "fused: unet + mask_rcnn" in page
+    ending = (root / "reports/ending.txt").read_text()
+    assert ending.startswith("== segpipe: the outcome (promotion of ") and "Report: reports/index.html" in ending
+    # the console: Ray's and its libraries' messages are in logs/, our lines are not repeated
+    console = (root / "repro.log").read_text()
+    assert "Requesting resources" not in console and "Starting execution of Dataset" not in console
+    assert "RayDeprecationWarning" not in console and "Moving model to device" not in console
+    ours = [line for line in console.splitlines() if line.startswith("[")]
+    assert ours and len(ours) == len(set(ours)), ours
+    assert ending.rstrip("\n") in console  # the promote stage printed it (a plain dvc repro)
+    assert (root / "logs" / "train-unet.log").is_file()
     index = loop.index()
     assert index["aliases"].get("champion") == "v1", [c["decision"] for c in promotion["candidates"]]  # beats 1-bit colour
     assert index["versions"][0]["scores"][0]["how"] == "registered"
