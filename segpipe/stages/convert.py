@@ -23,7 +23,6 @@ import hashlib
 import io
 import os
 import pickle
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
