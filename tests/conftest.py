@@ -158,7 +158,7 @@ SITE_CLASSES = (
 )
 
 
-def make_tiny_checkpoint(out: Path, arch: str, *, shards: Path | None = None, seed: int = 0, image_size: int = 64,
+def _make_tiny_checkpoint(out: Path, arch: str, *, shards: Path | None = None, seed: int = 0, image_size: int = 64,
                          detects_things: bool = False, **kwargs) -> Path:
     """A real checkpoint of ``arch`` with seeded random weights in ``out``: what :func:`tiny_checkpoint`
     makes, for fixtures of a wider scope than a test."""
@@ -199,7 +199,7 @@ def tiny_checkpoint(tmp_path):
     """
 
     def make(arch: str, *, out: Path | None = None, **kwargs) -> Path:
-        return make_tiny_checkpoint(out or tmp_path / arch, arch, **kwargs)
+        return _make_tiny_checkpoint(out or tmp_path / arch, arch, **kwargs)
 
     return make
 
@@ -284,3 +284,10 @@ def ray_session():
         import ray
 
         yield ray
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint():
+    """``make_tiny_checkpoint(out, arch, **kwargs)``: what :func:`tiny_checkpoint` makes, into a folder
+    of the caller's choice, for fixtures of a wider scope than a test."""
+    return _make_tiny_checkpoint

@@ -83,9 +83,8 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Site:
+def site(tmp_path_factory, make_tiny_checkpoint) -> Site:
     import torch
-    from conftest import make_tiny_checkpoint
 
     from segpipe.commands import predict
     from segpipe.params import FusionParams, load_section
