@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     params = from_args(args, "select")
+    if args.k < 1:
+        parser.error(f"--k {args.k}: must be >= 1")
     from segpipe.storage import require_local
 
     summary = run(params, args.model, args.input, args.k, require_local(args.out, "--out"), args.registry,
