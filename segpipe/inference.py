@@ -18,6 +18,10 @@ Three entry points: whole images (:func:`predict_images`: evaluate, train valida
 images by sliding window (:func:`predict_tiled`: predict), and work over a dataset
 (:func:`map_rows`): in this process, or through Ray Data (``map_batches`` on an actor pool, one
 model per actor, GPU actors when the device is ``cuda``, results streamed back as they finish).
+Per-pixel class probabilities take :func:`predict_tiled`'s path too (:func:`iter_probabilities`,
+:func:`predict_probabilities`: their argmax is its labels), with an image embedding on the side
+(:class:`FeaturePool`: the mean of the features the model's classifier reads): ``segpipe audit``,
+``select`` and ``drift`` use them.
 
 What a model outputs comes from the registry (``segpipe.models.spec_of(arch).outputs``); every
 instance-capable model has ``predict_instances(images, score_threshold, mask_threshold,

@@ -476,13 +476,19 @@ class AuditParams:
     # confident_learning: 1 - p(label) / (the mean p(label) of regions of that class), so a class the
     # model is always unsure of does not fill the list; self_confidence: 1 - p(label)
     method: str = "confident_learning"
-    min_area: int = 16  # regions (annotations, label-map components) of fewer pixels are not scored
+    # a region is judged by its inside: its mask without `border` pixels along its edge (a model's
+    # probabilities blur across object borders; an annotation with fewer than `min_area` pixels inside
+    # is judged whole). Annotations of fewer than `min_area` pixels, and label-map regions with fewer
+    # inside (slivers between objects), are not scored.
+    border: int = 2
+    min_area: int = 16
     top: int = 50  # overlays written for the most suspicious (--top)
     window: WindowParams = field(default_factory=WindowParams)
 
     def __post_init__(self) -> None:
         require(self, [
             ("method", self.method in AUDIT_METHODS, f"must be one of {', '.join(AUDIT_METHODS)}"),
+            ("border", self.border >= 0, "must be >= 0 pixels"),
             ("min_area", self.min_area >= 1, "must be >= 1 pixel"),
             ("top", self.top >= 0, "must be >= 0"),
         ])

@@ -5,10 +5,10 @@ Nothing here runs a model or reads data: the commands (``segpipe/commands/audit.
 to these functions; :func:`probability_model` resolves the model they all take. Every method is written from its published definition (no copyleft code):
 
 - audit: the regions of a label map (:func:`label_regions`), each region's mean class
-  probabilities (:func:`region_probability_sums`), and two scores of how strongly the model
-  disagrees with a region's label: *self-confidence* ``1 - p(label)`` and the per-class
-  thresholds of *confident learning* (Northcutt, Jiang & Chuang, JAIR 2021), applied to regions
-  (:func:`audit_scores`);
+  probabilities over its interior (:func:`region_probability_sums`, :func:`interior`), and two
+  scores of how strongly the model disagrees with a region's label: *self-confidence*
+  ``1 - p(label)``, and *confident learning*'s per-class thresholds and normalised margin
+  (Northcutt, Jiang & Chuang, JAIR 2021), applied to regions (:func:`audit_scores`);
 - select: per-pixel uncertainty (:func:`frame_uncertainty`: entropy, margin, confidence) and a
   selection that is uncertain and diverse (:func:`select_frames`: greedy k-center, Gonzalez 1985 /
   Sener & Savarese 2018's core-set, with each candidate's distance weighted by its uncertainty);
@@ -78,6 +78,13 @@ class Region:
     def area(self) -> int:
         return int(self.mask.sum())
 
+    def interior(self, border: int, min_area: int = 1) -> np.ndarray:
+        """The pixels the region is judged by: the mask without its outer ``border`` pixels (see
+        :func:`interior`), or the whole mask when fewer than ``min_area`` would be left (a thin
+        or small annotation is judged whole)."""
+        inside = interior(self.mask, border)
+        return inside if inside.sum() >= max(1, min_area) else self.mask
+
     @property
     def bbox(self) -> tuple[int, int, int, int]:
         rows, cols = np.flatnonzero(self.mask.any(1)), np.flatnonzero(self.mask.any(0))
@@ -86,13 +93,26 @@ class Region:
         return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
 
 
+def interior(mask: np.ndarray, border: int) -> np.ndarray:
+    """``mask`` eroded by ``border`` pixels: a model's probabilities blur across object borders,
+    so a region is judged by its inside. The frame's edge erodes nothing (a region the image or a
+    tile cuts keeps its pixels there)."""
+    if border <= 0:
+        return mask
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=border, border_value=1)
+
+
 def label_regions(semantic: np.ndarray, instances: Sequence[Mapping[str, Any]], ignore_index: int,
-                  min_area: int) -> list[Region]:
+                  min_area: int, border: int = 0) -> list[Region]:
     """The regions of one labelled image: every instance annotation (``{"id", "category_id",
     "iscrowd", "segmentation": COCO RLE}``, as ``segpipe.shards`` decodes them), then every
     8-connected region of one class among the label map's pixels that no annotation covers and
     that are not ``ignore_index`` (stuff, and things of a label map without annotations), row-major.
-    Regions of fewer than ``min_area`` pixels are left out: a handful of pixels gives no stable score."""
+    An annotation of fewer than ``min_area`` pixels is left out (a handful of pixels gives no
+    stable score), and so is a label-map region with fewer than ``min_area`` pixels inside
+    ``border`` (:func:`interior`): a sliver between objects, all border, is nobody's annotation."""
     from pycocotools import mask as mask_utils
     from scipy import ndimage
 
@@ -116,18 +136,19 @@ def label_regions(semantic: np.ndarray, instances: Sequence[Mapping[str, Any]], 
             continue
         sizes = np.bincount(components.ravel(), minlength=n + 1)
         for label in range(1, n + 1):
-            if sizes[label] >= max(1, min_area):
+            if sizes[label] >= max(1, min_area) and interior(components == label, border).sum() >= max(1, min_area):
                 regions.append(Region(int(class_id), components == label))
     return regions
 
 
-def region_probability_sums(probs: np.ndarray, regions: Sequence[Region]) -> np.ndarray:
-    """``N x K`` sums of each region's pixels' class probabilities (``probs``: K x H x W). Sums,
-    not means, so the pieces of one annotation (cut by tiles) add up; divide by the areas."""
+def region_probability_sums(probs: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+    """``N x K`` sums of the class probabilities (``probs``: K x H x W) over each of ``masks``
+    (H x W bool). Sums, not means, so the pieces of one annotation (cut by tiles) add up; divide
+    by the masks' pixels."""
     flat = probs.reshape(probs.shape[0], -1)
-    out = np.zeros((len(regions), probs.shape[0]), dtype=np.float64)
-    for i, r in enumerate(regions):
-        out[i] = flat[:, r.mask.ravel()].sum(axis=1, dtype=np.float64)
+    out = np.zeros((len(masks), probs.shape[0]), dtype=np.float64)
+    for i, m in enumerate(masks):
+        out[i] = flat[:, m.ravel()].sum(axis=1, dtype=np.float64)
     return out
 
 
@@ -145,8 +166,8 @@ def class_thresholds(mean_probs: np.ndarray, labels: np.ndarray, num_classes: in
 
 @dataclass(frozen=True)
 class AuditScores:
-    """Per region: ``score`` in [0, 1] (higher = the model disagrees more with the label) and the
-    class the model gives the region (``predicted``)."""
+    """Per region: ``score`` (higher = the model disagrees more with the label) and the class the
+    model gives the region (``predicted``)."""
 
     score: np.ndarray
     predicted: np.ndarray
@@ -156,27 +177,31 @@ def audit_scores(mean_probs: np.ndarray, labels: np.ndarray, method: str) -> Aud
     """How strongly the model disagrees with each region's label (``mean_probs``: N x K mean class
     probabilities of the regions, ``labels``: their N classes):
 
-    - ``self_confidence``: ``1 - p(label)``; the predicted class is the most probable one;
-    - ``confident_learning``: ``1 - min(1, p(label) / t_label)``, the self-confidence measured
-      against what regions of that class usually get (:func:`class_thresholds`), so a class the
-      model is always unsure of does not fill the list; the predicted class is confident
-      learning's: the most probable class ``k`` among those with ``p(k) >= t_k``, the most probable
-      class when none is.
+    - ``self_confidence``: ``1 - p(label)``, in [0, 1]; the predicted class is the most probable;
+    - ``confident_learning``: each probability measured against what the model usually gives
+      regions of that class, ``c_k = min(1, p(k) / t_k)`` with ``t_k`` the class's threshold
+      (:func:`class_thresholds`); the score is ``max over k != label of c_k - c_label``, in
+      [-1, 1] (Northcutt et al.'s normalised margin, on calibrated probabilities): positive when
+      the region looks more like another class than like its own, each by its class's standard,
+      so a class the model is always unsure of does not fill the list, and neither does a region
+      the model is merely unsure of. The predicted class is that other class when the score is
+      positive, the label otherwise.
     """
     if method not in AUDIT_METHODS:
         raise ValueError(f"unknown audit method {method!r}; valid: {', '.join(AUDIT_METHODS)}")
     n, k = mean_probs.shape
     labels = np.asarray(labels, dtype=np.int64)
-    own = mean_probs[np.arange(n), labels] if n else np.zeros(0)
-    argmax = mean_probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    rows = np.arange(n)
     if method == "self_confidence":
-        return AuditScores(1.0 - own, argmax)
+        return AuditScores(1.0 - mean_probs[rows, labels], mean_probs.argmax(axis=1))
     t = class_thresholds(mean_probs, labels, k)
-    score = 1.0 - np.minimum(1.0, own / np.maximum(t[labels], 1e-12))
-    above = mean_probs >= np.where(np.isnan(t), np.inf, t)[None, :]
-    confident = np.where(above, mean_probs, -1.0)
-    predicted = np.where(above.any(axis=1), confident.argmax(axis=1), argmax)
-    return AuditScores(score, predicted)
+    calibrated = np.minimum(1.0, mean_probs / np.where(np.isnan(t) | (t <= 0), 1.0, t)[None, :])
+    own = calibrated[rows, labels]
+    others = calibrated.copy()
+    others[rows, labels] = -np.inf
+    best = others.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    score = others[rows, best] - own if n else np.zeros(0)
+    return AuditScores(score, np.where(score > 0, best, labels))
 
 
 def rank_order(scores: np.ndarray, keys: Sequence[Any]) -> list[int]:
@@ -474,7 +499,7 @@ def format_drift_table(features: Mapping[str, Mapping[str, Any]], skipped: Mappi
 __all__ = [
     "AUDIT_METHODS", "NoProbabilities", "probability_model", "AuditScores", "CHANNELS", "FeatureDrift", "FrameUncertainty", "ImageStats", "Pick", "Region",
     "STRATEGIES", "audit_scores", "class_pixels", "class_thresholds", "evenly_spaced", "format_drift_table",
-    "frame_uncertainty", "histogram_mean", "image_stats", "judge_ks", "judge_psi", "k_center_greedy", "ks",
+    "frame_uncertainty", "histogram_mean", "image_stats", "interior", "judge_ks", "judge_psi", "k_center_greedy", "ks",
     "label_regions", "precision_at_k", "psi", "rank_order", "region_probability_sums", "select_frames", "standardise",
     "typical_distance", "uncertainty_of",
 ]

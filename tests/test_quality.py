@@ -61,13 +61,30 @@ def test_label_regions_annotations_then_uncovered_components():
     assert [r.area for r in label_regions(diag, [], 255, 1)] == [2]
 
 
+def test_regions_are_judged_by_their_inside():
+    sem = np.zeros((12, 12), np.uint8)
+    sem[:, 10:] = 1  # a 2-pixel strip along the right edge: one column of it is inside (the frame erodes nothing)
+    box = np.zeros((12, 12), bool)
+    box[2:8, 2:8] = True
+    sem[box] = 2
+    ann = {"id": 5, "category_id": 2, "iscrowd": 0, "segmentation": rle(box)}
+    regions = label_regions(sem, [ann], 255, min_area=13, border=1)
+    assert [(r.annotation_id, r.class_id) for r in regions] == [(5, 2), (None, 0)]  # the strip: 12 inside < 13
+    assert len(label_regions(sem, [ann], 255, min_area=12, border=1)) == 3
+    assert regions[0].interior(1, min_area=13).sum() == 16  # 6 x 6 without its edge
+    assert regions[0].interior(1, min_area=20).sum() == 36  # too little inside: judged whole
+    assert regions[0].interior(0).sum() == 36
+    kept = label_regions(sem, [ann], 255, min_area=13, border=3)[0]  # nothing inside: still scored, whole
+    assert kept.annotation_id == 5 and kept.interior(3, min_area=13).sum() == 36
+
+
 def test_region_probability_sums():
     probs = np.zeros((2, 2, 2))
     probs[0] = [[1.0, 0.5], [0.2, 0.0]]
     probs[1] = 1 - probs[0]
     a = quality.Region(0, np.array([[True, True], [False, False]]))
     b = quality.Region(1, np.array([[False, False], [True, True]]))
-    np.testing.assert_allclose(region_probability_sums(probs, [a, b]), [[1.5, 0.5], [0.2, 1.8]])
+    np.testing.assert_allclose(region_probability_sums(probs, [a.mask, b.mask]), [[1.5, 0.5], [0.2, 1.8]])
 
 
 def test_audit_scores_self_confidence_and_confident_learning():
@@ -82,13 +99,18 @@ def test_audit_scores_self_confidence_and_confident_learning():
     np.testing.assert_allclose(sc.score, [0.1, 0.2, 0.4, 0.6, 0.7])
     np.testing.assert_array_equal(sc.predicted, [0, 0, 1, 0, 1])
     cl = audit_scores(mean, labels, "confident_learning")
-    t0 = 2.0 / 3
-    np.testing.assert_allclose(cl.score, [0, 0, 0, 1 - 0.4 / 0.5, 1 - 0.3 / t0])  # at or above t: 0
-    # region 3 (labelled 1, p(1) = 0.4 < t1): p(0) = 0.6 < t0 too, so no class is confident: the argmax
-    np.testing.assert_array_equal(cl.predicted, [0, 0, 1, 0, 1])
-    # self-confidence puts the uncertain class's region 3 second; confident learning does not
-    assert rank_order(sc.score, list(range(5)))[:2] == [4, 3]
-    assert rank_order(cl.score, list(range(5)))[0] == 4
+    # calibrated: c = min(1, p / t); score = the best other class's c minus the label's
+    np.testing.assert_allclose(cl.score, [0.2 - 1, 0.4 - 1, 0.6 - 1, 0.9 - 0.8, 1 - 0.45])
+    np.testing.assert_array_equal(cl.predicted, [0, 0, 1, 0, 1])  # another class only where the score is > 0
+    assert rank_order(sc.score, list(range(5)))[:2] == [4, 3] == rank_order(cl.score, list(range(5)))[:2]
+    # a class the model has barely learned (p(1) ~ 0.3 on its own regions), and region 2, labelled 0,
+    # that has as much of class 1 as any: self-confidence lists every class-1 region first,
+    # confident learning lists region 2 first
+    unsure = np.array([[0.9, 0.1], [0.95, 0.05], [0.55, 0.45], [0.7, 0.3], [0.65, 0.35], [0.6, 0.4], [0.75, 0.25]])
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    assert rank_order(audit_scores(unsure, labels, "self_confidence").score, list(range(7)))[:5] == [6, 3, 4, 5, 2]
+    cl = audit_scores(unsure, labels, "confident_learning")
+    assert rank_order(cl.score, list(range(7)))[0] == 2 and cl.predicted[2] == 1
     with pytest.raises(ValueError, match="valid: confident_learning, self_confidence"):
         audit_scores(mean, labels, "vote")
 

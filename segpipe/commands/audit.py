@@ -76,14 +76,15 @@ def source_ids(sample: dict[str, Any]) -> tuple[str, str]:
     return (image_id[len(prefix):] if image_id.startswith(prefix) else image_id), collection
 
 
-def region_entry(region: Region, sample: dict[str, Any]) -> dict[str, Any]:
-    """A region as the scorer returns it; an annotation of a tile also carries its mask (COCO RLE
-    counts of its box), so that its pieces' union gives its area."""
+def region_entry(region: Region, sample: dict[str, Any], pixels: int) -> dict[str, Any]:
+    """A region as the scorer returns it (``pixels``: those its score is taken over); an annotation
+    of a tile also carries its mask (COCO RLE counts of its box), so that its pieces' union gives
+    its area."""
     from pycocotools import mask as mask_utils
 
     x, y, w, h = region.bbox
     entry = {"annotation_id": region.annotation_id, "class_id": region.class_id, "area": region.area,
-             "bbox": [x + sample["tile_x"], y + sample["tile_y"], w, h], "tile_bbox": [x, y, w, h]}
+             "pixels": pixels, "bbox": [x + sample["tile_x"], y + sample["tile_y"], w, h], "tile_bbox": [x, y, w, h]}
     if region.annotation_id is not None and sample["source_image_id"] != sample["image_id"]:
         crop = np.asfortranarray(region.mask[y:y + h, x:x + w].astype(np.uint8))
         entry["crop"] = mask_utils.encode(crop)["counts"].decode("ascii")
@@ -108,20 +109,30 @@ def union_area(pieces: list[dict[str, Any]]) -> int:
 
 class RegionScorer:
     """Runs on each flat shard row: the model's class probabilities (``segpipe.inference``), the
-    row's regions (``segpipe.quality.label_regions``) and each region's probability sums. Returns
-    ``{"key", "regions": JSON}``."""
+    row's regions (``segpipe.quality.label_regions``) and each region's probability sums over its
+    interior. Returns ``{"key", "regions": JSON}``."""
 
-    def __init__(self, predictor: Predictor, tile: int, overlap: int, batch_size: int, min_area: int) -> None:
-        self.predictor, self.window, self.min_area = predictor, (tile, overlap, batch_size), min_area
+    def __init__(self, predictor: Predictor, tile: int, overlap: int, batch_size: int, min_area: int,
+                 border: int) -> None:
+        self.predictor, self.window = predictor, (tile, overlap, batch_size)
+        self.min_area, self.border = min_area, border
+
+    def regions(self, sample: dict[str, Any]) -> list[Region]:
+        from segpipe.quality import label_regions
+
+        return label_regions(sample["semantic"], sample["instances"], self.predictor.meta.ignore_index,
+                             self.min_area, self.border)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from segpipe.quality import label_regions, region_probability_sums
+        from segpipe.quality import region_probability_sums
 
         sample = sample_of(row)
         probs = self.predictor.probabilities(sample["image"], *self.window).probs
-        regions = label_regions(sample["semantic"], sample["instances"], self.predictor.meta.ignore_index, self.min_area)
-        sums = region_probability_sums(probs, regions)
-        found = [{**region_entry(r, sample), "prob_sum": s.tolist()} for r, s in zip(regions, sums)]
+        regions = self.regions(sample)
+        cores = [r.interior(self.border, self.min_area) for r in regions]
+        sums = region_probability_sums(probs, cores)
+        found = [{**region_entry(r, sample, int(c.sum())), "prob_sum": s.tolist()}
+                 for r, c, s in zip(regions, cores, sums)]
         return {"key": row["key"], "regions": json.dumps(found)}
 
 
@@ -161,13 +172,13 @@ def merge_regions(pieces: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[S
         s = merged.get(ident)
         if s is None:
             merged[ident] = Suspect(info["image_id"], info["collection"], r["annotation_id"], r["class_id"], r["area"],
-                                    list(r["bbox"]), np.asarray(r["prob_sum"], dtype=np.float64), r["area"],
+                                    list(r["bbox"]), np.asarray(r["prob_sum"], dtype=np.float64), r["pixels"],
                                     info["key"], list(r["tile_bbox"]), r["area"], [r])
             continue
         x0, y0 = min(s.bbox[0], r["bbox"][0]), min(s.bbox[1], r["bbox"][1])
         x1 = max(s.bbox[0] + s.bbox[2], r["bbox"][0] + r["bbox"][2])
         y1 = max(s.bbox[1] + s.bbox[3], r["bbox"][1] + r["bbox"][3])
-        s.bbox, s.prob_sum, s.pixels = [x0, y0, x1 - x0, y1 - y0], s.prob_sum + r["prob_sum"], s.pixels + r["area"]
+        s.bbox, s.prob_sum, s.pixels = [x0, y0, x1 - x0, y1 - y0], s.prob_sum + r["prob_sum"], s.pixels + r["pixels"]
         s.pieces.append(r)
         s.area = union_area(s.pieces)
         if r["area"] > s.piece_area:
@@ -246,24 +257,24 @@ def overlay_panels(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
     return np.concatenate([np.asarray(head), body], axis=0)
 
 
-class OverlayRenderer:
+class OverlayRenderer(RegionScorer):
     """Runs on a flat shard row with one suspect (``rank``, ``annotation_id``, ``class_id``,
     ``tile_bbox``, ``caption``): the overlay PNG. The region is found again by its annotation id,
     or (stuff) as the region of its class with its box."""
 
-    def __init__(self, predictor: Predictor, tile: int, overlap: int, batch_size: int, min_area: int) -> None:
+    def __init__(self, predictor: Predictor, tile: int, overlap: int, batch_size: int, min_area: int,
+                 border: int) -> None:
         from segpipe.inference import palette
 
-        self.predictor, self.window, self.min_area = predictor, (tile, overlap, batch_size), min_area
+        super().__init__(predictor, tile, overlap, batch_size, min_area, border)
         self.pal = palette(list(predictor.meta.classes))
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         from segpipe.commands.predict import png_bytes
-        from segpipe.quality import label_regions
 
         sample = sample_of(row)
         probs = self.predictor.probabilities(sample["image"], *self.window).probs
-        regions = label_regions(sample["semantic"], sample["instances"], self.predictor.meta.ignore_index, self.min_area)
+        regions = self.regions(sample)
         ann, box = row["annotation_id"], json.loads(row["tile_bbox"])
         region = next((r for r in regions if (r.annotation_id == ann if ann >= 0 else
                                               r.annotation_id is None and r.class_id == row["class_id"]
@@ -320,7 +331,7 @@ def run(params: AuditParams, model_ref: str | Path, shards: str | Path, out: Pat
     if not rows:
         raise ShardError(f"{shards}: no rows in split {split!r} (splits: {shard_set.splits})")
     worker = {"tile": params.window.tile, "overlap": params.window.overlap, "batch_size": params.window.batch_size,
-              "min_area": params.min_area}
+              "min_area": params.min_area, "border": params.border}
     infos = {r["key"]: r for r in rows}
     pieces = []
     for result in tqdm(map_rows(rows, directory, RegionScorer, worker, engine=engine, device=device,
@@ -348,7 +359,7 @@ def run(params: AuditParams, model_ref: str | Path, shards: str | Path, out: Pat
     summary = {"model": str(model_ref), "arch": meta.arch, "shards": str(shards), "split": split,
                "images": len(rows), "regions": len(ranked),
                "annotations": sum(1 for s in ranked if s.annotation_id is not None), "method": params.method,
-               "min_area": params.min_area, "overlays": k, "engine": engine}
+               "min_area": params.min_area, "border": params.border, "overlays": k, "engine": engine}
     atomic_write_json(out / "summary.json", summary)
     return summary
 

@@ -64,7 +64,7 @@ def test_audit_names_source_ids_and_stuff_regions(colour_model, corrupted, tmp_p
     split_images = {r["image_id"] for r in rows}
     assert split_images and split_images < {str(i["id"]) for i in coco["images"]}  # the val split: the COCO ids
     for r in rows:
-        assert r["collection"] == "raw" and 0 <= float(r["score"]) <= 1
+        assert r["collection"] == "raw" and -1 <= float(r["score"]) <= 1
         if r["annotation_id"]:
             ann = annotations[int(r["annotation_id"])]
             assert str(ann["image_id"]) == r["image_id"] and int(r["area"]) == ann["area"]
