@@ -11,7 +11,7 @@ label map outside every annotation (stuff). Its score (``audit.method``, see
 
     OUT/suspects.csv    rank,image_id,annotation_id,class,predicted_class,score,area,bbox,collection
     OUT/suspects/       one PNG per suspect of the top K (--top, default audit.top): image, label and
-                        prediction side by side, the region outlined
+                        prediction side by side, the region outlined (replaced whole by each run)
     OUT/summary.json    counts, the method, the model
 
 ``image_id`` and ``annotation_id`` are the source dataset's own (its annotation file's ids; a shard
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from segpipe.files import atomic_dir, atomic_write_json, atomic_write_text
 from segpipe.params import AuditParams, add_params_arguments, from_args
 from segpipe.registry import DEFAULT_REGISTRY
 
@@ -351,11 +351,12 @@ def run(params: AuditParams, model_ref: str | Path, shards: str | Path, out: Pat
     jobs = [{**infos[s.key], "rank": rank, "annotation_id": -1 if s.annotation_id is None else s.annotation_id,
              "class_id": s.class_id, "tile_bbox": json.dumps(s.tile_bbox), "caption": caption(rank, s, names)}
             for rank, s in enumerate(ranked[:k], start=1)]
-    for result in tqdm(map_rows(jobs, directory, OverlayRenderer, worker, engine=engine, device=device,
-                                outputs={"semantic"}), total=len(jobs), desc="overlays", unit="image",
-                       disable=not progress):
-        rank = result["rank"]
-        atomic_write_bytes(out / "suspects" / overlay_name(rank, ranked[rank - 1], names), result["png"])
+    with atomic_dir(out / "suspects") as folder:  # this run's overlays only, never a previous run's
+        for result in tqdm(map_rows(jobs, directory, OverlayRenderer, worker, engine=engine, device=device,
+                                    outputs={"semantic"}), total=len(jobs), desc="overlays", unit="image",
+                           disable=not progress):
+            rank = result["rank"]
+            (folder / overlay_name(rank, ranked[rank - 1], names)).write_bytes(result["png"])
     summary = {"model": str(model_ref), "arch": meta.arch, "shards": str(shards), "split": split,
                "images": len(rows), "regions": len(ranked),
                "annotations": sum(1 for s in ranked if s.annotation_id is not None), "method": params.method,

@@ -32,7 +32,7 @@ import contextlib
 import csv
 import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,6 +108,12 @@ def contact_sheet(images: list[np.ndarray], captions: list[str], columns: int = 
     return np.asarray(sheet)
 
 
+def short_name(path: str, width: int = 16) -> str:
+    """A file's name for a caption: its end when it is long (frame numbers end names)."""
+    name = PurePosixPath(path).name
+    return name if len(name) <= width else ".." + name[-(width - 2):]
+
+
 def selected_csv(picks: list[Pick], files: list[str], scores: list[dict[str, Any]], strategy: str) -> str:
     """selected.csv: ``rank,file,score`` then each frame's entropy, margin, confidence (and distance)."""
     buf = io.StringIO()
@@ -155,8 +161,7 @@ def run(params: SelectParams, model_ref: str | Path, inputs: str | Path, k: int,
     from segpipe.commands.predict import png_bytes, read_image
 
     sheet = contact_sheet([read_image(files[p.index]) for p in picks],
-                          [f"#{rank} {p.uncertainty:.3f} {Path(files[p.index]).name}"[:26]
-                           for rank, p in enumerate(picks, start=1)])
+                          [f"#{rank} {p.uncertainty:.3f} {short_name(files[p.index])}" for rank, p in enumerate(picks, start=1)])
     atomic_write_bytes(out / "contact_sheet.png", png_bytes(sheet))
     summary = {"model": str(model_ref), "arch": meta.arch, "input": str(inputs), "frames": len(files), "k": k,
                "selected": len(picks), "strategy": strategy, "engine": engine}
