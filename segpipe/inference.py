@@ -441,7 +441,8 @@ def classifier_module(model: torch.nn.Module, arch: str) -> torch.nn.Module:
 
     rows = spec_of(arch).class_rows
     for name, module in model.named_modules():
-        if rows and "weight" in module._parameters and rows[0].matches(f"{name}.weight"):
+        own = {n for n, _ in module.named_parameters(recurse=False)}
+        if rows and "weight" in own and rows[0].matches(f"{name}.weight"):
             return module
     raise ValueError(f"model {arch}: no module holds a tensor matching {rows[0].pattern if rows else '(none)'}")
 
