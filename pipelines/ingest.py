@@ -17,11 +17,24 @@ are committed to git (only those paths), and the data is pushed when a DVC remot
 The convert stage depends on all of ``data/raw``, so the next ``dvc repro`` converts it::
 
     python -m pipelines.ingest /mnt/drops/site-42 --name site-42
+
+Before a valid drop is versioned, the flow looks at it with the champion's eyes (docs/data-quality.md):
+
+- ``segpipe drift`` compares it with the repository's shards (``data/shards``, the data the
+  champion was trained on; the champion's confidence too when ``models/registry`` has one). The
+  report gets a drift section, and ``ingest.on_drift`` decides: ``warn`` (the default: a new site
+  is supposed to drift, and the retraining loop is how the model catches up) versions the drop
+  anyway, ``reject`` fails the run (DropRejected: nothing changes, and a Failed ingest triggers no
+  retraining). A drift check that cannot run is reported; under ``reject`` it rejects the drop.
+  Without reference shards there is nothing to compare with, and the drift section says so;
+- with a champion, ``segpipe select`` ranks the drop's frames, and the report lists the
+  ``select.report_top`` most worth labelling.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import shutil
@@ -36,10 +49,13 @@ from prefect.cache_policies import NO_CACHE
 from pipelines import commands
 from segpipe.errors import UserError
 from segpipe.files import atomic_dir, escape_reason
-from segpipe.params import IngestParams, ParamsError, add_params_arguments, load_section
+from segpipe.params import IngestParams, ParamsError, SelectParams, add_params_arguments, load_section
 
-# The convert stage's input in dvc.yaml (tests/pipelines/test_ingest.py checks they agree).
+# The convert stage's input and output, and the promote stage's registry, in dvc.yaml
+# (tests/pipelines/test_ingest.py checks they agree).
 RAW = Path("data/raw")
+SHARDS = Path("data/shards")
+REGISTRY = Path("models/registry")
 ARTIFACT_KEY = "ingest-report"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 REPORT_LINES = 50  # quarantine entries shown in the artifact and the error
@@ -113,13 +129,25 @@ def accepted(report: dict[str, Any], max_quarantined: int) -> bool:
     return len(report.get("quarantine", [])) <= max_quarantined and report.get("images_ok", 0) > 0
 
 
-def render_report(drop: Path, name: str, report: dict[str, Any], ok: bool, max_quarantined: int) -> str:
-    """The Markdown artifact of a validation: verdict, counts and the quarantine entries."""
+def render_report(drop: Path, name: str, report: dict[str, Any], ok: bool, max_quarantined: int,
+                  drift: dict[str, Any] | None = None, frames: dict[str, Any] | None = None,
+                  on_drift: str = "warn") -> str:
+    """The Markdown artifact of an ingest: verdict, counts and the quarantine entries, then the
+    drift section and the frames to label first (when they were looked at)."""
+    lines = render_validation(drop, name, report, ok, max_quarantined)
+    if drift is not None:
+        lines += render_drift(drift, on_drift)
+    if frames is not None:
+        lines += render_frames(frames)
+    return "\n".join(lines) + "\n"
+
+
+def render_validation(drop: Path, name: str, report: dict[str, Any], ok: bool, max_quarantined: int) -> list[str]:
+    """Verdict, counts and the quarantine entries of a validation."""
     verdict = f"**Accepted** as `{RAW / name}`" if ok else "**Rejected**: nothing was changed"
     lines = [f"# Ingest `{drop}`", "", verdict, ""]
     if report.get("error"):
-        lines += ["The converter could not read the drop:", "", "```", report["error"].strip(), "```"]
-        return "\n".join(lines) + "\n"
+        return lines + ["The converter could not read the drop:", "", "```", report["error"].strip(), "```"]
     quarantine = report.get("quarantine", [])
     lines += [
         f"- images: {report.get('images', 0)} ({report.get('images_ok', 0)} ok, "
@@ -137,7 +165,61 @@ def render_report(drop: Path, name: str, report: dict[str, Any], ok: bool, max_q
             lines.append("| " + " | ".join(cells) + " |")
         if len(quarantine) > REPORT_LINES:
             lines.append(f"\n... and {len(quarantine) - REPORT_LINES} more.")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def drift_rejects(drift: dict[str, Any] | None, on_drift: str) -> bool:
+    """Whether the drift check turns the drop away: under ``reject``, when a feature drifted or
+    the check could not run (a drop that cannot be compared is not known to be alike)."""
+    return on_drift == "reject" and drift is not None and bool(drift.get("drifted") or drift.get("error"))
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a command's output (where segpipe puts its one-line error)."""
+    return next((line for line in reversed(text.strip().splitlines()) if line.strip()), "")
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_drift(drift: dict[str, Any], on_drift: str) -> list[str]:
+    """The drift section of the report: a table of every feature, or why there is none."""
+    lines = ["", "## Drift", ""]
+    if drift.get("skipped"):
+        return lines + [f"Not measured: {drift['skipped']}."]
+    if drift.get("error"):
+        return lines + ["`segpipe drift` failed:", "", "```", drift["error"].strip()[-2000:], "```"]
+    ref = drift["reference"]
+    model = drift.get("model")
+    trained = ("" if model is None else "; the champion was trained on it" if model.get("trained_on") ==
+               ref.get("manifest_sha256") else "; the champion was trained on other shards")
+    verdict = (f"**drifted**: {', '.join(drift['drifted_features'])}" if drift["drifted"] else "**no drift**")
+    lines += [f"Against `{SHARDS}` ({ref['split']}, {ref['images']} images{trained}): {verdict}.", "",
+              "| feature | measure | value | threshold | drifted | reference | drop |", "|---|---|---|---|---|---|---|"]
+    for name, f in drift["features"].items():
+        sides = ["" if f.get(k) is None else f"{f[k]:.4g}" for k in ("reference", "input")]
+        lines.append(f"| {name} | {f['measure']} | {f['value']:.4f} | {f['threshold']:g} | "
+                     f"{'**yes**' if f['drifted'] else 'no'} | {sides[0]} | {sides[1]} |")
+    lines += [f"- {name}: skipped, {_cell(why)}" for name, why in drift.get("skipped_features", {}).items()]
+    if drift["drifted"]:
+        lines += ["", "`ingest.on_drift: reject`: the drop is turned away." if on_drift == "reject" else
+                  "`ingest.on_drift: warn`: the drop is versioned anyway (a new site is expected to drift; "
+                  "retraining is how the model catches up)."]
+    return lines
+
+
+def render_frames(frames: dict[str, Any]) -> list[str]:
+    """The report's list of the drop's frames most worth labelling."""
+    lines = ["", "## Frames to label first", ""]
+    if frames.get("skipped"):
+        return lines + [f"Not ranked: {frames['skipped']}."]
+    if frames.get("error"):
+        return lines + ["`segpipe select` failed:", "", "```", frames["error"].strip()[-2000:], "```"]
+    lines += [f"The champion's top {len(frames['frames'])} of {frames['pool']} frames (`segpipe select`, "
+              f"{frames['strategy']}; score: its uncertainty):", "", "| rank | file | score |", "|---|---|---|"]
+    lines += [f"| {f['rank']} | {_cell(f['file'])} | {f['score']} |" for f in frames["frames"]]
+    return lines
 
 
 def rejection_message(drop: Path, report: dict[str, Any], max_quarantined: int) -> str:
@@ -207,6 +289,62 @@ def validate_drop(drop: Path, layout: dict[str, Path | None], params_file: Path,
         return json.loads(report_path.read_text())
 
 
+def _segpipe_args(repo: Path, params_file: Path, overrides: list[str]) -> list[str]:
+    args = ["--params", str(params_file)] if params_file.is_file() else []
+    return args + [a for o in overrides for a in ("--set", o)]
+
+
+def has_champion(repo: Path) -> bool:
+    """Whether the repository's registry has a champion."""
+    from segpipe.registry import read_index
+
+    return bool(read_index(repo / REGISTRY)["aliases"].get("champion"))
+
+
+@task(cache_policy=NO_CACHE)
+def measure_drift(repo: Path, drop: Path, params_file: Path, overrides: list[str], champion: bool,
+                  timeout_s: float) -> dict[str, Any]:
+    """``segpipe drift`` of the drop against the repository's shards (and the champion, when there
+    is one): its JSON report, ``{"skipped": why}`` without reference shards, ``{"error": output}``
+    when it fails."""
+    reference = repo / SHARDS
+    if not (reference / "manifest.json").is_file():
+        return {"skipped": f"no reference shard set at {SHARDS} (`dvc pull` or `dvc repro convert` makes it)"}
+    with tempfile.TemporaryDirectory(prefix="segpipe-drift-") as tmp:
+        out = Path(tmp) / "drift.json"
+        argv = commands.python_tool("segpipe") + [
+            "drift", "--reference", str(reference), "--input", str(drop), "--json", str(out),
+            "--registry", str(repo / REGISTRY), *([] if champion else ["--no-model"]),
+            *_segpipe_args(repo, params_file, overrides)]
+        done = commands.run(argv, cwd=repo, check=False, timeout_s=timeout_s)
+        if done.returncode != 0 or not out.is_file():
+            return {"error": done.output.strip() or f"segpipe drift exited with status {done.returncode}"}
+        drift = json.loads(out.read_text())
+    drift["skipped_features"] = drift.pop("skipped", {})  # "skipped" alone means: not measured at all
+    return drift
+
+
+@task(cache_policy=NO_CACHE)
+def rank_frames(repo: Path, images: Path, params_file: Path, overrides: list[str], k: int,
+                timeout_s: float) -> dict[str, Any]:
+    """``segpipe select`` with the champion on the drop's images: ``{"frames": [{"rank", "file",
+    "score"}], "pool", "strategy"}``, or ``{"error": output}`` when it fails."""
+    with tempfile.TemporaryDirectory(prefix="segpipe-select-") as tmp:
+        argv = commands.python_tool("segpipe") + [
+            "select", "--model", "champion", "--registry", str(repo / REGISTRY), "--input", str(images),
+            "--k", str(k), "--out", tmp, "--no-progress", *_segpipe_args(repo, params_file, overrides)]
+        done = commands.run(argv, cwd=repo, check=False, timeout_s=timeout_s)
+        table, summary = Path(tmp) / "selected.csv", Path(tmp) / "summary.json"
+        if done.returncode != 0 or not table.is_file():
+            return {"error": done.output.strip() or f"segpipe select exited with status {done.returncode}"}
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        info = json.loads(summary.read_text())
+    frames = [{"rank": int(r["rank"]), "file": Path(r["file"]).relative_to(images).as_posix(), "score": r["score"]}
+              for r in rows]
+    return {"frames": frames, "pool": info["frames"], "strategy": info["strategy"]}
+
+
 def _copy_collection(layout: dict[str, Path | None], dest: Path) -> None:
     # Only the collection's parts are copied: stray files beside them in the drop are not data.
     with atomic_dir(dest) as tmp:
@@ -271,10 +409,12 @@ def _preflight(repo: Path, name: str) -> None:
 @flow(name="ingest", log_prints=True)
 def ingest_flow(drop: Path, name: str | None = None, repo: Path = Path("."),
                 params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Validate ``drop`` and version it as ``data/raw/NAME`` (default: the drop folder's name).
+    """Validate ``drop``, measure its drift (and rank its frames, with a champion), and version it
+    as ``data/raw/NAME`` (default: the drop folder's name).
 
-    Raises DropRejected (the run is Failed) with the validation report when the drop is invalid;
-    nothing in the repository changes then. Returns the collection path, commit and remote.
+    Raises DropRejected (the run is Failed) with the validation report when the drop is invalid,
+    or when it drifted and ``ingest.on_drift`` is ``reject``; nothing in the repository changes
+    then. Returns the collection path, commit, remote, and the drift and top-frames sections.
     """
     drop, repo = Path(drop).resolve(), Path(repo).resolve()
     params: IngestParams = load_section("ingest", repo / params_file, overrides or [])
@@ -289,10 +429,27 @@ def ingest_flow(drop: Path, name: str | None = None, repo: Path = Path("."),
 
     report = validate_drop(drop, layout, repo / params_file, params.timeout_s)
     ok = accepted(report, params.max_quarantined)
-    create_markdown_artifact(markdown=render_report(drop, name, report, ok, params.max_quarantined),
-                             key=ARTIFACT_KEY, description=f"ingest of {drop}: {'accepted' if ok else 'rejected'}")
+    drift = frames = None
+    if ok:  # an invalid drop is not looked at further
+        select: SelectParams = load_section("select", repo / params_file, overrides or [])
+        champion = has_champion(repo)
+        drift = measure_drift(repo, drop, repo / params_file, overrides or [], champion, params.timeout_s)
+        frames = ({"skipped": f"no champion in {REGISTRY}"} if not champion else
+                  {"skipped": "select.report_top is 0"} if select.report_top == 0 else
+                  rank_frames(repo, layout["images"], repo / params_file, overrides or [], select.report_top,
+                              params.timeout_s))
+    turned_away = drift_rejects(drift, params.on_drift)
+    create_markdown_artifact(
+        markdown=render_report(drop, name, report, ok and not turned_away, params.max_quarantined, drift, frames,
+                               params.on_drift),
+        key=ARTIFACT_KEY, description=f"ingest of {drop}: {'accepted' if ok and not turned_away else 'rejected'}")
     if not ok:
         raise DropRejected(rejection_message(drop, report, params.max_quarantined))
+    if turned_away:
+        why = (f"drifted: {', '.join(drift['drifted_features'])}" if drift.get("drifted") else
+               f"its drift could not be measured: {last_line(drift['error'])}")
+        raise DropRejected(f"{drop}: rejected by ingest.on_drift = reject, {why} (against {SHARDS}); "
+                           "see the drift section of the ingest report")
 
     commit = add_collection(repo, layout, name, report.get("images_ok", 0), params.timeout_s)
     if remote is not None:
@@ -300,7 +457,7 @@ def ingest_flow(drop: Path, name: str | None = None, repo: Path = Path("."),
     print(f"ingested {drop} as {RAW / name} in commit {commit[:12]}"
           + (f", pushed to DVC remote {remote!r}" if remote else ", no DVC remote to push to"))
     return {"collection": str(RAW / name), "dvc_file": str(RAW / f"{name}.dvc"), "commit": commit,
-            "remote": remote, "report": report}
+            "remote": remote, "report": report, "drift": drift, "top_frames": frames}
 
 
 def main(argv: list[str] | None = None) -> None:

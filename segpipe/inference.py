@@ -19,6 +19,10 @@ Three entry points: whole images (:func:`predict_images`: evaluate, train valida
 images by sliding window (:func:`predict_tiled`: predict), and work over a dataset
 (:func:`map_rows`): in this process, or through Ray Data (``map_batches`` on an actor pool, one
 model per actor, GPU actors when the device is ``cuda``, results streamed back as they finish).
+Per-pixel class probabilities take :func:`predict_tiled`'s path too (:func:`iter_probabilities`,
+:func:`predict_probabilities`: their argmax is its labels), with an image embedding on the side
+(:class:`FeaturePool`: the mean of the features the model's classifier reads): ``segpipe audit``,
+``select`` and ``drift`` use them.
 
 What a model outputs comes from the registry (``segpipe.models.spec_of(arch).outputs``); every
 instance-capable model has ``predict_instances(images, score_threshold, mask_threshold,
@@ -32,6 +36,7 @@ heuristic). Thresholds come from the caller's own params section (``evaluate``, 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,6 +457,143 @@ class Predictor:
         """See :func:`predict_tiled`."""
         return predict_tiled(self.model, image, self.request, tile, overlap, batch_size, self.device)
 
+    def probabilities(self, image: np.ndarray, tile: int, overlap: int, batch_size: int,
+                      embed: bool = False) -> Probabilities:
+        """See :func:`predict_probabilities`."""
+        return predict_probabilities(self.model, self.meta.arch, image, self.request, tile, overlap, batch_size,
+                                     self.device, embed)
+
+    def probability_strips(self, image: np.ndarray, tile: int, overlap: int, batch_size: int,
+                           pool: FeaturePool | None = None) -> Iterator[tiling.Strip]:
+        """See :func:`iter_probabilities`."""
+        return iter_probabilities(self.model, image, self.request, tile, overlap, batch_size, self.device, pool)
+
+    def feature_pool(self) -> FeaturePool:
+        """A :class:`FeaturePool` on this model's classifier (open it around one image's forwards)."""
+        return FeaturePool(classifier_module(self.model, self.meta.arch))
+
+
+# --------------------------------------------------------------------------------------
+# Class probabilities and an image embedding (segpipe audit, select, drift)
+# --------------------------------------------------------------------------------------
+
+
+def classifier_module(model: torch.nn.Module, arch: str) -> torch.nn.Module:
+    """The module that turns features into class scores: the owner of the first state-dict tensor
+    that the registry indexes by class (``ModelSpec.class_rows[0]``: U-Net's ``classifier``, FCN's
+    ``score32``, DeepLabV3's last head convolution, MaskFormer's ``class_embed``)."""
+    from segpipe.models import spec_of
+
+    rows = spec_of(arch).class_rows
+    for name, module in model.named_modules():
+        own = {n for n, _ in module.named_parameters(recurse=False)}
+        if rows and "weight" in own and rows[0].matches(f"{name}.weight"):
+            return module
+    raise ValueError(f"model {arch}: no module holds a tensor matching {rows[0].pattern if rows else '(none)'}")
+
+
+class FeaturePool:
+    """An image embedding on the side of a forward pass: the features ``module`` reads (see
+    :func:`classifier_module`), averaged over the image's pixels (over queries for a module that
+    reads ``B x Q x D``). Feature maps are cropped to the image's share of the padded input, and
+    tiles are weighted by their pixels. Use as a context manager around the forwards of one image
+    (it hooks ``module`` while open)::
+
+        with FeaturePool(classifier_module(model, arch)) as pool:
+            for strip in iter_probabilities(model, image, request, ..., pool=pool): ...
+        pool.embedding()   # D float32
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._inputs: Tensor | None = None
+        self._sum: Tensor | None = None
+        self._weight = 0.0
+        self._handle: Any = None
+
+    def __enter__(self) -> FeaturePool:
+        self._handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self._inputs = args[0].detach()  # the last call wins (MaskFormer: the last decoder layer)
+
+    def add(self, padded: tuple[int, int], sizes: Sequence[tuple[int, int]]) -> None:
+        """Pool the features of the forward just run: a batch of images of ``sizes`` padded to ``padded``."""
+        feats, (hp, wp) = self._inputs, padded
+        if feats is None or len(feats) != len(sizes):
+            raise ValueError(f"{type(self.module).__name__} saw no batch of {len(sizes)} in the last forward")
+        for f, (h, w) in zip(feats, sizes):
+            f = f.float()
+            if f.ndim == 3:  # C x h' x w' of the padded input: its part that covers the image
+                fh, fw = f.shape[-2:]
+                f = f[:, : max(1, -(-h * fh // hp)), : max(1, -(-w * fw // wp))].mean(dim=(1, 2))
+            elif f.ndim == 2:  # Q x D queries
+                f = f.mean(dim=0)
+            pixels = float(h * w)
+            self._sum = f.cpu() * pixels if self._sum is None else self._sum + f.cpu() * pixels
+            self._weight += pixels
+        self._inputs = None
+
+    def embedding(self) -> np.ndarray:
+        """The pixel-weighted mean of every pooled image or tile, ``D`` float32."""
+        if self._sum is None:
+            raise ValueError("no forward was pooled")
+        return (self._sum / self._weight).numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """One image's per-pixel class probabilities (``K x H x W`` float32 softmax, blended across
+    tiles as :func:`predict_tiled` blends them: their argmax is its labels) and, when asked for,
+    its embedding (:class:`FeaturePool`)."""
+
+    probs: np.ndarray
+    embedding: np.ndarray | None = None
+
+
+@torch.no_grad()
+def iter_probabilities(model: torch.nn.Module, image: np.ndarray, request: Request, tile: int, overlap: int,
+                       batch_size: int, device: str | torch.device = "cpu",
+                       pool: FeaturePool | None = None) -> Iterator[tiling.Strip]:
+    """Softmax probabilities of one image's semantic output, top to bottom in strips (``K x rows
+    x W``), by :func:`predict_tiled`'s path: an image within one tile whole and padded as
+    :func:`predict_images` pads it (one strip), a larger one by sliding window with memory bounded
+    by one row of tiles. ``pool`` (open) pools the classifier's input of every forward."""
+    if "semantic" not in request.outputs:
+        raise ValueError(f"class probabilities need a semantic output; the request has {sorted(request.outputs)}")
+    height, width = image.shape[:2]
+
+    def logits(t: Tensor) -> Tensor:
+        hp, wp = padded_size(*t.shape[-2:])
+        out = torch.stack(_semantic(model, pad(t, hp, wp), [tuple(t.shape[-2:])] * len(t), request.num_classes))
+        if pool is not None:
+            pool.add((hp, wp), [tuple(t.shape[-2:])] * len(t))
+        return out
+
+    if height <= tile and width <= tile:
+        from segpipe.models import normalize
+
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be H x W x 3, got shape {image.shape}")
+        yield tiling.Strip(0, height, logits(normalize(image).to(device))[0].float().softmax(0).cpu())
+        return
+    yield from tiling.iter_semantic_strips(logits, image, _tile_tensor, tiling.Window(tile, overlap, batch_size, device))
+
+
+def predict_probabilities(model: torch.nn.Module, arch: str, image: np.ndarray, request: Request, tile: int,
+                          overlap: int, batch_size: int, device: str | torch.device = "cpu",
+                          embed: bool = False) -> Probabilities:
+    """The whole ``K x H x W`` of :func:`iter_probabilities` (memory: K floats per pixel), with
+    the embedding of ``model`` (of architecture ``arch``) when ``embed``."""
+    pool = FeaturePool(classifier_module(model, arch)) if embed else None
+    with pool if pool is not None else contextlib.nullcontext():
+        strips = [s.probs for s in iter_probabilities(model, image, request, tile, overlap, batch_size, device, pool)]
+    return Probabilities(torch.cat(strips, dim=1).numpy(), pool.embedding() if pool is not None else None)
+
 
 # --------------------------------------------------------------------------------------
 # Work over a dataset: in this process, or on a Ray Data actor pool
@@ -539,7 +681,8 @@ def _map_on_ray(rows: Sequence[Row], checkpoint: str, make_worker: WorkerFactory
 
 
 __all__ = [
-    "ENGINES", "Instance", "PanopticSettings", "ModelActor", "PAD_MULTIPLE", "Prediction", "Predictor", "Request",
+    "ENGINES", "FeaturePool", "Instance", "PanopticSettings", "Probabilities", "classifier_module",
+    "iter_probabilities", "predict_probabilities", "ModelActor", "PAD_MULTIPLE", "Prediction", "Predictor", "Request",
     "coco_results", "colorize", "fuse", "instance_masks", "map_rows", "pad", "padded_size", "palette",
     "panoptic_labels", "predict_images", "predict_tiled", "render_instances", "rle_counts", "select_detections",
 ]

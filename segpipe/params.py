@@ -464,17 +464,132 @@ class RetrainParams:
         ])
 
 
+ON_DRIFT = ("warn", "reject")
+
+
 @dataclass(frozen=True)
 class IngestParams:
     max_quarantined: int = 0  # a drop with more quarantined items than this is rejected
     push: bool = True  # dvc push the new collection when a DVC remote is configured
     remote: str = ""  # DVC remote to push to; "" = the default remote
     timeout_s: float = 3600.0  # per dvc/git command
+    # what a drop does when `segpipe drift` finds it unlike the champion's training data: warn (the
+    # report says so and the drop is versioned: a new site is supposed to drift, and retraining is how
+    # the model catches up) or reject (the run fails and nothing changes)
+    on_drift: str = "warn"
 
     def __post_init__(self) -> None:
         require(self, [
             ("max_quarantined", self.max_quarantined >= 0, "must be >= 0"),
             ("timeout_s", self.timeout_s > 0, "must be > 0 seconds"),
+            ("on_drift", self.on_drift in ON_DRIFT, f"must be one of {', '.join(ON_DRIFT)}"),
+        ])
+
+
+@dataclass(frozen=True)
+class WindowParams:
+    """How the data-quality commands run a model on an image (``segpipe.inference.iter_probabilities``):
+    whole within ``tile`` pixels, else by sliding window of ``tile`` overlapping by ``overlap``,
+    ``batch_size`` tiles per forward."""
+
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("tile", self.tile >= MIN_IMAGE_SIZE, f"must be >= {MIN_IMAGE_SIZE}"),
+            ("overlap", 0 <= self.overlap < self.tile, "must be >= 0 and below tile"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+        ])
+
+
+AUDIT_METHODS = ("confident_learning", "self_confidence")  # segpipe.quality.AUDIT_METHODS, pinned equal by a test
+
+
+@dataclass(frozen=True)
+class AuditParams:
+    """``segpipe audit``: annotations the model disagrees with (``segpipe.quality.audit_scores``)."""
+
+    # confident_learning: 1 - p(label) / (the mean p(label) of regions of that class), so a class the
+    # model is always unsure of does not fill the list; self_confidence: 1 - p(label)
+    method: str = "confident_learning"
+    # a region is judged by its inside: its mask without `border` pixels along its edge (a model's
+    # probabilities blur across object borders; an annotation with fewer than `min_area` pixels inside
+    # is judged whole). Annotations of fewer than `min_area` pixels, and label-map regions with fewer
+    # inside (slivers between objects), are not scored.
+    border: int = 2
+    min_area: int = 16
+    top: int = 50  # overlays written for the most suspicious (--top)
+    window: WindowParams = field(default_factory=WindowParams)
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("method", self.method in AUDIT_METHODS, f"must be one of {', '.join(AUDIT_METHODS)}"),
+            ("border", self.border >= 0, "must be >= 0 pixels"),
+            ("min_area", self.min_area >= 1, "must be >= 1 pixel"),
+            ("top", self.top >= 0, "must be >= 0"),
+        ])
+
+
+SELECT_STRATEGIES = ("diverse", "entropy", "margin")  # segpipe.quality.STRATEGIES, pinned equal by a test
+
+
+@dataclass(frozen=True)
+class SelectParams:
+    """``segpipe select``: unlabelled frames worth labelling (``segpipe.quality.select_frames``)."""
+
+    strategy: str = "diverse"  # entropy | margin | diverse (uncertainty-weighted k-center on embeddings)
+    # diverse: frames closer than near x the pool's median distance between frames count as
+    # near-duplicates (the closer, the less a second pick is worth); farther apart, uncertainty decides
+    near: float = 0.5
+    report_top: int = 10  # frames of a drop the ingest report lists (with a champion)
+    window: WindowParams = field(default_factory=WindowParams)
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("strategy", self.strategy in SELECT_STRATEGIES, f"must be one of {', '.join(SELECT_STRATEGIES)}"),
+            ("near", self.near > 0, "must be > 0"),
+            ("report_top", self.report_top >= 0, "must be >= 0"),
+        ])
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """Per feature, the value above which it has drifted: a KS statistic (0..1) for per-image
+    features, a PSI for pooled histograms (see ``segpipe drift``)."""
+
+    width: float = 0.5  # ks
+    height: float = 0.5  # ks
+    brightness: float = 0.3  # ks of per-image mean luma
+    red: float = 0.25  # psi of pooled pixel values
+    green: float = 0.25  # psi
+    blue: float = 0.25  # psi
+    class_shares: float = 0.25  # psi of pooled class pixels (labelled drops)
+    instances_per_image: float = 0.3  # ks (labelled drops)
+    confidence: float = 0.3  # ks of the champion's per-image mean top-1 probability
+
+    def __post_init__(self) -> None:
+        require(self, [(f.name, getattr(self, f.name) > 0, "must be > 0") for f in dataclasses.fields(self)])
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    """``segpipe drift``: a drop against the shards the champion was trained on."""
+
+    split: str = "train"  # the reference shards' split
+    max_images: int = 500  # per side, evenly spaced: the cost stays bounded on large sets
+    bins: int = 16  # per colour channel
+    alpha: float = 0.01  # a KS feature drifts only when its p-value is below this too
+    thresholds: DriftThresholds = field(default_factory=DriftThresholds)
+    window: WindowParams = field(default_factory=WindowParams)
+
+    def __post_init__(self) -> None:
+        require(self, [
+            ("split", bool(self.split), "must name a split of the reference shards"),
+            ("max_images", self.max_images >= 2, "must be >= 2"),
+            ("bins", 2 <= self.bins <= 256, "must be in [2, 256]"),
+            ("alpha", 0 < self.alpha <= 1, "must be in (0, 1]"),
         ])
 
 
@@ -490,6 +605,9 @@ SECTIONS: dict[str, type] = {
     "serve": ServeParams,
     "retrain": RetrainParams,
     "ingest": IngestParams,
+    "audit": AuditParams,
+    "select": SelectParams,
+    "drift": DriftParams,
 }
 
 

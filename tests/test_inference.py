@@ -252,3 +252,54 @@ def test_fuse_takes_stuff_from_the_semantic_prediction_and_things_from_the_insta
     assert info == []  # each stuff region has 24 px: void
     with pytest.raises(ValueError, match="no detections"):
         fuse(Prediction(sem), Prediction(sem), [2])
+
+
+# --------------------------------------------------------------------------------------
+# Class probabilities and the embedding (segpipe audit, select, drift)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, strips", [((50, 77), 1), ((150, 130), 3)])
+def test_probabilities_take_predict_tileds_path(size, strips):
+    """Whole within a tile, by sliding window beyond: their argmax is predict_tiled's labels."""
+    torch.manual_seed(0)
+    model = build_model("unet", 3, base_channels=4, depth=2).eval()
+    image = site_image(*size)
+    found = list(inference.iter_probabilities(model, image, SEMANTIC, tile=64, overlap=16, batch_size=2))
+    assert len(found) == strips and found[0].y0 == 0 and found[-1].y1 == size[0]
+    probs = inference.predict_probabilities(model, "unet", image, SEMANTIC, 64, 16, 2).probs
+    assert probs.shape == (3, *size) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(0), predict_tiled(model, image, SEMANTIC, 64, 16, 2).labels)
+    with pytest.raises(ValueError, match="need a semantic output"):
+        next(inference.iter_probabilities(model, image, Request(frozenset({"instances"}), 3, 255), 64, 16, 2))
+
+
+def test_embedding_is_the_mean_of_the_classifier_input_over_the_image():
+    torch.manual_seed(0)
+    model = build_model("unet", 3, base_channels=4, depth=2).eval()
+    assert inference.classifier_module(model, "unet") is model.classifier
+    seen = []
+    handle = model.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    image = site_image(40, 50)  # padded to 64 x 64: only the image's 40 x 50 pixels count
+    embedding = inference.predict_probabilities(model, "unet", image, SEMANTIC, 64, 16, 2, embed=True).embedding
+    handle.remove()
+    np.testing.assert_allclose(embedding, seen[0][0, :, :40, :50].mean(dim=(1, 2)).numpy(), rtol=1e-5)
+    assert handle is not None and not model.classifier._forward_pre_hooks  # the pool's hook is gone too
+    # by tiles: the pixel-weighted mean of the tiles' embeddings, close to the whole image's
+    big = site_image(150, 130)
+    whole = inference.predict_probabilities(model, "unet", big, SEMANTIC, 256, 16, 2, embed=True).embedding
+    tiled = inference.predict_probabilities(model, "unet", big, SEMANTIC, 64, 16, 2, embed=True).embedding
+    assert embedding.shape == (4,) and np.abs(tiled - whole).max() < 0.1 * np.abs(whole).max()
+
+
+def test_classifier_module_of_each_semantic_architecture(tiny_maskformer):
+    expect = {"fcn8s": "score32", "deeplabv3": "head.1", "maskformer": "class_embed"}
+    for arch, name in expect.items():
+        kwargs = tiny_maskformer if arch == "maskformer" else {}
+        model = build_model(arch, 3, **kwargs)
+        assert inference.classifier_module(model, arch) is model.get_submodule(name)
+    torch.manual_seed(0)
+    mf = build_model("maskformer", 3, **tiny_maskformer).eval()  # reads B x Q x D queries: pooled over them
+    emb = inference.predict_probabilities(mf, "maskformer", site_image(40, 40), SEMANTIC, 64, 16, 1, embed=True)
+    assert emb.embedding.shape == (tiny_maskformer["hidden_dim"],) and np.isfinite(emb.embedding).all()

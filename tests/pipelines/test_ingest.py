@@ -12,9 +12,12 @@ import yaml
 
 from pipelines.ingest import (
     RAW,
+    REGISTRY,
+    SHARDS,
     DropRejected,
     accepted,
     check_name,
+    drift_rejects,
     drop_layout,
     outside_paths,
     render_report,
@@ -30,16 +33,23 @@ PARAMS = textwrap.dedent("""\
     """)
 
 
-def make_drop(path: Path, images: int = 4) -> Path:
+def make_drop(path: Path, images: int = 4, **site) -> Path:
     from segpipe.stages import synth
 
-    synth.run(SynthParams(images=images, size=(64, 64), seed=5, workers=1), path)
+    synth.run(SynthParams(images=images, size=(64, 64), seed=5, workers=1, **site), path)
     return path
 
 
 def test_raw_root_matches_the_convert_stage():
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     assert str(RAW) in [str(d) for d in stages["convert"]["deps"]]
+
+
+def test_reference_shards_and_registry_match_the_pipeline():
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    assert [str(SHARDS)] == [str(o) for o in stages["convert"]["outs"]]
+    assert str(REGISTRY) in [str(d) for d in stages["promote"]["deps"]]
+    assert f"--registry {REGISTRY}" in stages["promote"]["cmd"]
 
 
 def test_check_name():
@@ -232,3 +242,117 @@ def test_ingest_rejects_file_names_outside_the_drop_whatever_max_quarantined(tmp
     assert "rejected, 2 path(s) lead outside the drop" in state.message
     assert "image 1001: file_name '../../secret/photo.jpg'" in state.message
     assert git_cmd(repo, "rev-parse", "HEAD") == head and not (repo / "data").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Drift and the frames worth labelling
+# --------------------------------------------------------------------------------------
+
+DRIFT = {
+    "reference": {"split": "train", "images": 12, "manifest_sha256": "m" * 64},
+    "model": {"ref": "champion", "arch": "unet", "trained_on": "m" * 64},
+    "drifted": True, "drifted_features": ["brightness", "red"],
+    "features": {"brightness": {"measure": "ks", "value": 0.9, "threshold": 0.3, "drifted": True, "p_value": 1e-9,
+                                "reference": 110.0, "input": 66.0},
+                 "green": {"measure": "psi", "value": 0.02, "threshold": 0.25, "drifted": False, "reference": None,
+                           "input": None}},
+    "skipped_features": {"class_shares": "the drop has no masks/ (label maps)"},
+}
+OK = {"images": 4, "images_ok": 4, "quarantine": []}
+
+
+def test_report_has_a_drift_section_and_the_top_frames():
+    frames = {"frames": [{"rank": 1, "file": "site_000002.jpg", "score": "0.41"}], "pool": 4, "strategy": "diverse"}
+    md = render_report(Path("/d"), "x", OK, True, 0, DRIFT, frames, "warn")
+    assert "**Accepted** as `data/raw/x`" in md
+    assert "Against `data/shards` (train, 12 images; the champion was trained on it): **drifted**: brightness, red" in md
+    assert "| brightness | ks | 0.9000 | 0.3 | **yes** | 110 | 66 |" in md and "| green | psi | 0.0200 | 0.25 | no |  |  |" in md
+    assert "- class_shares: skipped, the drop has no masks/ (label maps)" in md
+    assert "`ingest.on_drift: warn`: the drop is versioned anyway" in md
+    assert "## Frames to label first" in md and "| 1 | site_000002.jpg | 0.41 |" in md
+    rejected = render_report(Path("/d"), "x", OK, False, 0, DRIFT, {"skipped": "no champion in models/registry"},
+                             "reject")
+    assert "**Rejected**: nothing was changed" in rejected and "`ingest.on_drift: reject`: the drop is turned away." in rejected
+    assert "Not ranked: no champion in models/registry." in rejected
+    assert "Not measured: no reference shard set" in render_report(Path("/d"), "x", OK, True, 0,
+                                                                   {"skipped": "no reference shard set"})
+    assert "## Drift" not in render_report(Path("/d"), "x", OK, True, 0)
+
+
+def test_drift_rejects_only_under_reject():
+    assert drift_rejects(DRIFT, "reject") and not drift_rejects(DRIFT, "warn")
+    assert not drift_rejects({**DRIFT, "drifted": False}, "reject")
+    assert drift_rejects({"error": "segpipe drift: error: ..."}, "reject")  # not measured: not known to be alike
+    assert not drift_rejects({"skipped": "no reference shard set"}, "reject") and not drift_rejects(None, "reject")
+
+
+def _repo_with_champion(tmp_path: Path, init_repo, tiny_shards: Path, tiny_checkpoint, params: str) -> Path:
+    """A repository with reference shards (the convert stage's output) and a champion trained on them."""
+    import shutil
+
+    from segpipe.registry import register, set_alias
+
+    repo = init_repo(tmp_path / "repo", {"params.yaml": params, ".gitignore": "/data/shards\n/models/registry\n"})
+    shutil.copytree(tiny_shards, repo / SHARDS)
+    register(repo / REGISTRY, tiny_checkpoint("unet", shards=tiny_shards, base_channels=4, depth=2))
+    set_alias(repo / REGISTRY, "champion", "v1", "test")
+    return repo
+
+
+def _report_of(state) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (report,) = [a for a in artifacts if a.key == "ingest-report"]
+    return report.data
+
+
+@pytest.mark.slow
+def test_a_relit_drop_is_versioned_with_a_drift_warning_and_its_top_frames(tmp_path, prefect_harness, init_repo,
+                                                                            git_cmd, tiny_shards, tiny_checkpoint):
+    from pipelines.ingest import ingest_flow
+
+    repo = _repo_with_champion(tmp_path, init_repo, tiny_shards, tiny_checkpoint,
+                               PARAMS + "select:\n  report_top: 3\n")
+    head = git_cmd(repo, "rev-parse", "HEAD")
+    drop = make_drop(tmp_path / "drop", images=8, lighting=0.5)
+
+    state = ingest_flow(drop=drop, name="dusk", repo=repo, return_state=True)
+
+    assert state.is_completed()
+    result = state.result()
+    assert git_cmd(repo, "rev-parse", "HEAD~1") == head and (repo / "data/raw/dusk/images").is_dir()
+    drift = result["drift"]
+    assert drift["drifted"] and "brightness" in drift["drifted_features"] and "confidence" in drift["features"]
+    from segpipe.shards import open_shards
+
+    assert drift["model"]["ref"] == "champion" and drift["reference"]["images"] == open_shards(tiny_shards).rows("train")
+    frames = result["top_frames"]
+    assert frames["pool"] == 8 and [f["rank"] for f in frames["frames"]] == [1, 2, 3]
+    assert all((drop / "images" / f["file"]).is_file() for f in frames["frames"])
+    report = _report_of(state)
+    assert "**Accepted** as `data/raw/dusk`" in report and "## Drift" in report and "**drifted**:" in report
+    assert "| brightness | ks |" in report and "`ingest.on_drift: warn`" in report
+    assert f"| 1 | {frames['frames'][0]['file']} |" in report and "The champion's top 3 of 8 frames" in report
+
+
+@pytest.mark.slow
+def test_a_drifted_drop_is_rejected_under_on_drift_reject(tmp_path, prefect_harness, init_repo, git_cmd, tiny_shards,
+                                                          tiny_checkpoint):
+    from pipelines.ingest import ingest_flow
+
+    repo = _repo_with_champion(tmp_path, init_repo, tiny_shards, tiny_checkpoint, PARAMS + "  on_drift: reject\n")
+    head = git_cmd(repo, "rev-parse", "HEAD")
+    drop = make_drop(tmp_path / "drop", images=8, lighting=0.5)
+
+    state = ingest_flow(drop=drop, name="dusk", repo=repo, return_state=True)
+
+    assert state.is_failed()
+    assert "rejected by ingest.on_drift = reject, drifted: brightness" in state.message
+    assert git_cmd(repo, "rev-parse", "HEAD") == head and not (repo / "data/raw").exists()
+    report = _report_of(state)
+    assert "**Rejected**: nothing was changed" in report and "the drop is turned away" in report
+    assert "## Frames to label first" in report
