@@ -29,6 +29,7 @@ import argparse
 import csv
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,13 +228,16 @@ def outline_mask(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def overlay_panels(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, mask: np.ndarray,
-                   pal: np.ndarray, caption: str, min_side: int = 256) -> np.ndarray:
+                   pal: np.ndarray, caption: str, min_side: int = 256,
+                   classes: Sequence[Mapping[str, Any]] = ()) -> np.ndarray:
     """One suspect's picture: image, label and prediction side by side (class colours blended
-    over the image), ``mask`` outlined on each, ``caption`` above; small images scaled up
-    (nearest neighbour) to at least ``min_side`` pixels on their longer side."""
+    over the image), ``mask`` outlined on each, ``caption`` above, a colour legend of the classes
+    shown below; small images scaled up (nearest neighbour) to at least ``min_side`` pixels on
+    their longer side."""
     from PIL import Image, ImageDraw
 
-    from segpipe.commands.predict import overlay
+    from segpipe.commands.predict import blend
+    from segpipe.inference import legend
 
     scale = max(1, -(-min_side // max(image.shape[:2])))
 
@@ -242,7 +246,7 @@ def overlay_panels(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
 
     inner, outer = outline_mask(up(mask), max(1, scale // 2))
     panels = []
-    for picture in (image, overlay(image, label, pal), overlay(image, prediction, pal)):
+    for picture in (image, blend(image, label, pal), blend(image, prediction, pal)):
         p = up(picture).copy()
         p[inner], p[outer] = OUTLINE, HALO
         panels.append(p)
@@ -254,7 +258,8 @@ def overlay_panels(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
     third = (body.shape[1] + 8) // 3
     for i, title in enumerate(("image", "label", "prediction")):
         draw.text((4 + i * third, 16), title, fill=(90, 90, 90))
-    return np.concatenate([np.asarray(head), body], axis=0)
+    shown = sorted(set(np.unique(label).tolist()) | set(np.unique(prediction).tolist()))
+    return np.concatenate([np.asarray(head), body, legend(shown, classes, pal, body.shape[1])], axis=0)
 
 
 class OverlayRenderer(RegionScorer):
@@ -282,7 +287,7 @@ class OverlayRenderer(RegionScorer):
         if region is None:  # not reached when the shards are unchanged since the scoring pass
             raise ValueError(f"image {sample['image_id']}: region of suspect #{row['rank']} not found again")
         picture = overlay_panels(sample["image"], sample["semantic"], probs.argmax(0), region.mask, self.pal,
-                                 row["caption"])
+                                 row["caption"], classes=list(self.predictor.meta.classes))
         return {"rank": row["rank"], "png": png_bytes(picture)}
 
 

@@ -101,14 +101,21 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read image: {e}") from None
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA,
-            classes: Sequence[Mapping[str, Any]] = ()) -> np.ndarray:
-    """The image blended with the class colours of ``labels``, above a legend naming the colour of
-    each class it shows (``classes``: the class table; ``segpipe.inference.legend``)."""
-    from segpipe.inference import colorize, legend
+def blend(image: np.ndarray, labels: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The image blended with the class colours of ``labels`` (same size as the image)."""
+    from segpipe.inference import colorize
 
     colours = colorize(labels, pal)
-    blended = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+    return (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA,
+            classes: Sequence[Mapping[str, Any]] = ()) -> np.ndarray:
+    """:func:`blend`, above a legend naming the colour of each class it shows (``classes``: the
+    class table; ``segpipe.inference.legend``)."""
+    from segpipe.inference import legend
+
+    blended = blend(image, labels, pal, alpha)
     return np.concatenate([blended, legend(np.unique(labels).tolist(), classes, pal, blended.shape[1])], axis=0)
 
 

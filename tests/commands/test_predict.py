@@ -164,10 +164,8 @@ def test_predict_a_fused_bundle_runs_both_models(tmp_path, tiny_checkpoint, fuse
 
 
 @pytest.mark.slow
-def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoint):
+def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoint, ray_session):
     """Mask R-CNN's labels, overlays and COCO results, and MaskFormer's panoptic PNGs and JSON."""
-    import ray
-
     from segpipe.checkpoint import load_meta
     from segpipe.params import MaskFormerPanopticParams
 
@@ -182,12 +180,8 @@ def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoin
     runs = {"rcnn": (rcnn, params, {}), "panoptic": (former, dataclasses.replace(params, panoptic=loose), {"panoptic": True})}
     local = {k: predict.run(p, ck, tmp_path / "in", tmp_path / "local" / k, progress=False, **kw)
              for k, (ck, p, kw) in runs.items()}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    try:
-        on_ray = {k: predict.run(p, ck, tmp_path / "in", tmp_path / "ray" / k, progress=False, engine="ray", **kw)
-                  for k, (ck, p, kw) in runs.items()}
-    finally:
-        ray.shutdown()
+    on_ray = {k: predict.run(p, ck, tmp_path / "in", tmp_path / "ray" / k, progress=False, engine="ray", **kw)
+              for k, (ck, p, kw) in runs.items()}
     assert local["rcnn"]["instances"] > 0 and local["panoptic"]["panoptic"] is True
     for k in runs:
         assert {**on_ray[k], "engine": "local"} == local[k], k
