@@ -631,10 +631,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     report = run(from_args(args, "promote"), [Path(c) for c in args.candidates], args.shards,
                  from_args(args, "evaluate"), args.registry, args.report, args.baselines, args.device)
-    print(f"judged on {report['data']['split']} of shard manifest {report['data']['manifest'][:12]}...; champion: "
-          f"{champion_line(report['champion_judged'], report['metric'])}")
-    for r in report["candidates"] + ((report["panoptic"] or {}).get("candidates") or []):
-        print(f"{r['eval_dir']}: {r['decision']}")
+    # One line: every decision, each gate with its reason, is in the report (and in `segpipe report`'s outcome).
+    rows = report["candidates"] + ((report["panoptic"] or {}).get("candidates") or [])
+    promoted = sum(r["decision"].startswith("promoted") for r in rows)
     after = report["champion_after"]
-    print(f"champion: {after['version'] + ' (' + after['arch'] + ')' if after else 'none'}; "
-          f"report: {args.report / 'promotion.md'}")
+    print(f"promote: {len(rows)} candidate(s) judged on {report['data']['split']} of shard manifest "
+          f"{report['data']['manifest'][:12]}..., {promoted} promoted; champion "
+          f"{after['version'] + ' (' + after['arch'] + ')' if after else 'none'}; report {args.report / 'promotion.md'}")
