@@ -252,7 +252,7 @@ def masks_to_boxes(masks: Any) -> Any:
 
 
 def build_train_dataset(shards: ShardSet, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5,
-                        cache: bool = True) -> Any:
+                        cache: bool = True, tables: list[Any] | None = None) -> Any:
     """The Ray Data pipeline over the train split: verified shards, then decode and augment per epoch.
 
     With ``cache`` the driver reads and verifies each train shard once and puts its encoded rows in
@@ -260,7 +260,9 @@ def build_train_dataset(shards: ShardSet, cfg: AugmentConfig, batch_size: int, r
     shared disk), and only decoding and augmentation run again each epoch. Without it, read tasks
     verify and read the shards again every epoch: for train splits far larger than the object store.
     Shards may lie on an object store (``shards.root`` a URI): read tasks, and the workers'
-    validation reads, then reach it with their own node's credentials (``AWS_*``).
+    validation reads, then reach it with their own node's credentials (``AWS_*``). With ``cache``,
+    ``tables`` are the train shards the caller already read (``segpipe.shards.read_shard``, which
+    verifies them), so that they are not read and hashed twice.
     """
     import ray
     import ray.data
@@ -277,7 +279,8 @@ def build_train_dataset(shards: ShardSet, cfg: AugmentConfig, batch_size: int, r
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if cache:
-        rows = ray.data.from_arrow_refs([ray.put(read_shard(shards, f)) for f in files])
+        tables = tables if tables is not None else [read_shard(shards, f) for f in files]
+        rows = ray.data.from_arrow_refs([ray.put(t) for t in tables])
     else:
         rows = ray.data.from_items([{"index": i} for i in range(len(files))]).map_batches(
             _read_shards, fn_kwargs={"shards": shards.to_dict()}, batch_size=1, batch_format="pyarrow",

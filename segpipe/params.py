@@ -199,9 +199,9 @@ class TrainParams:
     budget_s: float = 50.0  # wall-clock budget of the epoch loop in seconds; 0 = none (epochs decide)
     batch_size: int = 16
     image_size: int = 96  # training crops (evaluation runs on whole images)
-    # 0 = Ray Train's local mode: the training function runs in the driver process (one machine);
-    # >= 1 = that many worker actors (a cluster, or FailureConfig restarts)
-    workers: int = 1
+    # 0 = Ray Train's local mode: the training function runs in the `segpipe train` process (one
+    # machine: seconds less start-up); >= 1 = that many worker actors (a cluster; max_failures restarts)
+    workers: int = 0
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # Ray placement group strategy
     use_gpu: bool = False

@@ -555,6 +555,8 @@ class WorkerRun:
     val_future: Any  # concurrent.futures.Future of this worker's prepared validation batches
     names: list[str]
     keep_in: str | None = None  # local mode: the run folder where rank 0 keeps checkpoints itself
+    loop_started_at: float | None = None  # time.time() when this process's epoch loop started
+    first_batch_s: float | None = None  # seconds this process waited for Ray Data's first batch
 
     @property
     def val_batches(self) -> list[dict[str, np.ndarray]]:
@@ -697,19 +699,30 @@ def setup_worker(config: dict[str, Any]) -> WorkerRun:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: epochs of train, validate, reduce, report, until the schedule ends."""
     import ray.train
+    import ray.train.torch
 
-    run = setup_worker(config)
+    batch_size = int(config["params"]["batch_size"])
+    device = ray.train.torch.get_device()
     train_shard = ray.train.get_dataset_shard("train")
-    iter_kw = {"batch_size": run.p.batch_size, "device": run.device, "pin_memory": run.device.type == "cuda"}
+    iter_kw = {"batch_size": batch_size, "device": device, "pin_memory": device.type == "cuda"}
+    # Ray Data starts its pipeline while the model is built (and its precision measured).
+    first = FirstBatch(train_shard.iter_torch_batches(**iter_kw))
+    run = setup_worker(config)
     run.clock.started = time.perf_counter()  # the epoch loop starts now
+    run.loop_started_at = time.time()
     for epoch in range(run.start_epoch, run.p.epochs + 1):
         if run.schedule.progress(run.clock.elapsed(), run.clock.steps) >= 1.0:
             break  # a resumed run whose schedule was already complete
         maybe_fail(config, epoch, run)
         started = run.clock.elapsed()
-        stats = train_one_epoch(run.model, train_shard.iter_torch_batches(**iter_kw), run.optimizer, run.scaler,
-                                run.device, run.precision, run.schedule, run.clock, run.base_lr, run.channels_last,
-                                run.agree if run.world > 1 else None, run.p.grad_clip)
+        batches = first.batches(run) if first is not None else iter(train_shard.iter_torch_batches(**iter_kw))
+        first = None
+        # Closed when the epoch ends, also when the schedule ends it early: Ray Data then stops its
+        # pipeline now rather than at garbage collection (in local mode, after Ray has disconnected).
+        with contextlib.closing(batches):
+            stats = train_one_epoch(run.model, batches, run.optimizer, run.scaler, run.device, run.precision,
+                                    run.schedule, run.clock, run.base_lr, run.channels_last,
+                                    run.agree if run.world > 1 else None, run.p.grad_clip)
         stopped_by = run.stop_reason(stats["stopped"], epoch, started)
         last = stopped_by is not None
         if not last and (not run.p.val_every or epoch % run.p.val_every):
@@ -722,6 +735,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report(run, epoch, totals, conf, stopped_by)
         if last:
             break
+    if first is not None:  # a resumed run whose schedule was already complete
+        first.close()
+
+
+class FirstBatch:
+    """The first epoch's batches, the first of them fetched in a thread from the moment this is made:
+    the wait for Ray Data's first batch overlaps the worker's set-up instead of following it."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.iterator = iter(batches)
+        self.future = ThreadPoolExecutor(1, thread_name_prefix="first-batch").submit(self._first)
+
+    def _first(self) -> tuple[Any, float]:
+        batch = next(self.iterator, None)
+        return batch, time.perf_counter()
+
+    def batches(self, run: WorkerRun) -> Iterator[Any]:
+        """The epoch's batches; records in ``run.first_batch_s`` how long the loop waited for the first."""
+        waited = time.perf_counter()
+        batch, arrived = self.future.result()
+        run.first_batch_s = round(max(0.0, arrived - waited), 3)
+        if batch is None:
+            return
+        yield batch
+        yield from self.iterator
+
+    def close(self) -> None:
+        """Stop the pipeline without taking a batch from it."""
+        self.future.result()
+        self.iterator.close()
 
 
 def _done(value: Any) -> Any:
@@ -768,7 +813,9 @@ def report(run: WorkerRun, epoch: int, totals: np.ndarray, conf: np.ndarray | No
         if not math.isnan(score) else "not validated (train.val_every)"
     print(f"[{run.arch}] epoch {epoch} step {run.clock.steps} {elapsed:.0f}/{limit} loss {loss:.4f} {validated} "
           f"({row['images_per_s']:.1f} img/s, {run.precision})", flush=True)
-    progress = {"elapsed_s": round(elapsed, 3), "steps": run.clock.steps, "epochs": epoch, "stopped_by": stopped_by}
+    progress = {"elapsed_s": round(elapsed, 3), "steps": run.clock.steps, "epochs": epoch, "stopped_by": stopped_by,
+                "loop_started_at": run.loop_started_at, "first_batch_s": run.first_batch_s,
+                "reported_at": time.time()}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "ckpt"
         meta = {**run.meta, "epoch": epoch, "metrics": row, "history": run.history, "restarts": run.restarts,
@@ -877,15 +924,17 @@ def augment_config(p: TrainParams, meta: dict[str, Any]) -> Any:
 
 
 def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, meta: dict[str, Any],
-        cpus_per_worker: float, init: InitFrom | None = None) -> Any:
-    """Build the Ray Data datasets and run ``TorchTrainer``; returns the Ray ``Result``."""
+        cpus_per_worker: float, init: InitFrom | None = None, train_tables: list[Any] | None = None,
+        marks: dict[str, float] | None = None) -> Any:
+    """Build the Ray Data datasets and run ``TorchTrainer``; returns the Ray ``Result``.
+    ``train_tables``: the train split, already read and verified (``read_train_split``); ``marks``
+    gets the time the dataset was ready."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from segpipe.data import build_train_dataset, warm_up_decoders
+    from segpipe.data import build_train_dataset
     from segpipe.storage import resolve
 
-    warm_up_decoders()
     fail_at = os.environ.get(FAIL_AT_EPOCH_ENV)
     config = {"params": as_dict(p), "arch": arch, "meta": meta, "has_val": shards.rows("val") > 0,
               "shards": shards.to_dict(), "cpus_per_worker": cpus_per_worker,
@@ -895,6 +944,10 @@ def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, me
               "keep_in": resolve(storage, "train.storage_path").child(name).uri if p.workers == 0 else None,
               "attempt": f"{os.getpid()}-{time.time_ns()}",
               "fail_marker": resolve(storage, "train.storage_path").child(name, "failed-once").uri}
+    train = build_train_dataset(shards, augment_config(p, meta), p.batch_size, cache=p.cache_shards,
+                                tables=train_tables)
+    if marks is not None:
+        marks["dataset"] = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -910,7 +963,7 @@ def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, me
                 num_to_keep=p.num_to_keep, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
         ),
-        datasets={"train": build_train_dataset(shards, augment_config(p, meta), p.batch_size, cache=p.cache_shards)},
+        datasets={"train": train},
         # One worker reads the whole dataset; several split it (streaming_split) between them.
         dataset_config=ray.train.DataConfig(datasets_to_split="all" if p.workers > 1 else []),
     )
@@ -927,40 +980,39 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
     ``started_at`` (``time.time()`` of the process start, by default now) is where ``startup_s``
     is counted from: everything of the run that is not its epoch loop.
     """
-    from segpipe.checkpoint import CheckpointMeta, load_meta, write_meta
-    from segpipe.models import MODELS, spec_of
+    from segpipe.cluster import connect
     from segpipe.shards import ShardSet, open_shards, verify_split
     from segpipe.storage import delete, output_dir, resolve
 
     started_at = time.time() if started_at is None else started_at
-    if arch not in MODELS:
-        raise ParamsError(f"--arch {arch!r}: unknown architecture; valid: {', '.join(MODELS)}")
+    marks = {"run": time.time()}  # wall-clock times of the start-up's phases (startup_phases)
     p = params_for(params, arch)
     out = resolve(out, "--out")
     runs = resolve(p.storage_path, "train.storage_path") if p.storage_path else out.parent.child(".ray_results")
     shards = shards if isinstance(shards, ShardSet) else open_shards(resolve(shards, "--shards"))
-    for split in ("train", "val"):  # fail here, naming the file, rather than inside a Ray worker
+    # Fail here, naming the file, rather than inside a Ray worker. With cache_shards the train
+    # split is read (and verified) once, here, for the object store.
+    train_tables = read_train_split(shards) if p.cache_shards else None
+    for split in ("val",) if p.cache_shards else ("train", "val"):
         if shards.rows(split):
             verify_split(shards, split)
+    # Before Ray starts (and, when it is set, importing torch before Ray: see plan)
     init = resolve_init_from(p, arch, init_from_key(params, arch))
-    spec = spec_of(arch)
-    meta = {
-        "arch": arch, "task": spec.task, "model_kwargs": model_kwargs_for(p, arch, shards),
-        "num_classes": shards.num_classes, "classes": list(shards.classes), "thing_ids": shards.thing_ids,
-        "ignore_index": shards.ignore_index, "image_size": p.image_size, "params": as_dict(p),
-        "shards_manifest_sha256": shards.manifest_sha256, "needs_instances": spec.outputs != {"semantic"},
-        "parent": init.parent() if init else None,
-    }
-    fingerprint = run_fingerprint(as_dict(p), shards.manifest_sha256, code_sha256(), init.sha256 if init else None)
-    run_name = f"{arch}-{fingerprint}"
-    storage = runs.uri
-    from segpipe.cluster import connect
-
+    marks["verified"] = time.time()
+    run_name = None
     try:
         with connect(ray_address) as started:
             import ray  # after connect: it sets the auth mode that Ray reads when it initialises
             import ray.train
 
+            from segpipe.data import warm_up_decoders
+
+            # A Ray worker process starts and imports the decoders while this one imports torch and
+            # the models: Ray Data's first tasks then find it ready (2 cores: the two overlap).
+            warm_up_decoders()
+            marks["connected"] = time.time()
+            meta, run_name = plan(p, arch, shards, init)
+            marks["planned"] = time.time()
             try:
                 cpw = p.cpus_per_worker
                 if started and p.workers:
@@ -969,7 +1021,7 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
                     if cpw != p.cpus_per_worker:
                         print(f"[{arch}] {p.workers} worker(s) x {p.cpus_per_worker} CPU would starve Ray Data on "
                               f"{total:g} CPUs; using {cpw} CPU per worker", file=sys.stderr)
-                result = fit(p, arch, shards, storage, run_name, meta, cpw, init)
+                result = fit(p, arch, shards, runs.uri, run_name, meta, cpw, init, train_tables, marks)
             except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
                 raise TrainError(f"[{arch}] training failed: {root_cause(e)}") from e
             except Exception as e:  # local mode: the training function's own error, raised here
@@ -977,9 +1029,11 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
                     raise
                 raise TrainError(f"[{arch}] training failed: {type(e).__name__}: {e}") from e
     finally:
-        if runs.local:
+        if runs.local and run_name:
             # Checkpoints cut short (a full disk, a kill) are removed: they free the space and are never resumed from.
             prune_incomplete_checkpoints(runs.child(run_name).local_path())
+    from segpipe.checkpoint import CheckpointMeta, load_meta, write_meta
+
     if getattr(result, "error", None):
         raise TrainError(f"[{arch}] training failed: {root_cause(result.error)}")
     # One after the other, never nested: when the best checkpoint is also the last they are one
@@ -997,7 +1051,8 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
             shutil.copytree(d, tmp / "checkpoint")
             write_meta(tmp / "checkpoint", CheckpointMeta.from_json(final))
             atomic_write_text(tmp / "history.tsv", history_tsv(history))
-            wall = time.time() - started_at
+            marks["end"] = time.time()
+            wall = marks["end"] - started_at
             train_s = float(progress["elapsed_s"])
             summary = {
                 "arch": arch, "best_epoch": best_meta.epoch, "best_val_score": best_meta.metrics["val_score"],
@@ -1008,6 +1063,7 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
                 "parent": best_meta.parent,
                 "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 3),
                 "train_s": round(train_s, 1), "startup_s": round(wall - train_s, 1), "wall_s": round(wall, 1),
+                "startup_phases": startup_phases(started_at, marks, last_meta.run),
             }
             atomic_write_json(tmp / "metrics.json", summary)
     # A finished run leaves nothing to resume: the next run with the same inputs starts afresh.
@@ -1017,6 +1073,50 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
     print(f"[{arch}] {kept}; "
           f"{summary['steps']} steps in {summary['train_s']} s, start-up {summary['startup_s']} s; wrote {out}")
     return summary
+
+
+def plan(p: TrainParams, arch: str, shards: ShardSet, init: InitFrom | None) -> tuple[dict[str, Any], str]:
+    """What the driver settles before the trainer starts: the checkpoint meta every worker starts
+    with, and the run's name (``<arch>-<fingerprint>``, the same for the same inputs, so that a
+    killed run's rerun resumes it). It imports torch and the models: ``run`` calls it once Ray is
+    connected, so that a Ray worker starts meanwhile."""
+    from segpipe.models import MODELS, spec_of
+
+    if arch not in MODELS:
+        raise ParamsError(f"--arch {arch!r}: unknown architecture; valid: {', '.join(MODELS)}")
+    spec = spec_of(arch)
+    meta = {
+        "arch": arch, "task": spec.task, "model_kwargs": model_kwargs_for(p, arch, shards),
+        "num_classes": shards.num_classes, "classes": list(shards.classes), "thing_ids": shards.thing_ids,
+        "ignore_index": shards.ignore_index, "image_size": p.image_size, "params": as_dict(p),
+        "shards_manifest_sha256": shards.manifest_sha256, "needs_instances": spec.outputs != {"semantic"},
+        "parent": init.parent() if init else None,
+    }
+    fingerprint = run_fingerprint(as_dict(p), shards.manifest_sha256, code_sha256(), init.sha256 if init else None)
+    return meta, f"{arch}-{fingerprint}"
+
+
+def read_train_split(shards: ShardSet) -> list[Any]:
+    """The train split's shards as tables, each verified against the manifest as it is read."""
+    from segpipe.shards import read_shard
+
+    return [read_shard(shards, f) for f in shards.files_of("train")] if shards.rows("train") else []
+
+
+def startup_phases(started_at: float, marks: dict[str, float], progress: dict[str, Any]) -> dict[str, float]:
+    """Where a run's seconds outside its epoch loop went, in order: the process start and imports
+    until ``run``, reading and verifying the shards, connecting to Ray, ``plan`` (importing torch and
+    the models, resolving init_from), the Ray Data dataset, the trainer until the epoch loop starts (Ray Train's controller and worker,
+    the model, the precision trial), and from the last report to the end (the output written).
+    ``first_batch_s`` is inside the epoch loop (``train_s``): Ray Data's first batch of this process."""
+    loop = float(progress.get("loop_started_at") or marks["end"])
+    reported = float(progress.get("reported_at") or marks["end"])
+    phases = {"imports_s": marks["run"] - started_at, "shards_s": marks["verified"] - marks["run"],
+              "ray_connect_s": marks["connected"] - marks["verified"], "plan_s": marks["planned"] - marks["connected"],
+              "dataset_s": marks.get("dataset", marks["end"]) - marks["planned"],
+              "trainer_s": loop - marks.get("dataset", loop), "finish_s": marks["end"] - reported,
+              "first_batch_s": float(progress.get("first_batch_s") or 0.0)}
+    return {k: round(v, 2) for k, v in phases.items()}
 
 
 def final_checkpoints(result: Any, kept_in: str | None, arch: str) -> tuple[Any, Any]:
