@@ -1,9 +1,16 @@
 """``segpipe train``: one architecture, Ray Train ``TorchTrainer`` fed by Ray Data.
 
-Layers: pure helpers (params per architecture, class weights, precision, the schedule over a
-wall-clock budget, resource planning), the per-epoch verbs ``train_one_epoch`` / ``validate``
-(plain PyTorch, shared with the benchmarks' loops), ``train_loop_per_worker`` (what runs inside
-each Ray worker), ``fit`` (the only function that touches ``TorchTrainer``), ``run`` and ``main``.
+Layers: pure helpers (params per architecture, class weights, the schedule over a wall-clock
+budget, the model a run is fine-tuned from, resource planning, which checkpoints to keep), the
+verbs ``train_step`` / ``train_one_epoch`` / ``validate`` (plain PyTorch, shared with the
+benchmarks' loops and the precision trial), ``train_loop_per_worker`` (what runs inside each Ray
+Train worker), ``fit`` (the only function that touches ``TorchTrainer``), ``run`` and ``main``.
+
+``train.workers: 0`` (the default) is Ray Train's local mode: the same training function and the
+same ``ray.train`` calls run in this process, without a controller or worker actors; Ray then
+keeps no checkpoint, so the function keeps its own in the run folder (best ``num_to_keep`` and
+the latest) and resumes from them. ``workers >= 1`` starts that many worker actors (a cluster,
+and ``max_failures`` restarts within a run).
 
 A run stops when ``train.budget_s`` seconds of epoch loop are spent or ``train.epochs`` are
 done, whichever comes first; the learning rate warms up, then decays linearly to zero at the end
@@ -13,7 +20,8 @@ Output directory ``OUT``::
 
     OUT/checkpoint/      best checkpoint by validation score (segpipe.checkpoint layout)
     OUT/history.tsv      learning curves: one row per epoch, with elapsed seconds (DVC plots)
-    OUT/metrics.json     best score, epochs and steps run, throughput, startup_s / train_s (DVC metrics)
+    OUT/metrics.json     best score, epochs and steps run, throughput, startup_s / train_s and its
+                         phases, the precision chosen (and its trial), the parent model (DVC metrics)
 """
 
 from __future__ import annotations
