@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PHASES = ("imports_s", "shards_s", "ray_connect_s", "dataset_s", "trainer_s", "first_batch_s", "finish_s")
+PHASES = ("imports_s", "shards_s", "ray_connect_s", "plan_s", "dataset_s", "trainer_s", "first_batch_s", "finish_s")
 
 
 def make_shards(root: Path) -> Path:
