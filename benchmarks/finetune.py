@@ -11,7 +11,7 @@
 Everything goes through the real ``segpipe train`` code (one local Ray for all runs).
 
     python benchmarks/finetune.py [--images 2000] [--site-images 500] [--parent-budget 75] [--budget 25]
-                                  [--scales 1.0 0.3 0.1] [--warmups 0.02]
+                                  [--parent-epochs N --epochs M] [--scales 1.0 0.3 0.1] [--warmups 0.02]
 """
 
 from __future__ import annotations
@@ -52,41 +52,60 @@ def main() -> None:
     ap.add_argument("--site-images", type=int, default=500)
     ap.add_argument("--parent-budget", type=float, default=75.0)
     ap.add_argument("--budget", type=float, default=25.0)
+    ap.add_argument("--parent-epochs", type=int, default=0,
+                    help="train the parent for this many epochs instead of a budget (a shared host's load then "
+                         "changes the time, not the work)")
+    ap.add_argument("--epochs", type=int, default=0, help="the same for the other runs")
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     ap.add_argument("--warmups", type=float, nargs="+", default=[0.02])
     args = ap.parse_args()
 
     from segpipe.cluster import connect
     from segpipe.shards import open_shards
-    from segpipe.stages.train import run
 
     base = dataclasses.replace(TrainParams(), architectures=["unet"], overrides={}, val_every=0)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="segpipe-finetune-") as tmp, connect():
+    with tempfile.TemporaryDirectory(prefix="segpipe-finetune-") as tmp:
         root = Path(tmp)
-        first, both = make_data(root, args.images, args.site_images)
+        first, both = make_data(root, args.images, args.site_images)  # before Ray: its workers are forked
         shards = open_shards(both)
-        parent = run(dataclasses.replace(base, budget_s=args.parent_budget), "unet", first, root / "parent")
-        rows.append(("parent (default site only)", args.parent_budget, parent["steps"],
-                     score(root / "parent" / "checkpoint", shards)))
-        scratch = run(dataclasses.replace(base, budget_s=args.budget), "unet", both, root / "scratch")
-        rows.append(("from scratch", args.budget, scratch["steps"], score(root / "scratch" / "checkpoint", shards)))
-        for warmup in args.warmups:
-            for scale in args.scales:
-                p = dataclasses.replace(base, budget_s=args.budget, init_from=str(root / "parent" / "checkpoint"),
-                                        finetune_lr_scale=scale, finetune_warmup=warmup)
-                out = root / f"ft-{scale}-{warmup}"
-                s = run(p, "unet", both, out)
-                rows.append((f"fine-tuned, lr x {scale:g}, warm-up {warmup:g}", args.budget, s["steps"],
-                             score(out / "checkpoint", shards)))
+        with connect():
+            rows = runs(args, base, root, first, shards)
+    print_table(rows, shards)
 
+
+def runs(args: argparse.Namespace, base: TrainParams, root: Path, first: Path, shards) -> list[tuple]:
+    """(name, budget, steps, scores) of the parent, the from-scratch run and every fine-tuned run."""
+    from segpipe.stages.train import run
+
+    def limit(budget: float, epochs: int) -> dict:
+        return {"budget_s": 0.0, "epochs": epochs} if epochs else {"budget_s": budget}
+
+    parent = run(dataclasses.replace(base, **limit(args.parent_budget, args.parent_epochs)), "unet", first,
+                 root / "parent")
+    rows = [("parent (default site only)", parent["train_s"], parent["steps"],
+             score(root / "parent" / "checkpoint", shards))]
+    short = limit(args.budget, args.epochs)
+    scratch = run(dataclasses.replace(base, **short), "unet", shards, root / "scratch")
+    rows.append(("from scratch", scratch["train_s"], scratch["steps"], score(root / "scratch" / "checkpoint", shards)))
+    for warmup in args.warmups:
+        for scale in args.scales:
+            p = dataclasses.replace(base, **short, init_from=str(root / "parent" / "checkpoint"),
+                                    finetune_lr_scale=scale, finetune_warmup=warmup)
+            out = root / f"ft-{scale}-{warmup}"
+            s = run(p, "unet", shards, out)
+            rows.append((f"fine-tuned, lr x {scale:g}, warm-up {warmup:g}", s["train_s"], s["steps"],
+                         score(out / "checkpoint", shards)))
+    return rows
+
+
+def print_table(rows: list[tuple], shards) -> None:
     collections = sorted({k for *_, m in rows for k in m if k != "all"})
     print(f"\nUNet val mIoU on default + site2 shards ({shards.rows('val')} val images); "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| run | budget s | steps | val mIoU | " + " | ".join(collections) + " |")
+    print("| run | train s | steps | val mIoU | " + " | ".join(collections) + " |")
     print("|---|---|---|---|" + "---|" * len(collections))
-    for name, budget, steps, m in rows:
-        print(f"| {name} | {budget:g} | {steps} | {m['all']:.3f} | "
+    for name, seconds, steps, m in rows:
+        print(f"| {name} | {seconds:g} | {steps} | {m['all']:.3f} | "
               + " | ".join(f"{m.get(c, float('nan')):.3f}" for c in collections) + " |")
 
 

@@ -51,7 +51,7 @@ def rates(arch: str, num_classes: int, thing_ids: list[int], rows: list[dict], s
     batch = collate_targets(prepare_rows(rows, AugmentConfig(size=size), True, np.random.default_rng(0)))
     torch.manual_seed(0)
     return time_settings(lambda: build_model(arch, num_classes, **kw), TrainParams(), batch, settings,
-                         warmup=2, rounds=rounds)
+                         warmup=2, rounds=rounds, drop_slower=float("inf"))
 
 
 def auto_choice(arch: str, shards, size: int, batch: int, cache: Path) -> tuple[Setting, float]:

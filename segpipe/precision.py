@@ -134,13 +134,20 @@ def host_description(device: Any) -> str:
     return f"cpu: {model}; flags sha256 {hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
-def trial_key(arch: str, model_kwargs: Mapping[str, Any], image_size: int, batch_size: int, threads: int,
-              candidates: Sequence[Setting], host: str, torch_version: str) -> str:
-    """What a cached choice is valid for: the model, the crop and batch, the threads, the candidates
-    tried, the host (CPU model and flags, or GPU) and the torch version."""
-    blob = json.dumps({"arch": arch, "model_kwargs": model_kwargs, "image_size": image_size, "batch_size": batch_size,
-                       "threads": threads, "candidates": [s.name for s in candidates], "host": host,
-                       "torch": torch_version}, sort_keys=True, default=str)
+# Build arguments that are facts of the data, not of the network's shape (the class weights come
+# from the train split's pixel counts): a new data version does not call for a new trial.
+DATA_KWARGS = ("class_weights",)
+
+
+def trial_key(arch: str, num_classes: int, model_kwargs: Mapping[str, Any], image_size: int, batch_size: int,
+              threads: int, candidates: Sequence[Setting], host: str, torch_version: str) -> str:
+    """What a cached choice is valid for: the model (architecture, classes, build arguments but
+    DATA_KWARGS), the crop and batch, the threads, the candidates tried, the host (CPU model and
+    flags, or GPU) and the torch version."""
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in DATA_KWARGS}
+    blob = json.dumps({"arch": arch, "num_classes": num_classes, "model_kwargs": kwargs, "image_size": image_size,
+                       "batch_size": batch_size, "threads": threads, "candidates": [s.name for s in candidates],
+                       "host": host, "torch": torch_version}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

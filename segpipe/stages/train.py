@@ -403,11 +403,13 @@ def train_step(model: Any, images: Any, targets: list[dict[str, Any]], optimizer
 
 
 def time_settings(build: Callable[[], Any], p: TrainParams, batch: tuple[Any, list[dict[str, Any]]],
-                  settings: Sequence[Any], warmup: int = 1, rounds: int = 2) -> dict[Any, float]:
+                  settings: Sequence[Any], warmup: int = 1, rounds: int = 2, drop_slower: float = 1.5) -> dict[Any, float]:
     """Training images/s of each of ``settings`` (``segpipe.precision.Setting``): a model from
     ``build()`` per setting, ``warmup`` untimed steps each, then ``rounds`` rounds of one timed step
     of every setting in turn (a host whose load changes slows all alike); the rate is from each
-    setting's fastest step, the one least disturbed by other work on the host."""
+    setting's fastest step, the one least disturbed by other work on the host. A setting already
+    ``drop_slower`` times slower than the fastest sits out the later rounds: it cannot win, and
+    the trial counts toward the run's start-up."""
     import torch
 
     images, targets = batch
@@ -420,7 +422,10 @@ def time_settings(build: Callable[[], Any], p: TrainParams, batch: tuple[Any, li
         runs.append((s, model, make_optimizer(model, p), torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")))
     best = {s: math.inf for s in settings}
     for i in range(warmup + rounds):
+        fastest = min(best.values())
         for s, model, optimizer, scaler in runs:
+            if best[s] > drop_slower * fastest:
+                continue
             t0 = time.perf_counter()
             train_step(model, images, targets, optimizer, scaler, s.precision, s.channels_last, p.grad_clip)
             if device.type == "cuda":
@@ -451,8 +456,8 @@ def choose_setting(p: TrainParams, arch: str, meta: dict[str, Any], device: Any,
     if len(settings) == 1:
         return settings[0], {"choice": settings[0].name, "source": "explicit"}
     threads = torch.get_num_threads()
-    key = prec.trial_key(arch, meta["model_kwargs"], p.image_size, p.batch_size, threads, settings,
-                         prec.host_description(device), torch.__version__)
+    key = prec.trial_key(arch, meta["num_classes"], meta["model_kwargs"], p.image_size, p.batch_size, threads,
+                         settings, prec.host_description(device), torch.__version__)
     cached = prec.read_cached(prec.cache_path(), key)
     if cached is not None:
         return prec.Setting.parse(cached["choice"]), {**cached, "source": "cache"}
