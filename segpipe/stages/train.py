@@ -720,7 +720,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     iter_kw = {"batch_size": batch_size, "device": device, "pin_memory": device.type == "cuda"}
     # Ray Data starts its pipeline while the model is built (and its precision measured).
     first = FirstBatch(train_shard.iter_torch_batches(**iter_kw))
-    run = setup_worker(config)
+    try:
+        run = setup_worker(config)
+    except BaseException:
+        first.close()  # in local mode, a pipeline left running would outlive Ray's disconnect
+        raise
     run.clock.started = time.perf_counter()  # the epoch loop starts now
     run.loop_started_at = time.time()
     for epoch in range(run.start_epoch, run.p.epochs + 1):
@@ -778,7 +782,8 @@ class FirstBatch:
 
     def close(self) -> None:
         """Stop the pipeline without taking a batch from it."""
-        self.future.result()
+        with contextlib.suppress(Exception):  # its error, if any, is not the one to report
+            self.future.result()
         self.iterator.close()
 
 

@@ -557,6 +557,10 @@ def test_init_from_errors_name_the_key_and_the_version(tiny_shards, tmp_path):
         resolve_init_from(TrainParams(init_from="v7", registry=str(reg)), "unet", "train.init_from")
     with pytest.raises(InitFromError, match=r"train.init_from = 'nowhere': .*neither an alias"):
         resolve_init_from(TrainParams(init_from="nowhere"), "unet", "train.init_from")
+    unreadable = write_parent(tmp_path / "unreadable", classes)
+    (unreadable / "meta.json").write_text('{"format": "segpipe-checkpoint/1", "arch": ')
+    with pytest.raises(InitFromError, match=r"train.init_from = '.*unreadable': .*meta.json: not valid JSON"):
+        resolve_init_from(TrainParams(init_from=str(unreadable)), "unet", "train.init_from")
     _flip_byte(reg / "v1" / "model.safetensors", 200)  # the registry's copy tampered with
     with pytest.raises(InitFromError, match=r"train.init_from = 'champion' \(v1\): .*v1/model.safetensors: sha256 .* "
                                             r"does not match the registry"):
