@@ -56,6 +56,7 @@ def main() -> None:
                     help="train the parent for this many epochs instead of a budget (a shared host's load then "
                          "changes the time, not the work)")
     ap.add_argument("--epochs", type=int, default=0, help="the same for the other runs")
+    ap.add_argument("--work", type=Path, help="keep the data and the parent here and reuse them on the next run")
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     ap.add_argument("--warmups", type=float, nargs="+", default=[0.02])
     args = ap.parse_args()
@@ -65,8 +66,11 @@ def main() -> None:
 
     base = dataclasses.replace(TrainParams(), architectures=["unet"], overrides={}, val_every=0)
     with tempfile.TemporaryDirectory(prefix="segpipe-finetune-") as tmp:
-        root = Path(tmp)
-        first, both = make_data(root, args.images, args.site_images)  # before Ray: its workers are forked
+        root = args.work or Path(tmp)
+        if (root / "shards2" / "manifest.json").is_file():
+            first, both = root / "shards", root / "shards2"
+        else:
+            first, both = make_data(root, args.images, args.site_images)  # before Ray: its workers are forked
         shards = open_shards(both)
         with connect():
             rows = runs(args, base, root, first, shards)
@@ -80,8 +84,13 @@ def runs(args: argparse.Namespace, base: TrainParams, root: Path, first: Path, s
     def limit(budget: float, epochs: int) -> dict:
         return {"budget_s": 0.0, "epochs": epochs} if epochs else {"budget_s": budget}
 
-    parent = run(dataclasses.replace(base, **limit(args.parent_budget, args.parent_epochs)), "unet", first,
-                 root / "parent")
+    if (root / "parent" / "metrics.json").is_file():
+        import json
+
+        parent = json.loads((root / "parent" / "metrics.json").read_text())
+    else:
+        parent = run(dataclasses.replace(base, **limit(args.parent_budget, args.parent_epochs)), "unet", first,
+                     root / "parent")
     rows = [("parent (default site only)", parent["train_s"], parent["steps"],
              score(root / "parent" / "checkpoint", shards))]
     short = limit(args.budget, args.epochs)

@@ -391,7 +391,8 @@ def train_step(model: Any, images: Any, targets: list[dict[str, Any]], optimizer
         losses = model(images, targets)
         loss = sum(losses.values())
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {float(loss)} ({ {k: float(v) for k, v in losses.items()} })")
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+        raise FloatingPointError(f"non-finite loss {float(loss.detach())} ({terms})")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip > 0:
@@ -420,19 +421,23 @@ def time_settings(build: Callable[[], Any], p: TrainParams, batch: tuple[Any, li
         if s.channels_last:
             model = model.to(memory_format=torch.channels_last)
         runs.append((s, model, make_optimizer(model, p), torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")))
-    best = {s: math.inf for s in settings}
+    best, failed = {s: math.inf for s in settings}, set()
     for i in range(warmup + rounds):
         fastest = min(best.values())
         for s, model, optimizer, scaler in runs:
-            if best[s] > drop_slower * fastest:
+            if s in failed or best[s] > drop_slower * fastest:
                 continue
             t0 = time.perf_counter()
-            train_step(model, images, targets, optimizer, scaler, s.precision, s.channels_last, p.grad_clip)
+            try:
+                train_step(model, images, targets, optimizer, scaler, s.precision, s.channels_last, p.grad_clip)
+            except FloatingPointError:  # a setting whose loss overflows is no candidate: rated 0
+                failed.add(s)
+                continue
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= warmup:
                 best[s] = min(best[s], time.perf_counter() - t0)
-    return {s: round(images.shape[0] / t, 2) for s, t in best.items()}
+    return {s: 0.0 if s in failed else round(images.shape[0] / t, 2) for s, t in best.items()}
 
 
 def choose_setting(p: TrainParams, arch: str, meta: dict[str, Any], device: Any,

@@ -228,6 +228,26 @@ def test_the_timed_trial_runs_real_training_steps():
     assert list(rates) == settings and all(r > 0 for r in rates.values())
 
 
+def test_a_setting_whose_loss_overflows_is_rated_zero():
+    import torch
+
+    from segpipe.precision import Setting
+    from segpipe.stages.train import time_settings
+
+    class Overflows(torch.nn.Module):  # a finite loss in fp32, inf under autocast
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets):
+            scale = float("inf") if torch.is_autocast_enabled("cpu") else 1.0
+            return {"loss": (self.w * images).mean() * scale}
+
+    batch = (torch.ones(2, 3, 4, 4), [{}, {}])
+    rates = time_settings(Overflows, TrainParams(), batch, [Setting("fp32", False), Setting("bf16", False)])
+    assert rates[Setting("bf16", False)] == 0.0 and rates[Setting("fp32", False)] > 0
+
+
 def test_class_weights_favour_rare_classes_and_leave_absent_ones_neutral():
     w = class_weights([900, 100, 25, 0])
     # the median frequency of the present classes is 100's: sqrt(100 / count)
