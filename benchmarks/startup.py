@@ -40,14 +40,25 @@ def make_shards(root: Path) -> Path:
     return root / "shards"
 
 
-def one_run(arch: str, shards: Path, root: Path, workers: int, env: dict[str, str]) -> dict:
-    params = root / f"params-{workers}.yaml"
-    params.write_text(f"train:\n  architectures: [{arch}]\n  workers: {workers}\n  budget_s: 0.01\n"
-                      "  val_every: 0\n  overrides: {}\n")
-    out = root / f"out-{workers}"
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def one_run(arch: str, shards: Path, root: Path, workers: int, env: dict[str, str], default: bool = False) -> dict:
+    """One ``segpipe train``, timed whole. ``default``: the repository's params.yaml (the default run's
+    per-architecture crops, batches and models), only the budget and validation changed."""
+    if default:
+        params = REPO_PARAMS
+        sets = [f"train.workers={workers}", f"train.overrides.{arch}.budget_s=0.01", f"train.overrides.{arch}.val_every=0"]
+    else:
+        params = root / f"params-{workers}.yaml"
+        params.write_text(f"train:\n  architectures: [{arch}]\n  workers: {workers}\n  budget_s: 0.01\n"
+                          "  val_every: 0\n  overrides: {}\n")
+        sets = []
+    out = root / f"out-{arch}-{workers}"
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "segpipe", "train", "--arch", arch, "--shards", str(shards),
-                           "--out", str(out), "--params", str(params)], env=env, capture_output=True, text=True)
+                           "--out", str(out), "--params", str(params), *(a for s in sets for a in ("--set", s))],
+                          env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"segpipe train (workers {workers}) failed:\n{done.stderr[-3000:]}")
@@ -67,6 +78,27 @@ def load_average() -> str:
         return "n/a"
 
 
+def every_arch(shards: Path, root: Path, env: dict[str, str]) -> None:
+    """Each architecture of the default run in local mode (its precision trial cached by a first,
+    untimed run), and the training share its default budgets would give with that start-up."""
+    from segpipe.params import load_section
+    from segpipe.stages.train import params_for
+
+    params = load_section("train", REPO_PARAMS)
+
+    print(f"{'arch':<11} {'wall s':>7} {'startup_s':>9}  " + " ".join(f"{p[:-2]:>11}" for p in PHASES), flush=True)
+    budgets, startups = 0.0, 0.0
+    for arch in params.architectures:
+        one_run(arch, shards, root, 0, env, default=True)
+        r = one_run(arch, shards, root, 0, env, default=True)
+        print(f"{arch:<11} {r['wall']:>7.1f} {r['startup_s']:>9.1f}  " + " ".join(f"{r[p]:>11.2f}" for p in PHASES),
+              flush=True)
+        budgets += params_for(params, arch).budget_s
+        startups += r["startup_s"]
+    print(f"training share of the default budgets ({budgets:g} s) with these start-ups ({startups:.1f} s): "
+          f"{budgets / (budgets + startups):.3f}; load average {load_average()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=Path, help="shard folder (default: generate the default run's data)")
@@ -74,6 +106,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", type=int, nargs="+", default=[0, 1], help="train.workers of each mode")
     ap.add_argument("--own-ray", action="store_true", help="each command starts its own Ray")
+    ap.add_argument("--all-archs", action="store_true",
+                    help="instead: every architecture once in local mode with the default run's params.yaml, after "
+                         "an untimed run each, and the training share of the default budgets")
     args = ap.parse_args()
 
     from segpipe.cluster import local_ray
@@ -95,6 +130,10 @@ def main() -> None:
                           f"startup_s {runs[m][-1]['startup_s']}", flush=True)
                 loads.append(load_average())
 
+        if args.all_archs:
+            with local_ray() as env:
+                every_arch(shards, root, {**base, **env})
+            return
         if args.own_ray:
             measure(base)
         else:
