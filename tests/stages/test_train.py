@@ -292,6 +292,19 @@ def test_stop_cause_is_the_budget_when_the_last_checkpoint_was_written_before_it
     assert stop_cause({"epochs": 2, "stopped_by": None}, budget_s=0, epochs=3) == "epochs"
 
 
+def test_startup_phases_account_for_the_time_outside_the_epoch_loop():
+    from segpipe.stages.train import startup_phases
+
+    marks = {"run": 101.0, "verified": 101.5, "connected": 102.0, "planned": 104.0, "dataset": 104.25, "end": 120.0}
+    progress = {"loop_started_at": 105.0, "reported_at": 119.0, "first_batch_s": 0.75, "elapsed_s": 14.0}
+    phases = startup_phases(100.0, marks, progress)
+    assert phases == {"imports_s": 1.0, "shards_s": 0.5, "ray_connect_s": 0.5, "plan_s": 2.0, "dataset_s": 0.25,
+                      "trainer_s": 0.75, "finish_s": 1.0, "first_batch_s": 0.75}
+    # everything but the epoch loop is start-up: the phases add up to wall - train_s
+    wall = marks["end"] - 100.0
+    assert sum(v for k, v in phases.items() if k != "first_batch_s") == wall - progress["elapsed_s"]
+
+
 def test_history_tsv_columns():
     text = history_tsv([{"epoch": 1, "steps": 4, "elapsed_s": 2.5, "train_loss": 0.5, "val_score": None,
                          "images_per_s": 3.0, "lr": 0.1}])
