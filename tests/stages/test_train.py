@@ -720,3 +720,22 @@ def test_local_mode_and_a_worker_actor_train_the_same_model(ray_session, tiny_sh
         weights[workers] = sha256_file(out / "checkpoint" / "model.safetensors")
         assert load_meta(out / "checkpoint").run["steps"] == 2 * steps_per_epoch(rows, 4, 1)
     assert weights[0] == weights[1]
+
+
+@pytest.mark.slow
+def test_local_mode_keeps_and_resumes_its_checkpoints_on_an_object_store(ray_session, s3, tiny_shards, tmp_path,
+                                                                          monkeypatch):
+    from segpipe.stages.train import run
+
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    p = tiny_params(epochs=3, storage_path=s3.uri("ray"))
+    with pytest.raises(TrainError, match="injected failure at epoch 2"):
+        run(p, "unet", tiny_shards, tmp_path / "out")
+    (run_name,) = {k.split("/")[0] for k in s3.files("ray")}
+    assert [k.epoch for k in kept_checkpoints(s3.uri("ray", run_name))] == [1]
+    assert {"checkpoint_000001/meta.json", "checkpoint_000001/train_state.safetensors"} <= set(
+        s3.files(f"ray/{run_name}"))
+    run(p, "unet", tiny_shards, tmp_path / "out")
+    meta = load_meta(tmp_path / "out" / "checkpoint")
+    assert [(r["resumed_from_epoch"], r["after"]) for r in meta.restarts] == [(1, "interrupted run")]
+    assert s3.files("ray") == []  # a finished run leaves nothing to resume
