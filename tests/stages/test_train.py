@@ -177,6 +177,8 @@ def test_an_explicit_precision_skips_the_trial(monkeypatch, tmp_path):
         assert setting.name == expected and record == {"choice": expected, "source": "explicit"}
     with pytest.raises(ParamsError, match="train.precision.*fp16.*CUDA"):
         choose_setting(TrainParams(precision="fp16"), "unet", meta, torch_cpu(), measure=never)
+    with pytest.raises(ParamsError, match="channels_last.*auto, true or false"):
+        TrainParams(channels_last="sometimes")
     assert not list(tmp_path.iterdir())  # nothing cached
 
 
