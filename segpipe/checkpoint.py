@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from segpipe.errors import UserError
-from segpipe.files import atomic_dir, atomic_write_json, sha256_file
+from segpipe.files import atomic_dir, atomic_write_json, sha256_bytes, sha256_file
 
 FORMAT = "segpipe-checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -283,9 +283,21 @@ def load_model(
     return model, meta
 
 
-def load_weights(directory: Path | str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The state dict in a checkpoint's weights file (safetensors: nothing is unpickled)."""
-    return load_file(str(Path(directory) / WEIGHTS), device=str(map_location))
+def load_weights(directory: Path | str, map_location: str | torch.device = "cpu",
+                 expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint's weights file (safetensors: nothing is unpickled).
+
+    With ``expected_sha256`` the file is read once, hashed, and parsed only when the hash matches
+    (CheckpointError otherwise): what is verified is what is loaded.
+    """
+    path = Path(directory) / WEIGHTS
+    if expected_sha256 is None:
+        return load_file(str(path), device=str(map_location))
+    data = path.read_bytes()
+    actual = sha256_bytes(data)
+    if actual != expected_sha256:
+        raise CheckpointError(f"{path}: sha256 {actual} does not match the expected {expected_sha256}; refusing to load")
+    return {k: v.to(map_location) for k, v in load(data).items()}
 
 
 def is_complete(directory: Path | str) -> bool:

@@ -19,6 +19,7 @@ augmentation applies to image and labels alike:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,26 @@ def prepare_arrow_batch(table: Any, cfg: AugmentConfig, train: bool) -> dict[str
     return prepare_rows(table.to_pylist(), cfg, train, np.random.default_rng())
 
 
+def synthetic_batch(batch_size: int, size: int, num_classes: int, thing_ids: list[int], ignore_index: int = 255,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """A prepared batch (see the module docstring) of random pixels and labels, for timing a
+    training step: every class appears in the label maps and each image has one square instance
+    of a thing class, so instance models run their mask heads as on real data."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    semantic = rng.integers(0, num_classes, (batch_size, size, size)).astype(np.uint8)
+    semantic[:, :2] = ignore_index
+    instance_map = np.zeros((batch_size, size, size), np.int16)
+    labels = np.full((batch_size, MAX_INSTANCES), -1, np.int32)
+    things = thing_ids or [0]
+    for b in range(batch_size):
+        y, x = (int(v) for v in rng.integers(0, size // 2, 2))
+        instance_map[b, y : y + size // 2, x : x + size // 2] = 1
+        labels[b, 0] = things[b % len(things)]
+    return {"image": image, "semantic": semantic, "instance_map": instance_map, "instance_label": labels,
+            "instance_crowd": np.zeros((batch_size, MAX_INSTANCES), np.uint8)}
+
+
 def collate_targets(batch: dict[str, Any], device: Any = "cpu", non_blocking: bool = False) -> tuple[Any, list[dict[str, Any]]]:
     """Model inputs from a prepared batch: normalised images and per-image target dicts.
 
@@ -231,7 +252,7 @@ def masks_to_boxes(masks: Any) -> Any:
 
 
 def build_train_dataset(shards: ShardSet, cfg: AugmentConfig, batch_size: int, read_cpus: float = 0.5,
-                        cache: bool = True) -> Any:
+                        cache: bool = True, tables: list[Any] | None = None) -> Any:
     """The Ray Data pipeline over the train split: verified shards, then decode and augment per epoch.
 
     With ``cache`` the driver reads and verifies each train shard once and puts its encoded rows in
@@ -239,7 +260,9 @@ def build_train_dataset(shards: ShardSet, cfg: AugmentConfig, batch_size: int, r
     shared disk), and only decoding and augmentation run again each epoch. Without it, read tasks
     verify and read the shards again every epoch: for train splits far larger than the object store.
     Shards may lie on an object store (``shards.root`` a URI): read tasks, and the workers'
-    validation reads, then reach it with their own node's credentials (``AWS_*``).
+    validation reads, then reach it with their own node's credentials (``AWS_*``). With ``cache``,
+    ``tables`` are the train shards the caller already read (``segpipe.shards.read_shard``, which
+    verifies them), so that they are not read and hashed twice.
     """
     import ray
     import ray.data
@@ -251,8 +274,15 @@ def build_train_dataset(shards: ShardSet, cfg: AugmentConfig, batch_size: int, r
         raise ValueError(f"{shards.root}: no train shards (splits in manifest: {shards.splits})")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one progress line per epoch comes from the train loop
+    # Ray Train's local mode iterates in the driver: Ray Data's per-epoch INFO lines (and the note
+    # that progress bars are off) would land between the train loop's lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if cache:
-        rows = ray.data.from_arrow_refs([ray.put(read_shard(shards, f)) for f in files])
+        tables = tables if tables is not None else [read_shard(shards, f) for f in files]
+        # from_blocks puts the tables and takes their metadata here; from_arrow_refs would wait for
+        # a remote task per table (about a second of start-up on 2 cores)
+        rows = ray.data.from_blocks(tables)
     else:
         rows = ray.data.from_items([{"index": i} for i in range(len(files))]).map_batches(
             _read_shards, fn_kwargs={"shards": shards.to_dict()}, batch_size=1, batch_format="pyarrow",

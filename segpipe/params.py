@@ -199,11 +199,16 @@ class TrainParams:
     budget_s: float = 50.0  # wall-clock budget of the epoch loop in seconds; 0 = none (epochs decide)
     batch_size: int = 16
     image_size: int = 96  # training crops (evaluation runs on whole images)
-    workers: int = 1
+    # 0 = Ray Train's local mode: the training function runs in the `segpipe train` process (one
+    # machine: seconds less start-up); >= 1 = that many worker actors (a cluster; max_failures restarts)
+    workers: int = 0
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # Ray placement group strategy
     use_gpu: bool = False
-    precision: str = "auto"  # auto: bf16 autocast on CPUs that support it, fp16 + GradScaler on CUDA
+    # auto: the fastest of the candidate precisions in a short timed trial on this host (cached)
+    precision: str = "auto"
+    # auto: measured with precision auto, else ModelSpec.channels_last under mixed precision
+    channels_last: bool | str = "auto"
     lr: float = 3e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
@@ -225,6 +230,12 @@ class TrainParams:
     threads: int = 0  # torch intra-op threads per worker; 0 = the node's cores / the workers on it
     cache_shards: bool = True  # keep the encoded train split in Ray's object store across epochs
     backbone_weights: str = ""  # optional local file with backbone weights
+    # Fine-tuning: "" (from scratch) | champion | challenger | vN | a checkpoint folder; per
+    # architecture in overrides.<arch>.init_from. The architecture must match.
+    init_from: str = ""
+    registry: str = "models/registry"  # where init_from's aliases and versions are looked up
+    finetune_lr_scale: float = 0.3  # with init_from: peak learning rate = lr x this
+    finetune_warmup: float = 0.02  # with init_from: warm-up share of the run (instead of warmup)
     model: dict[str, dict[str, Any]] = field(default_factory=lambda: {a: dict(k) for a, k in MODEL_KWARGS.items()})
     overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {a: dict(o) for a, o in BUDGETS.items()})
 
@@ -236,11 +247,12 @@ class TrainParams:
             ("budget_s", self.budget_s >= 0, "must be >= 0 seconds (0 = no budget)"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("image_size", self.image_size >= MIN_IMAGE_SIZE, f"must be >= {MIN_IMAGE_SIZE}"),
-            ("workers", self.workers >= 1, "must be >= 1"),
+            ("workers", self.workers >= 0, "must be >= 0 (0 = Ray Train local mode, in this process)"),
             ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
             ("placement_strategy", self.placement_strategy in PLACEMENT_STRATEGIES,
              f"must be one of {', '.join(PLACEMENT_STRATEGIES)}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+            ("channels_last", self.channels_last in (True, False, "auto"), "must be auto, true or false"),
             ("lr", self.lr > 0, "must be > 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
@@ -255,6 +267,9 @@ class TrainParams:
             ("num_to_keep", self.num_to_keep >= 1, "must be >= 1"),
             ("max_failures", self.max_failures >= 0, "must be >= 0"),
             ("threads", self.threads >= 0, "must be >= 0 (0 = the worker's CPU share)"),
+            ("registry", bool(self.registry), "must name the registry folder"),
+            ("finetune_lr_scale", self.finetune_lr_scale > 0, "must be > 0"),
+            ("finetune_warmup", _fraction(self.finetune_warmup), "must be in [0, 1)"),
         ])
 
 

@@ -143,31 +143,40 @@ def test_prepared_batches_have_fixed_dtypes_whether_resized_or_not(tiny_shards):
 
 
 @pytest.mark.slow
-def test_cached_train_dataset_reads_the_shards_once(tiny_shards, tmp_path):
+def test_cached_train_dataset_reads_the_shards_once(ray_session, tiny_shards, tmp_path):
     """With cache the encoded rows live in Ray's object store: epochs after the first need no
-    Parquet file; without it every epoch re-reads them."""
+    Parquet file (nor do tables the caller read already); without it every epoch re-reads them."""
     import shutil
 
-    import ray
-
     from segpipe.data import AugmentConfig, build_train_dataset
-    from segpipe.shards import open_shards
+    from segpipe.shards import open_shards, read_shard
 
     cfg = AugmentConfig(size=32)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    try:
-        for cache in (True, False):
-            shards = tmp_path / f"shards-{cache}"
-            shutil.copytree(tiny_shards, shards)
-            shard_set = open_shards(shards)
-            ds = build_train_dataset(shard_set, cfg, batch_size=4, cache=cache)
-            shutil.rmtree(shards / "train")
-            if cache:
-                batches = list(ds.iter_batches(batch_size=4))
-                assert sum(len(b["image"]) for b in batches) == shard_set.rows("train")
-                assert batches[0]["image"].shape[1:] == (32, 32, 3)
-            else:
-                with pytest.raises(Exception, match="shard listed in the manifest is missing"):
-                    list(ds.iter_batches(batch_size=4))
-    finally:
-        ray.shutdown()
+    for cache, given in ((True, False), (True, True), (False, False)):
+        shards = tmp_path / f"shards-{cache}-{given}"
+        shutil.copytree(tiny_shards, shards)
+        shard_set = open_shards(shards)
+        tables = [read_shard(shard_set, f) for f in shard_set.files_of("train")] if given else None
+        ds = build_train_dataset(shard_set, cfg, batch_size=4, cache=cache, tables=tables)
+        shutil.rmtree(shards / "train")
+        if cache:
+            batches = list(ds.iter_batches(batch_size=4))
+            assert sum(len(b["image"]) for b in batches) == shard_set.rows("train")
+            assert batches[0]["image"].shape[1:] == (32, 32, 3)
+        else:
+            with pytest.raises(Exception, match="shard listed in the manifest is missing"):
+                list(ds.iter_batches(batch_size=4))
+
+
+def test_a_synthetic_batch_is_a_prepared_batch_with_every_class_and_one_thing_per_image():
+    from segpipe.data import MAX_INSTANCES, collate_targets, synthetic_batch
+
+    b = synthetic_batch(3, 32, num_classes=5, thing_ids=[3, 4], ignore_index=255, seed=1)
+    assert b["image"].shape == (3, 32, 32, 3) and b["image"].dtype == np.uint8
+    assert b["semantic"].dtype == np.uint8 and set(np.unique(b["semantic"])) == {0, 1, 2, 3, 4, 255}
+    assert b["instance_label"].shape == (3, MAX_INSTANCES) and b["instance_label"][:, 0].tolist() == [3, 4, 3]
+    assert (b["instance_label"][:, 1:] == -1).all() and b["instance_map"].max() == 1
+    images, targets = collate_targets(b)
+    assert images.shape == (3, 3, 32, 32) and [len(t["labels"]) for t in targets] == [1, 1, 1]
+    assert all(int(t["masks"].sum()) == 16 * 16 for t in targets)  # a size/2 square each
+    assert np.array_equal(synthetic_batch(3, 32, 5, [3, 4], seed=1)["image"], b["image"])  # seeded

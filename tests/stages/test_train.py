@@ -13,14 +13,25 @@ from segpipe.params import DetectionParams, ParamsError, TrainParams
 from segpipe.stages.train import (
     FAIL_AT_EPOCH_ENV,
     Clock,
+    InitFromError,
+    KeptCheckpoint,
     Schedule,
+    TrainError,
+    checkpoint_score,
+    choose_setting,
     class_weights,
     final_meta,
     history_tsv,
+    init_from_key,
+    init_model,
+    keep_checkpoint,
+    kept_checkpoints,
     model_kwargs_for,
     params_for,
+    peak_lr_and_warmup,
     plan_cpus_per_worker,
-    resolve_precision,
+    resolve_init_from,
+    retained,
     run_fingerprint,
     steps_per_epoch,
     stop_cause,
@@ -153,32 +164,90 @@ def test_train_one_epoch_without_budget_runs_the_whole_epoch():
     assert stats["steps"] == 4 and not stats["stopped"] and stats["images"] == 8
 
 
-@pytest.mark.parametrize("requested, device, bf16, expected", [
-    ("auto", "cpu", True, "bf16"),
-    ("auto", "cpu", False, "fp32"),  # a CPU without native bf16 falls back to fp32
-    ("auto", "cuda", False, "fp16"),
-    ("fp32", "cpu", True, "fp32"),
-    ("bf16", "cpu", True, "bf16"),
-    ("fp16", "cuda", False, "fp16"),
-])
-def test_precision_selection(requested, device, bf16, expected):
-    assert resolve_precision(requested, device, bf16) == expected
-
-
-def test_precision_the_device_cannot_honour_is_an_error_naming_the_key():
+def test_an_explicit_precision_skips_the_trial(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    meta = {"num_classes": 3, "thing_ids": [2], "ignore_index": 255, "model_kwargs": {"base_channels": 2, "depth": 1}}
+    never = lambda *a, **k: pytest.fail("timed a trial")  # noqa: E731
+    for precision, cl, expected in (("fp32", "auto", "fp32"), ("fp32", True, "fp32+channels_last"),
+                                    ("bf16", "auto", "bf16+channels_last")):  # unet: ModelSpec.channels_last
+        if precision == "bf16":
+            monkeypatch.setattr("segpipe.precision.cpu_supports_bf16", lambda: True)
+        p = TrainParams(precision=precision, channels_last=cl, batch_size=2, image_size=32)
+        setting, record = choose_setting(p, "unet", meta, torch_cpu(), measure=never)
+        assert setting.name == expected and record == {"choice": expected, "source": "explicit"}
     with pytest.raises(ParamsError, match="train.precision.*fp16.*CUDA"):
-        resolve_precision("fp16", "cpu", True)
-    with pytest.raises(ParamsError, match="train.precision.*bf16"):
-        resolve_precision("bf16", "cpu", False)
-    with pytest.raises(ParamsError, match="precision"):
-        TrainParams(precision="fp8")
+        choose_setting(TrainParams(precision="fp16"), "unet", meta, torch_cpu(), measure=never)
+    with pytest.raises(ParamsError, match="channels_last.*auto, true or false"):
+        TrainParams(channels_last="sometimes")
+    assert not list(tmp_path.iterdir())  # nothing cached
 
 
-def test_cpu_without_bf16_trains_in_fp32_through_the_worker_setup(monkeypatch):
-    import segpipe.stages.train as train
+def torch_cpu():
+    import torch
 
-    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
-    assert train.resolve_precision("auto", "cpu", train.cpu_supports_bf16()) == "fp32"
+    return torch.device("cpu")
+
+
+def test_precision_auto_is_measured_once_per_host_then_cached(monkeypatch, tmp_path):
+    """The second call finds the first one's trial in the cache and times nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("segpipe.precision.cpu_supports_bf16", lambda: True)
+    meta = {"num_classes": 3, "thing_ids": [2], "ignore_index": 255, "model_kwargs": {"base_channels": 2, "depth": 1}}
+    calls = []
+
+    def measure(build, p, batch, settings):
+        calls.append([s.name for s in settings])
+        images, targets = batch
+        assert tuple(images.shape) == (p.batch_size, 3, 32, 32) and len(targets) == p.batch_size  # the run's
+        return {s: {"bf16+channels_last": 30.0}.get(s.name, 10.0) for s in settings}
+
+    p = TrainParams(batch_size=2, image_size=32)
+    import torch
+
+    before = torch.random.get_rng_state()
+    setting, record = choose_setting(p, "unet", meta, torch_cpu(), measure=measure)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the model's initialisation is not disturbed
+    assert setting.name == "bf16+channels_last" and record["source"] == "trial"
+    assert calls == [["fp32", "fp32+channels_last", "bf16", "bf16+channels_last"]]
+    assert record["rates"]["fp32"] == 10.0
+    again, cached = choose_setting(p, "unet", meta, torch_cpu(), measure=measure)
+    assert again == setting and cached["source"] == "cache" and cached["rates"] == record["rates"] and len(calls) == 1
+    # another batch size is another question
+    choose_setting(TrainParams(batch_size=4, image_size=32), "unet", meta, torch_cpu(), measure=measure)
+    assert len(calls) == 2
+    assert (tmp_path / "segpipe" / "precision.json").is_file()
+
+
+def test_the_timed_trial_runs_real_training_steps():
+    from segpipe.data import collate_targets, synthetic_batch
+    from segpipe.models import build_model
+    from segpipe.precision import Setting
+    from segpipe.stages.train import time_settings
+
+    batch = collate_targets(synthetic_batch(2, 32, 3, [2], 255))
+    settings = [Setting("fp32", False), Setting("fp32", True)]
+    rates = time_settings(lambda: build_model("unet", 3, base_channels=2, depth=1), TrainParams(), batch, settings)
+    assert list(rates) == settings and all(r > 0 for r in rates.values())
+
+
+def test_a_setting_whose_loss_overflows_is_rated_zero():
+    import torch
+
+    from segpipe.precision import Setting
+    from segpipe.stages.train import time_settings
+
+    class Overflows(torch.nn.Module):  # a finite loss in fp32, inf under autocast
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets):
+            scale = float("inf") if torch.is_autocast_enabled("cpu") else 1.0
+            return {"loss": (self.w * images).mean() * scale}
+
+    batch = (torch.ones(2, 3, 4, 4), [{}, {}])
+    rates = time_settings(Overflows, TrainParams(), batch, [Setting("fp32", False), Setting("bf16", False)])
+    assert rates[Setting("bf16", False)] == 0.0 and rates[Setting("fp32", False)] > 0
 
 
 def test_class_weights_favour_rare_classes_and_leave_absent_ones_neutral():
@@ -198,11 +267,12 @@ def test_model_kwargs_carry_class_weights_from_the_train_split(tiny_shards):
     assert "class_weights" not in model_kwargs_for(TrainParams(), "mask_rcnn", shards)
 
 
-def test_fingerprint_changes_with_params_data_and_code():
+def test_fingerprint_changes_with_params_data_code_and_parent():
     base = run_fingerprint({"lr": 1}, "data", "code")
     assert base == run_fingerprint({"lr": 1}, "data", "code")
     assert len({base, run_fingerprint({"lr": 2}, "data", "code"), run_fingerprint({"lr": 1}, "other", "code"),
-                run_fingerprint({"lr": 1}, "data", "other")}) == 4
+                run_fingerprint({"lr": 1}, "data", "other"), run_fingerprint({"lr": 1}, "data", "code", "a" * 64),
+                run_fingerprint({"lr": 1}, "data", "code", "b" * 64)}) == 6
 
 
 def test_final_meta_keeps_best_weights_meta_but_whole_run_history():
@@ -224,6 +294,19 @@ def test_stop_cause_is_the_budget_when_the_last_checkpoint_was_written_before_it
     assert stop_cause({"epochs": 2, "stopped_by": None}, budget_s=0, epochs=3) == "epochs"
 
 
+def test_startup_phases_account_for_the_time_outside_the_epoch_loop():
+    from segpipe.stages.train import startup_phases
+
+    marks = {"run": 101.0, "verified": 101.5, "connected": 102.0, "planned": 104.0, "dataset": 104.25, "end": 120.0}
+    progress = {"loop_started_at": 105.0, "reported_at": 119.0, "first_batch_s": 0.75, "elapsed_s": 14.0}
+    phases = startup_phases(100.0, marks, progress)
+    assert phases == {"imports_s": 1.0, "shards_s": 0.5, "ray_connect_s": 0.5, "plan_s": 2.0, "dataset_s": 0.25,
+                      "trainer_s": 0.75, "finish_s": 1.0, "first_batch_s": 0.75}
+    # everything but the epoch loop is start-up: the phases add up to wall - train_s
+    wall = marks["end"] - 100.0
+    assert sum(v for k, v in phases.items() if k != "first_batch_s") == wall - progress["elapsed_s"]
+
+
 def test_history_tsv_columns():
     text = history_tsv([{"epoch": 1, "steps": 4, "elapsed_s": 2.5, "train_loss": 0.5, "val_score": None,
                          "images_per_s": 3.0, "lr": 0.1}])
@@ -231,17 +314,8 @@ def test_history_tsv_columns():
                                  "1\t4\t2.5\t0.5\t\t3.0\t0.1"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_ray_two_workers_write_loadable_checkpoint(ray_local, tiny_shards, tmp_path):
+def test_ray_two_workers_write_loadable_checkpoint(ray_session, tiny_shards, tmp_path):
     from segpipe.shards import open_shards
     from segpipe.stages.train import run
 
@@ -261,7 +335,7 @@ def test_ray_two_workers_write_loadable_checkpoint(ray_local, tiny_shards, tmp_p
 
 
 @pytest.mark.slow
-def test_ray_budget_stops_training_and_metrics_split_startup_from_training(ray_local, tiny_shards, tmp_path):
+def test_ray_budget_stops_training_and_metrics_split_startup_from_training(ray_session, tiny_shards, tmp_path):
     from segpipe.stages.train import run
 
     p = TrainParams(epochs=1000, budget_s=6.0, batch_size=4, image_size=48, threads=1, architectures=["unet"],
@@ -278,7 +352,7 @@ def test_ray_budget_stops_training_and_metrics_split_startup_from_training(ray_l
 
 
 @pytest.mark.slow
-def test_ray_resumes_from_last_checkpoint_after_a_crash(ray_local, tiny_shards, tmp_path, capfd, monkeypatch):
+def test_ray_resumes_from_last_checkpoint_after_a_crash(ray_session, tiny_shards, tmp_path, capfd, monkeypatch):
     from segpipe.stages.train import run
 
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
@@ -364,20 +438,16 @@ def test_prune_keeps_complete_checkpoints_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_a"]
 
 
-def registered_checkpoint(runs: Path) -> bool:
-    """Whether Ray Train has recorded a checkpoint of the run (a run killed before that has nothing to resume)."""
-    for snapshot in runs.glob("unet-*/**/checkpoint_manager_snapshot.json"):
-        try:
-            return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
-        except (OSError, ValueError):  # being written
-            return False
-    return False
+def kept_count(runs: Path) -> int:
+    """Complete checkpoints a local-mode run (train.workers: 0) has kept in its run folder."""
+    return sum(len(kept_checkpoints(str(d))) for d in runs.glob("unet-*"))
 
 
 @pytest.mark.slow
 def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shards, tmp_path):
     """`dvc repro` killed mid-train: the rerun with the same params, data and code resumes from the
-    killed run's newest complete checkpoint and records it; other params start afresh."""
+    killed run's newest complete checkpoint and records it; other params start afresh. The default
+    local mode (train.workers: 0) keeps these checkpoints itself, in the same run folder."""
     import subprocess
     import sys
     import time
@@ -394,7 +464,7 @@ def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shar
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     runs = tmp_path / "models" / ".ray_results"
     deadline = time.monotonic() + 240
-    while not registered_checkpoint(runs) or len(list(runs.glob("unet-*/checkpoint_*"))) < 2:
+    while kept_count(runs) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
     tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
@@ -434,3 +504,240 @@ def test_train_refuses_unusable_locations_naming_them_before_ray_starts(tiny_sha
     with pytest.raises(StorageError, match=message.replace("(", r"\(")):
         train.run(p, "unet", value if where == "shards" else str(tiny_shards), value if where == "out" else "out")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- fine-tuning (train.init_from)
+
+TINY_UNET = {"base_channels": 4, "depth": 2}
+
+
+def parent_classes(shards) -> list[dict]:
+    """The shards' class table in reverse id order, without 'worker' and with a 'crane' the data lacks."""
+    names = [c["name"] for c in shards.classes if c["name"] != "worker"][::-1] + ["crane"]
+    return [{"id": i, "name": n, "isthing": False} for i, n in enumerate(names)]
+
+
+def write_parent(path: Path, classes: list[dict], arch: str = "unet", seed: int = 1, **kwargs) -> Path:
+    import torch
+
+    from segpipe.checkpoint import CheckpointMeta, save_checkpoint
+    from segpipe.models import build_model, default_kwargs
+
+    torch.manual_seed(seed)
+    kwargs = kwargs or TINY_UNET
+    model = build_model(arch, len(classes), **kwargs)
+    meta = CheckpointMeta(arch=arch, num_classes=len(classes), classes=tuple(classes),
+                          model_kwargs={**default_kwargs(arch), **kwargs}, epoch=1)
+    return save_checkpoint(path, model, meta)
+
+
+def test_finetuning_schedule_and_the_key_that_sets_init_from():
+    p = TrainParams(lr=0.01, warmup=0.1, finetune_lr_scale=0.25, finetune_warmup=0.01)
+    assert peak_lr_and_warmup(p, finetuning=False) == (0.01, 0.1)
+    assert peak_lr_and_warmup(p, finetuning=True) == (0.0025, 0.01)
+    with_override = TrainParams(overrides={"unet": {"init_from": "v2"}})
+    assert init_from_key(with_override, "unet") == "train.overrides.unet.init_from"
+    assert init_from_key(with_override, "fcn8s") == "train.init_from"
+    assert params_for(with_override, "unet").init_from == "v2" and params_for(with_override, "fcn8s").init_from == ""
+
+
+def test_init_model_matches_classes_by_name(tiny_shards, tmp_path):
+    """Kept classes start from the parent's output rows (moved to their new ids), the new class
+    keeps its fresh row, the class that is gone is dropped; every other tensor is the parent's."""
+    import torch
+
+    from segpipe.checkpoint import load_weights
+    from segpipe.models import build_model
+    from segpipe.shards import open_shards
+
+    shards = open_shards(tiny_shards)
+    classes = parent_classes(shards)
+    parent = write_parent(tmp_path / "parent", classes)
+    init = resolve_init_from(TrainParams(init_from=str(parent)), "unet", "train.init_from")
+    torch.manual_seed(0)
+    model = build_model("unet", shards.num_classes, **TINY_UNET)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = init_model(model, "unet", list(shards.classes), init)
+    state, before = model.state_dict(), load_weights(parent)
+    by_name = {c["name"]: c["id"] for c in classes}
+    for c in shards.classes:
+        row = state["classifier.weight"][c["id"]]
+        expected = fresh["classifier.weight"][c["id"]] if c["name"] == "worker" else \
+            before["classifier.weight"][by_name[c["name"]]]
+        assert torch.equal(row, expected), c["name"]
+    others = [k for k in state if not k.startswith("classifier.")]
+    assert others and all(torch.equal(state[k], before[k]) for k in others)
+    assert [c["name"] for c in report["added"]] == ["worker"] and [c["name"] for c in report["dropped"]] == ["crane"]
+    assert len(report["kept"]) == shards.num_classes - 1 and report["remapped"] == 2
+
+
+def test_init_from_errors_name_the_key_and_the_version(tiny_shards, tmp_path):
+    from segpipe import registry
+    from segpipe.shards import open_shards
+
+    classes = parent_classes(open_shards(tiny_shards))
+    reg = tmp_path / "registry"
+    with pytest.raises(InitFromError, match=r"train.overrides.unet.init_from = 'champion': .*no 'champion' yet"):
+        resolve_init_from(TrainParams(init_from="champion", registry=str(reg)), "unet", "train.overrides.unet.init_from")
+    entry, _ = registry.register(reg, write_parent(tmp_path / "parent", classes))
+    registry.set_alias(reg, "champion", entry["version"], "test")
+    p = TrainParams(init_from="champion", registry=str(reg))
+    init = resolve_init_from(p, "unet", "train.init_from")
+    assert init.version == "v1" and init.sha256 == entry["checkpoint_sha256"] and init.registry == str(reg)
+    assert init.parent() == {"ref": "champion", "version": "v1", "sha256": entry["checkpoint_sha256"], "arch": "unet",
+                             "registry": str(reg)}
+    with pytest.raises(InitFromError, match=r"train.init_from = 'champion' \(v1\): a unet model cannot initialise fcn8s"):
+        resolve_init_from(p, "fcn8s", "train.init_from")
+    with pytest.raises(InitFromError, match=r"train.init_from = 'v7': unknown version 'v7'"):
+        resolve_init_from(TrainParams(init_from="v7", registry=str(reg)), "unet", "train.init_from")
+    with pytest.raises(InitFromError, match=r"train.init_from = 'nowhere': .*neither an alias"):
+        resolve_init_from(TrainParams(init_from="nowhere"), "unet", "train.init_from")
+    unreadable = write_parent(tmp_path / "unreadable", classes)
+    (unreadable / "meta.json").write_text('{"format": "segpipe-checkpoint/1", "arch": ')
+    with pytest.raises(InitFromError, match=r"train.init_from = '.*unreadable': .*meta.json: not valid JSON"):
+        resolve_init_from(TrainParams(init_from=str(unreadable)), "unet", "train.init_from")
+    _flip_byte(reg / "v1" / "model.safetensors", 200)  # the registry's copy tampered with
+    with pytest.raises(InitFromError, match=r"train.init_from = 'champion' \(v1\): .*v1/model.safetensors: sha256 .* "
+                                            r"does not match the registry"):
+        resolve_init_from(p, "unet", "train.init_from")
+
+
+def test_a_worker_refuses_weights_that_changed_after_the_driver_verified_them(tiny_shards, tmp_path):
+    from segpipe.models import build_model
+    from segpipe.shards import open_shards
+
+    shards = open_shards(tiny_shards)
+    parent = write_parent(tmp_path / "parent", parent_classes(shards))
+    init = resolve_init_from(TrainParams(init_from=str(parent)), "unet", "train.overrides.unet.init_from")
+    write_parent(parent, parent_classes(shards), seed=2)  # replaced in between
+    with pytest.raises(InitFromError, match=r"train.overrides.unet.init_from = .*parent': .*sha256 .* does not match"):
+        init_model(build_model("unet", shards.num_classes, **TINY_UNET), "unet", list(shards.classes), init)
+    wider = write_parent(tmp_path / "wider", parent_classes(shards), base_channels=8, depth=2)
+    init = resolve_init_from(TrainParams(init_from=str(wider)), "unet", "train.init_from")
+    with pytest.raises(InitFromError, match=r"train.init_from = .*wider': .*parent shape .* != target shape"):
+        init_model(build_model("unet", shards.num_classes, **TINY_UNET), "unet", list(shards.classes), init)
+
+
+def tiny_params(**kw) -> TrainParams:
+    base = {"epochs": 2, "budget_s": 0.0, "batch_size": 4, "image_size": 48, "threads": 1, "workers": 0,
+            "precision": "fp32", "architectures": ["unet"], "model": {"unet": dict(TINY_UNET)}, "overrides": {}}
+    return TrainParams(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_finetuning_from_a_registered_model_records_its_parent(ray_session, tiny_shards, tmp_path, monkeypatch):
+    """A run fine-tuned from the champion (another class table: one class added, one gone) trains,
+    records its parent, the transfer and the fine-tuning schedule, and has a lineage."""
+    from segpipe import registry
+    from segpipe.shards import open_shards
+    from segpipe.stages.train import run
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    reg = tmp_path / "registry"
+    entry, _ = registry.register(reg, write_parent(tmp_path / "parent", parent_classes(open_shards(tiny_shards))))
+    registry.set_alias(reg, "champion", "v1", "test")
+    p = tiny_params(registry=str(reg), precision="auto", overrides={"unet": {"init_from": "champion"}})
+    summary = run(p, "unet", tiny_shards, tmp_path / "out")
+    meta = load_meta(tmp_path / "out" / "checkpoint")
+    assert meta.parent == {"ref": "champion", "version": "v1", "sha256": entry["checkpoint_sha256"], "arch": "unet",
+                           "registry": str(reg)}
+    assert summary["parent"] == meta.parent
+    transfer = meta.extra["transfer"]
+    assert [c["name"] for c in transfer["added"]] == ["worker"] and [c["name"] for c in transfer["dropped"]] == ["crane"]
+    assert meta.extra["lr_schedule"] == {"peak_lr": p.lr * p.finetune_lr_scale, "warmup": p.finetune_warmup}
+    # the measured precision choice is recorded with the model and in metrics.json
+    trial = meta.extra["precision_trial"]
+    assert trial["source"] == "trial" and trial["choice"] == meta.precision + "+channels_last" * meta.extra["channels_last"]
+    assert summary["precision_trial"] == trial and set(trial["rates"]) >= {"fp32", "fp32+channels_last"}
+    assert [m["model"] for m in registry.lineage(tmp_path / "out" / "checkpoint", reg)] == \
+        [str(tmp_path / "out" / "checkpoint"), "v1"]
+
+
+# ----------------------------------------------------------------------------- local mode (train.workers: 0)
+
+
+def test_retained_checkpoints_are_the_best_and_the_latest():
+    kept = [KeptCheckpoint(f"checkpoint_{e:06d}", e, s) for e, s in ((1, 0.2), (2, 0.5), (3, 0.4), (4, 0.1))]
+    assert [k.epoch for k in retained(kept, 2)] == [2, 3, 4]
+    assert [k.epoch for k in retained(kept, 1)] == [2, 4]
+    assert [k.epoch for k in retained(kept[:2], 5)] == [1, 2]
+    assert checkpoint_score({"val_score": 0.3, "train_loss": 2.0}) == 0.3
+    assert checkpoint_score({"val_score": None, "train_loss": 2.0}) == -2.0
+
+
+def test_local_mode_keeps_its_own_checkpoints_whole(tmp_path):
+    import torch
+
+    from segpipe.checkpoint import save_checkpoint
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run_dir = tmp_path / "runs" / "unet-0123"
+    for epoch, score in ((1, 0.1), (2, 0.3), (3, 0.2)):
+        src = save_checkpoint(tmp_path / f"src{epoch}", model, {"arch": "unet", "epoch": epoch, "metrics": {
+            "val_score": score, "train_loss": 1.0}}, optimizer=opt)
+        keep_checkpoint(str(run_dir), src, epoch, num_to_keep=1)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+    (run_dir / "checkpoint_000003" / "train_state.safetensors").write_bytes(b"")  # cut short by a full disk
+    assert [(k.name, k.score) for k in kept_checkpoints(str(run_dir))] == [("checkpoint_000002", 0.3)]
+
+
+@pytest.mark.slow
+def test_local_mode_resumes_a_failed_run_from_its_own_checkpoint(ray_session, tiny_shards, tmp_path, monkeypatch):
+    """Local mode has no restarts within a run: the failure ends the command, and the rerun with the
+    same inputs resumes from the checkpoint the failed run kept in its run folder."""
+    from segpipe.stages.train import run
+
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    p = tiny_params(epochs=3)
+    with pytest.raises(TrainError, match=r"\[unet\] training failed: RuntimeError: \[unet\] injected failure at epoch 2"):
+        run(p, "unet", tiny_shards, tmp_path / "out")
+    (run_dir,) = (tmp_path / ".ray_results").iterdir()
+    assert [k.epoch for k in kept_checkpoints(str(run_dir))] == [1] and not (tmp_path / "out").exists()
+    summary = run(p, "unet", tiny_shards, tmp_path / "out")
+    meta = load_meta(tmp_path / "out" / "checkpoint")
+    assert [(r["resumed_from_epoch"], r["after"]) for r in meta.restarts] == [(1, "interrupted run")]
+    assert [h["epoch"] for h in meta.history] == [1, 2, 3] and summary["epochs"] == 3
+    assert not run_dir.exists()  # a finished run leaves nothing to resume
+
+
+@pytest.mark.slow
+def test_local_mode_and_a_worker_actor_train_the_same_model(ray_session, tiny_shards, tmp_path):
+    """One training function, one code path: a fixed seed and epoch count give bit-identical weights
+    in the driver (workers: 0) and in one worker actor (workers: 1).
+
+    The data are made deterministic here: crops as large as the 64 px images and no flips. With
+    random crops or flips the two runs differ, and so would two runs of the same mode: Ray Data's
+    map tasks draw augmentation from a fresh, unseeded generator per batch.
+    """
+    from segpipe.files import sha256_file
+    from segpipe.shards import open_shards
+    from segpipe.stages.train import run
+
+    rows = open_shards(tiny_shards).rows("train")
+    weights = {}
+    for workers in (0, 1):
+        out = tmp_path / f"out{workers}"
+        run(tiny_params(workers=workers, image_size=64, hflip=False), "unet", tiny_shards, out)
+        weights[workers] = sha256_file(out / "checkpoint" / "model.safetensors")
+        assert load_meta(out / "checkpoint").run["steps"] == 2 * steps_per_epoch(rows, 4, 1)
+    assert weights[0] == weights[1]
+
+
+@pytest.mark.slow
+def test_local_mode_keeps_and_resumes_its_checkpoints_on_an_object_store(ray_session, s3, tiny_shards, tmp_path,
+                                                                          monkeypatch):
+    from segpipe.stages.train import run
+
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    p = tiny_params(epochs=3, storage_path=s3.uri("ray"))
+    with pytest.raises(TrainError, match="injected failure at epoch 2"):
+        run(p, "unet", tiny_shards, tmp_path / "out")
+    (run_name,) = {k.split("/")[0] for k in s3.files("ray")}
+    assert [k.epoch for k in kept_checkpoints(s3.uri("ray", run_name))] == [1]
+    assert {"checkpoint_000001/meta.json", "checkpoint_000001/train_state.safetensors"} <= set(
+        s3.files(f"ray/{run_name}"))
+    run(p, "unet", tiny_shards, tmp_path / "out")
+    meta = load_meta(tmp_path / "out" / "checkpoint")
+    assert [(r["resumed_from_epoch"], r["after"]) for r in meta.restarts] == [(1, "interrupted run")]
+    assert s3.files("ray") == []  # a finished run leaves nothing to resume
