@@ -433,6 +433,16 @@ def console() -> Console:
     return _active if _active is not None else Console(sys.stdout, sys.stderr)
 
 
+def detail(text: str) -> None:
+    """A line worth keeping but not worth the console (an epoch's numbers): the session's log file,
+    or stderr outside a session (a Ray worker: Ray forwards it to the driver, whose session logs it)
+    and with ``SEGPIPE_LOG=debug``."""
+    if _active is not None and _active.log_path is not None:
+        _active.log(text.rstrip("\n") + "\n")
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def session(command: str, argv: Sequence[str] = (), log_dir: Path | str | None = None) -> Iterator[Console]:
     """Route library output to ``LOG_DIR/<log_name>.log`` while the command runs (see the module

@@ -486,12 +486,14 @@ def choose_setting(p: TrainParams, arch: str, meta: dict[str, Any], device: Any,
 
 def train_one_epoch(model: Any, batches: Iterable[dict[str, Any]], optimizer: Any, scaler: Any, device: Any,
                     precision: str, schedule: Schedule, clock: Clock, base_lr: float, channels_last: bool = False,
-                    agree: Callable[[float], float] | None = None, grad_clip: float = 0.0) -> dict[str, Any]:
+                    agree: Callable[[float], float] | None = None, grad_clip: float = 0.0,
+                    on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """One pass over ``batches`` (prepared batches, see segpipe.data) of ``train_step``, stopping early when the
     schedule is complete. The learning rate of every step follows the schedule; ``agree`` makes
     workers take the same stop decision (the largest progress of any); ``grad_clip`` > 0 clips the
-    gradient norm. Returns the mean loss, images, steps and seconds, and ``stopped`` when the
-    schedule ended the epoch."""
+    gradient norm; ``on_step(images, seconds)`` is called after each step with the epoch's images and
+    seconds so far (the progress line). Returns the mean loss, images, steps and seconds, and
+    ``stopped`` when the schedule ended the epoch."""
 
     from segpipe.data import collate_targets
 
@@ -512,6 +514,8 @@ def train_one_epoch(model: Any, batches: Iterable[dict[str, Any]], optimizer: An
         n_img += images.shape[0]
         n_steps += 1
         clock.steps += 1
+        if on_step is not None:
+            on_step(n_img, time.perf_counter() - t0)
     progress = schedule.progress(clock.elapsed(), clock.steps)
     stopped = stopped or (agree(progress) if agree is not None else progress) >= 1.0
     return {"train_loss": total / max(n_steps, 1), "images": n_img, "steps": n_steps,
@@ -730,6 +734,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     except BaseException:
         first.close()  # in local mode, a pipeline left running would outlive Ray's disconnect
         raise
+    relay = config.get("progress") if run.rank == 0 else None  # the driver's progress line (segpipe.progress)
+    limits = {"budget_s": run.p.budget_s, "total_epochs": run.p.epochs, "total_steps": config["total_steps"]}
+
+    def on_step(images: int, seconds: float) -> None:
+        relay.update(step=run.clock.steps, images_per_s=images * run.world / max(seconds, 1e-9),
+                     used_s=run.clock.elapsed(), **limits)
+
     run.clock.started = time.perf_counter()  # the epoch loop starts now
     run.loop_started_at = time.time()
     for epoch in range(run.start_epoch, run.p.epochs + 1):
@@ -744,7 +755,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with contextlib.closing(batches):
             stats = train_one_epoch(run.model, batches, run.optimizer, run.scaler, run.device, run.precision,
                                     run.schedule, run.clock, run.base_lr, run.channels_last,
-                                    run.agree if run.world > 1 else None, run.p.grad_clip)
+                                    run.agree if run.world > 1 else None, run.p.grad_clip,
+                                    on_step if relay is not None else None)
+        if relay is not None:
+            relay.update(epochs=epoch, step=run.clock.steps, used_s=run.clock.elapsed(), **limits)
         stopped_by = run.stop_reason(stats["stopped"], epoch, started)
         last = stopped_by is not None
         if not last and (not run.p.val_every or epoch % run.p.val_every):
@@ -754,7 +768,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             conf = run.summed(validate(run.model, run.val_batches, run.task, run.names, run.meta["thing_ids"],
                                        run.meta["ignore_index"], run.device, run.p.val_detection))
         totals = run.summed(np.array([stats["train_loss"], stats["images"], stats["seconds"]], dtype=np.float64))
-        report(run, epoch, totals, conf, stopped_by)
+        score = report(run, epoch, totals, conf, stopped_by)
+        if relay is not None and not math.isnan(score):
+            relay.update(val=score, used_s=run.clock.elapsed())
         if last:
             break
     if first is not None:  # a resumed run whose schedule was already complete
@@ -812,8 +828,9 @@ def maybe_fail(config: dict[str, Any], epoch: int, run: WorkerRun) -> None:
         raise RuntimeError(f"[{run.arch}] injected failure at epoch {epoch} ({FAIL_AT_EPOCH_ENV})")
 
 
-def report(run: WorkerRun, epoch: int, totals: np.ndarray, conf: np.ndarray | None, stopped_by: str | None) -> None:
-    """Append the epoch's history row; rank 0 saves and reports a checkpoint, the others the metrics."""
+def report(run: WorkerRun, epoch: int, totals: np.ndarray, conf: np.ndarray | None, stopped_by: str | None) -> float:
+    """Append the epoch's history row; rank 0 saves and reports a checkpoint, the others the metrics.
+    Returns the validation score (NaN when not validated)."""
     import ray.train
 
     from segpipe.checkpoint import save_checkpoint
@@ -830,12 +847,15 @@ def report(run: WorkerRun, epoch: int, totals: np.ndarray, conf: np.ndarray | No
     metrics = {**row, "val_score": checkpoint_score(row)}
     if run.rank != 0:
         ray.train.report(metrics)
-        return
+        return score
     limit = f"{run.schedule.budget_s:g} s" if run.schedule.budget_s else f"{run.p.epochs} epochs"
     validated = f"val_{'miou' if run.task == 'semantic' else 'thing_miou'} {score:.4f}" \
         if not math.isnan(score) else "not validated (train.val_every)"
-    print(f"[{run.arch}] epoch {epoch} step {run.clock.steps} {elapsed:.0f}/{limit} loss {loss:.4f} {validated} "
-          f"({row['images_per_s']:.1f} img/s, {run.precision})", flush=True)
+    from segpipe.progress import detail
+
+    # the stage's log file: the console shows the progress line instead
+    detail(f"[{run.arch}] epoch {epoch} step {run.clock.steps} {elapsed:.0f}/{limit} loss {loss:.4f} {validated} "
+           f"({row['images_per_s']:.1f} img/s, {run.precision})")
     progress = {"elapsed_s": round(elapsed, 3), "steps": run.clock.steps, "epochs": epoch, "stopped_by": stopped_by,
                 "loop_started_at": run.loop_started_at, "first_batch_s": run.first_batch_s,
                 "reported_at": time.time()}
@@ -847,6 +867,7 @@ def report(run: WorkerRun, epoch: int, totals: np.ndarray, conf: np.ndarray | No
         if run.keep_in is not None:  # local mode: Ray keeps only the last report, in memory
             keep_checkpoint(run.keep_in, d, epoch, run.p.num_to_keep)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+    return score
 
 
 def keep_checkpoint(run_dir: str, checkpoint: Path, epoch: int, num_to_keep: int) -> list[KeptCheckpoint]:
@@ -948,10 +969,11 @@ def augment_config(p: TrainParams, meta: dict[str, Any]) -> Any:
 
 def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, meta: dict[str, Any],
         cpus_per_worker: float, init: InitFrom | None = None, train_tables: list[Any] | None = None,
-        marks: dict[str, float] | None = None) -> Any:
+        marks: dict[str, float] | None = None, progress: Any = None) -> Any:
     """Build the Ray Data datasets and run ``TorchTrainer``; returns the Ray ``Result``.
     ``train_tables``: the train split, already read and verified (``read_train_split``); ``marks``
-    gets the time the dataset was ready."""
+    gets the time the dataset was ready; ``progress``: a ``segpipe.progress.ProgressRelay`` that
+    rank 0 feeds the driver's progress line with."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -962,7 +984,7 @@ def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, me
     config = {"params": as_dict(p), "arch": arch, "meta": meta, "has_val": shards.rows("val") > 0,
               "shards": shards.to_dict(), "cpus_per_worker": cpus_per_worker,
               "total_steps": p.epochs * steps_per_epoch(shards.rows("train"), p.batch_size, max(1, p.workers)),
-              "fail_at_epoch": int(fail_at) if fail_at else None,
+              "fail_at_epoch": int(fail_at) if fail_at else None, "progress": progress,
               "init_from": dataclasses.asdict(init) if init else None,
               "keep_in": resolve(storage, "train.storage_path").child(name).uri if p.workers == 0 else None,
               "attempt": f"{os.getpid()}-{time.time_ns()}",
@@ -1023,8 +1045,10 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
     init = resolve_init_from(p, arch, init_from_key(params, arch))
     marks["verified"] = time.time()
     run_name = None
+    from segpipe.progress import Progress
+
     try:
-        with connect(ray_address) as started:
+        with Progress(f"train {arch}", phase="starting Ray and the data") as line, connect(ray_address) as started:
             import ray  # after connect: it sets the auth mode that Ray reads when it initialises
             import ray.train
 
@@ -1044,7 +1068,8 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
                     if cpw != p.cpus_per_worker:
                         print(f"[{arch}] {p.workers} worker(s) x {p.cpus_per_worker} CPU would starve Ray Data on "
                               f"{total:g} CPUs; using {cpw} CPU per worker", file=sys.stderr)
-                result = fit(p, arch, shards, runs.uri, run_name, meta, cpw, init, train_tables, marks)
+                with line.relayed() as relay:
+                    result = fit(p, arch, shards, runs.uri, run_name, meta, cpw, init, train_tables, marks, relay)
             except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
                 raise TrainError(f"[{arch}] training failed: {root_cause(e)}") from e
             except Exception as e:  # local mode: the training function's own error, raised here
