@@ -17,7 +17,8 @@ One metric ranks everything in a run: the task's primary metric (``semantic_metr
 ``instance_metric``) when every candidate and the champion share a task, else ``mixed_metric``
 (``miou_things``: defined the same way for both tasks).
 
-Gates, in order; a candidate must pass all of them to be promoted:
+Gates, in order; a candidate must pass all of them to be promoted (the first three are
+preconditions; after them every gate is judged, so the report gives each reason):
 
 1. ``readable``: the result is valid, its checkpoint(s) exist and match the sha256 it recorded;
 2. ``current_data``: it was computed on the current shards, split and scoring settings (a result
@@ -244,8 +245,13 @@ def check_baselines(candidate: dict[str, Any], value: float, metric: str, baseli
 
 def judge(candidate: Candidate, champion: Champion | None, params: PromoteParams, metric: str, data: Data,
           baselines: list[EvalResult] = ()) -> list[dict[str, Any]]:
-    """Every gate's outcome for one candidate: ``[{"gate", "passed", "detail"}]`` (stops at the
-    first failure). ``champion``'s ``scored`` metrics were computed on ``data``, like the candidate's."""
+    """Every gate's outcome for one candidate: ``[{"gate", "passed", "detail"}]``. ``champion``'s
+    ``scored`` metrics were computed on ``data``, like the candidate's.
+
+    The first three gates are preconditions (without a readable result on the current data and a
+    finite metric there is nothing to judge): the list stops at the first of them that fails. The
+    others are judged independently, every one, so the report shows each reason a candidate falls
+    short (a candidate may be both no better overall and worse on an old site)."""
     gates: list[dict[str, Any]] = []
 
     def gate(name: str, passed: bool, detail: str) -> bool:
@@ -262,29 +268,24 @@ def judge(candidate: Candidate, champion: Champion | None, params: PromoteParams
     value = metric_value(m, metric)
     if not gate("metric", value is not None, f"{metric} = {value}" if value is not None else f"{metric} is missing or NaN"):
         return gates
-    if not gate("min_value", value >= params.min_value, f"{metric} {value:.4f} vs min_value {params.min_value}"):
-        return gates
-    if not gate("beats_baseline", *check_baselines(m, value, metric, list(baselines), params.baseline_margin)):
-        return gates
+    gate("min_value", value >= params.min_value, f"{metric} {value:.4f} vs min_value {params.min_value}")
+    gate("beats_baseline", *check_baselines(m, value, metric, list(baselines), params.baseline_margin))
     if champion is None:
         for name in GATES[5:]:
             gate(name, True, "no champion yet")
         return gates
+    best = metric_value(champion.scored, metric)
     if candidate.sha256 == champion.entry["checkpoint_sha256"]:
         gate("margin", False, f"this checkpoint is the champion ({champion.version})")
-        return gates
-    best = metric_value(champion.scored, metric)
-    if best is None:
+    elif best is None:
         gate("margin", False, f"the champion {champion.version} has no finite {metric} on this data to compare with")
-        return gates
-    passed = value > best and value - best >= params.margin
-    if not gate("margin", passed, f"{metric} {value:.4f} vs champion {champion.version} {best:.4f} ({champion.how} "
-                                  f"on this data) + margin {params.margin}"):
-        return gates
+    else:
+        gate("margin", value > best and value - best >= params.margin,
+             f"{metric} {value:.4f} vs champion {champion.version} {best:.4f} ({champion.how} on this data) "
+             f"+ margin {params.margin}")
     failures = check_protected(m, champion.scored, params.protected_classes, params.protected_tolerance)
-    if not gate("protected_classes", not failures, "; ".join(failures) or f"{len(params.protected_classes)} protected "
-                                                                          "class(es) held"):
-        return gates
+    gate("protected_classes", not failures,
+         "; ".join(failures) or f"{len(params.protected_classes)} protected class(es) held")
     names = protected_collection_names(params, m, champion.scored)
     failures = check_collections(m, champion.scored, names, metric, params.protected_collection_tolerance)
     gate("protected_collections", not failures,
@@ -316,7 +317,9 @@ def decide(candidates: list[Candidate], champion: Champion | None, params: Promo
     where each candidate row has its gates, value, the champion's values (as registered and on
     this data) and a one-line ``decision``.
     """
-    tasks = [c.task for c in candidates if c.error is None]
+    # the tasks of what can be judged: a result left over from an older run (another manifest) does not
+    # decide the metric the current ones rank on
+    tasks = [c.task for c in candidates if c.error is None and data.of(c.metrics)]
     if champion is not None:
         tasks.append(champion.entry.get("task"))
     metric = metric or ranking_metric(params, tasks)
