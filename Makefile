@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 RUN    := PYTHONDONTWRITEBYTECODE= PATH="$(CURDIR)/$(BIN):$$PATH"
 STAMP  := $(VENV)/.segpipe-installed
 
-.PHONY: pipeline test install lint bench bench-learning clean-data
+.PHONY: pipeline test test-fast install lint bench bench-learning clean-data
 
 # One local Ray serves every train stage of the DAG (segpipe/cluster.py), stopped afterwards.
 # The outcome (champion, baselines, what was promoted or refused, where the report is) is the
@@ -16,8 +16,13 @@ pipeline: install
 	$(RUN) SEGPIPE_ENDING=later $(BIN)/segpipe with-ray $(BIN)/dvc repro
 	@cat reports/ending.txt
 
+# The full suite (what CI runs), with the 25 slowest tests listed at the end.
 test: install
-	$(RUN) $(BIN)/python -m pytest
+	$(RUN) $(BIN)/python -m pytest --durations=25
+
+# For local work: the unit tests only (no test marked slow: no pipeline, no cluster, no server).
+test-fast: install
+	$(RUN) $(BIN)/python -m pytest -m "not slow" --durations=10
 
 install: $(STAMP)
 

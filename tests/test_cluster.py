@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from segpipe.cluster import free_port, processes_of, ray_executable, stop_processes
+from segpipe.progress import LOG_DIR_ENV
 
 RAY = ray_executable()
 
@@ -161,7 +162,8 @@ def test_two_nodes_without_a_shared_disk_spread_and_resume_from_s3_after_losing_
     driver.mkdir()
     # The driver runs as its own process, as `dvc repro` would run it, with RAY_ADDRESS and AWS_* set.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_ADDRESS": cluster.address,
-           "RAY_AUTH_TOKEN_PATH": cluster.env["RAY_AUTH_TOKEN_PATH"]}  # segpipe turns token auth on when it has one
+           "RAY_AUTH_TOKEN_PATH": cluster.env["RAY_AUTH_TOKEN_PATH"],  # segpipe turns token auth on when it has one
+           LOG_DIR_ENV: str(tmp_path / "logs")}  # Ray's messages: a log file outside the driver's folder
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "segpipe", "train", "--arch", "fcn32s", "--shards", shards,

@@ -4,6 +4,7 @@ stops with the Ray it started, and `segpipe with-ray` stops its Ray whatever way
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from segpipe.lifetime import terminate_as_interrupt
+from segpipe.progress import EVERY_ENV
 
 
 def test_sigterm_becomes_keyboard_interrupt_so_finally_blocks_run():
@@ -71,14 +73,14 @@ def test_train_dies_with_its_parent_and_stops_the_ray_it_started(tiny_shards, tm
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS)
     log = tmp_path / "train.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, EVERY_ENV: "1"}
     # The parent stands for `dvc repro`: a shell that runs the stage and would go on afterwards.
     script = (f"{sys.executable} -m segpipe train --arch fcn32s --shards {tiny_shards} --out {tmp_path / 'out'} "
               f"--params {params} > {log} 2>&1; echo finished")
     parent = subprocess.Popen(["sh", "-c", script], env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 300
-        while "epoch 1 " not in (log.read_text() if log.exists() else ""):  # Ray is up and training
+        while not re.search(r"train fcn32s: step [1-9]\d*\S*, .*epoch \d+", log.read_text() if log.exists() else ""):  # training
             assert parent.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from segpipe.progress import LOG_DIR_ENV
 from segpipe.shards import manifest_hash, open_shards
 from segpipe.stages.train import FAIL_AT_EPOCH_ENV
 
@@ -69,7 +70,8 @@ def test_every_command_takes_its_uris_from_the_command_line(s3, tiny_raw, tmp_pa
     work.mkdir()
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.format(storage=s3.uri("ray")))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # AWS_* point at the server
+    # AWS_* point at the server; the commands' logs of Ray's messages go outside the working directory
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, LOG_DIR_ENV: str(tmp_path / "logs")}
     shards = s3.uri("shards")
 
     out = segpipe("convert", "--format", "coco", "--input", str(tiny_raw), "--out", shards, "--no-progress",
@@ -81,7 +83,7 @@ def test_every_command_takes_its_uris_from_the_command_line(s3, tiny_raw, tmp_pa
 
     log = segpipe("train", "--arch", "unet", "--shards", shards, "--out", str(tmp_path / "unet"),
                   "--params", str(params), cwd=work, env={**env, FAIL_AT_EPOCH_ENV: "2"})
-    assert "injected failure at epoch 2" in log
+    assert "injected failure at epoch 2" in (tmp_path / "logs" / "train-unet.log").read_text()  # Ray Train's report
     assert "resumed from the checkpoint of epoch 1" in log  # from S3: there is no local Ray storage
     meta = json.loads((tmp_path / "unet" / "checkpoint" / "meta.json").read_text())
     assert [r["resumed_from_epoch"] for r in meta["restarts"]] == [1]

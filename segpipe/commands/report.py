@@ -269,8 +269,7 @@ def _champion_value(ranking: dict[str, Any]) -> tuple[float | None, str]:
     return None, "unchanged"
 
 
-def ending(promotion: dict[str, Any] | None, evals: dict[str, dict[str, Any]], fused: dict[str, dict[str, Any]],
-           report: str) -> str:
+def ending(promotion: dict[str, Any] | None, evals: dict[str, dict[str, Any]], report: str) -> str:
     """What ``make pipeline`` ends with: the champion and its metric against the best baseline,
     the panoptic champion and its PQ, what the promotion changed (each candidate promoted or
     refused, and why), and where the report is (``report``: its path)."""
@@ -299,9 +298,8 @@ def ending(promotion: dict[str, Any] | None, evals: dict[str, dict[str, Any]], f
         if pan and pan.get("champion_after"):
             value, how = _champion_value(pan)
             who = _who(pan["champion_after"])
-            pair = next((m for m in fused.values() if m.get("arch") == pan["champion_after"].get("arch") == "fused"), None)
-            if pair is not None:
-                who += f" = {fused_pair(pair)}"
+            if pan["champion_after"].get("pair"):  # a fused bundle: its parts as registered
+                who += f" = {pan['champion_after']['pair']}"
             lines.append(f"Panoptic champion: {who}, {how}: {pan['metric']} {_f4(value)}.")
         rows = [*promotion.get("candidates", []), *((pan or {}).get("candidates") or [])]
         if rows:
@@ -578,8 +576,8 @@ def run(evals_dir: Path, promotion_dir: Path, out: Path, train_dir: Path | None 
     """Write the Markdown summary to ``out`` (returned), the page to ``html`` when given, and the
     outcome to ``ending.txt`` beside ``out``."""
     inputs = gather(evals_dir, promotion_dir, train_dir, baselines_dir, fused_dir, drift)
-    semantic, fused = split_panoptic(inputs.eval_data, inputs.fused)
-    outcome = ending(inputs.promotion, semantic, fused, f"{html} (tables: {out})" if html else str(out))
+    semantic, _ = split_panoptic(inputs.eval_data, inputs.fused)
+    outcome = ending(inputs.promotion, semantic, f"{html} (tables: {out})" if html else str(out))
     if html is not None:
         atomic_write_text(html, html_report(inputs, outcome))
     text = render(inputs.eval_data, inputs.train, inputs.promotion, inputs.baseline_data, inputs.fused)

@@ -503,7 +503,15 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _summary(entry: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if entry is None else {"version": entry["version"], "arch": entry["arch"]}
+    """A registry entry in the report: version and architecture, and for a fused bundle the
+    architectures of its two parts (``pair``: ``unet + mask_rcnn``)."""
+    if entry is None:
+        return None
+    out = {"version": entry["version"], "arch": entry["arch"]}
+    bundle = entry.get("bundle") or {}
+    if bundle:
+        out["pair"] = " + ".join(str((bundle.get(k) or {}).get("arch", "?")) for k in ("semantic", "instance"))
+    return out
 
 
 def _judged(champion: Champion | None, metric: str) -> dict[str, Any] | None:

@@ -178,7 +178,7 @@ def results(tmp_path):
              "gates": gate_rows("unet", None), "decision": "promoted to champion"},
             {"eval_dir": f"{tmp_path}/eval/maskformer", "arch": "maskformer", "task": "semantic", "value": 0.35,
              "gates": gate_rows("maskformer", "margin"), "decision": "rejected at margin: miou 0.35 vs champion"}],
-        "panoptic": {"metric": "panoptic.pq", "champion_before": None, "champion_after": {"version": "v3", "arch": "fused"},
+        "panoptic": {"metric": "panoptic.pq", "champion_before": None, "champion_after": {"version": "v3", "arch": "fused", "pair": "unet + mask_rcnn"},
                      "champion_judged": None, "challenger": None,
                      "candidates": [{"eval_dir": f"{tmp_path}/fused", "arch": "fused", "task": "panoptic", "value": 0.45,
                                      "gates": gate_rows("fused", None), "decision": "promoted to champion"},

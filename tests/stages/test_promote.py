@@ -410,6 +410,7 @@ def test_panoptic_candidates_rank_apart_and_a_fused_pair_is_a_bundle(world, para
     assert pan["metric"] == "panoptic.pq" and [c["value"] for c in pan["candidates"]] == [0.30, 0.35]
     bundle = next(v for v in index["versions"] if v["version"] == index["aliases"]["panoptic-champion"])
     assert bundle["task"] == "panoptic" and bundle["fusion"]["stuff_min_area"] == 64
+    assert pan["champion_after"] == {"version": bundle["version"], "arch": "fused", "pair": "unet + unet"}
     assert bundle["bundle"]["semantic"]["checkpoint_sha256"] == sha256_file(world.root / "checkpoints/sem" / WEIGHTS)
     assert bundle["bundle"]["instance"]["checkpoint_sha256"] == sha256_file(world.root / "checkpoints/inst" / WEIGHTS)
     assert index["aliases"]["panoptic-challenger"] == next(v["version"] for v in index["versions"]
