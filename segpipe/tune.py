@@ -65,13 +65,14 @@ def metric_of(metric: str, task: str, arch: str) -> tuple[str, str]:
 
 def edge_values(spec: Mapping[str, Any]) -> list[Any]:
     """The values that bound a distribution: its low and high end (``randint``'s high is excluded), or
-    every choice. A space whose edges give valid params gives valid params throughout."""
+    every choice. A space whose edges give valid params gives valid params throughout (each key's
+    checks are ranges)."""
     (name, args), = spec.items()
     if name == "choice":
         return list(args)
     if name == "randint":
         return [args[0], args[1] - 1]
-    return [args[0], args[1]]
+    return [float(args[0]), float(args[1])]  # what the continuous samplers give: floats, also for integer ends
 
 
 def check_space(space: Mapping[str, Mapping[str, Any]], arch: str, train: TrainParams,
@@ -88,7 +89,9 @@ def check_space(space: Mapping[str, Mapping[str, Any]], arch: str, train: TrainP
                               f"valid: {', '.join('model.' + k for k in keys)}")
         for value in edge_values(spec):
             try:
-                trial_params(train, arch, {key: value})
+                p = trial_params(train, arch, {key: value})
+                # what segpipe train's params_for does: the section with the architecture's overrides
+                build(TrainParams, {**as_dict(p), **p.overrides[arch]}, f"train.overrides.{arch}")
             except ParamsError as e:
                 raise ParamsError(f"{where} = {dict(spec)}: the value {value!r} is not valid: {e}") from None
 
