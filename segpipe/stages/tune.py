@@ -1,7 +1,7 @@
 """``segpipe tune``: a Ray Tune search over one architecture's train params, each trial the train stage.
 
 Every trial is ``segpipe train``'s own run (``segpipe.stages.train.run``: the same training
-function, Ray Train's local mode or worker actors, the same checkpoints), with the trial's values
+function in Ray Train worker actors, at least one, and the same checkpoints), with the trial's values
 of ``tune.space.<arch>`` merged into ``train.overrides.<arch>`` / ``train.model.<arch>``
 (``segpipe.tune``). Ray Train V2's pattern: a Tune function per trial builds and fits a
 ``TorchTrainer``, whose per-epoch reports reach Tune (``fit``'s ``tune_trial``), and ASHA stops
