@@ -219,8 +219,8 @@ def test_the_best_checkpoint_is_evaluable_and_best_yaml_retrains_it(search, tiny
     main(["params", "--params", str(params), "--merge", str(out / "best.yaml")])
     merged = load_section("train", params)
     trial = params_for(trial_params(tiny_train(), "unet", summary["best_params"]), "unet")
-    assert params_for(merged, "unet") == params_for(trial_params(merged, "unet", {}), "unet") == trial \
-        or {**vars(params_for(merged, "unet")), "workers": 1} == vars(trial)
+    # the same params, but for the one worker actor a trial trains in where the params say local mode
+    assert replace(params_for(merged, "unet"), workers=1, overrides={}) == replace(trial, overrides={})
     result = train_run(merged, "unet", tiny_shards, tmp_path / "retrain")
     retrained = load_meta(tmp_path / "retrain" / "checkpoint")
     assert result["epochs"] == 3 and retrained.params["lr"] == meta.params["lr"]
@@ -237,9 +237,8 @@ def test_a_bad_space_is_refused_before_any_trial_starts(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_when_run_again(ray_session, tiny_shards, tmp_path):
-    from segpipe.stages.tune import run
-
+def test_a_killed_search_resumes_when_run_again(tiny_shards, tmp_path):
+    # both runs are `segpipe tune` commands, each with the Ray it starts (as a user reruns it)
     params = tmp_path / "params.yaml"
     train = {k: v for k, v in vars(tiny_train()).items() if k not in ("scale_range", "val_detection")}
     params.write_text(yaml.safe_dump({"train": train, "tune": {
@@ -264,8 +263,12 @@ def test_a_killed_search_resumes_when_run_again(ray_session, tiny_shards, tmp_pa
     assert not (out / "metrics.json").exists()  # killed before the search ended
     first = list(out.glob(".searches/*/runs/*/out/metrics.json"))
     done_at = {p: p.stat().st_mtime for p in first}
-    tune = load_section("tune", params)
-    summary = run(tune, load_section("train", params), "unet", tiny_shards, out)
+    rerun = subprocess.run([sys.executable, "-m", "segpipe", "tune", "--arch", "unet", "--shards", str(tiny_shards),
+                            "--out", str(out), "--params", str(params)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "resuming the search" in rerun.stdout
+    summary = json.loads((out / "metrics.json").read_text())
     assert summary["resumed"] and summary["trials"] == 2
     runs = sorted(p.name for p in out.glob(".searches/*/runs/*"))
     assert len(runs) == 2 and len(list(out.glob(".searches/*"))) == 1  # the same search, not a new one

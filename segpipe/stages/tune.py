@@ -73,8 +73,25 @@ def trial(config: dict[str, Any], train: TrainParams, arch: str, shards: str, ru
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
+    out = Path(runs) / trial_id / "out"
+    if (out / "metrics.json").is_file():
+        # It completed before the search was killed (Tune saves its state only now and then): its
+        # result stands, and Tune gets its reports again instead of a second training.
+        for row in read_history(out / "history.tsv"):
+            ray.tune.report({**row, "val_score": train_stage.checkpoint_score(row)})
+        return
     p = trial_params(train, arch, config)
-    train_stage.run(p, arch, shards, str(Path(runs) / trial_id / "out"), tune_trial=True)
+    train_stage.run(p, arch, shards, str(out), tune_trial=True)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The rows of a train run's ``history.tsv`` (``segpipe.stages.train.history_tsv``), numbers as
+    numbers and empty cells as None."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [{k: (None if v == "" else int(v) if k in ("epoch", "steps") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f, delimiter="\t")]
 
 
 def records_of(grid: Any, runs: Path, metric: str, started: float) -> list[TrialRecord]:
