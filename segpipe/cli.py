@@ -1,5 +1,5 @@
 """The ``segpipe`` command: one sub-command per module, the DVC stages in ``segpipe/stages/``
-(synth, convert, train, evaluate, baselines, fuse, promote), the other commands in ``segpipe/commands/``.
+(synth, convert, train, tune, evaluate, baselines, fuse, promote), the other commands in ``segpipe/commands/``.
 
 Modules are imported only when their command runs, so ``segpipe synth`` does not pay for
 importing Ray and torch.
@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("segpipe.commands.validate", "run the converter's checks and write the report only"),
     "stats": ("segpipe.commands.stats", "per-class pixel and instance counts per split of a shard set"),
     "train": ("segpipe.stages.train", "train an architecture with Ray Train on Parquet shards"),
+    "tune": ("segpipe.stages.tune", "search train params with Ray Tune (ASHA), every trial the train stage"),
     "evaluate": ("segpipe.stages.evaluate", "evaluate a checkpoint on a split; write DVC metrics and plots"),
     "baselines": ("segpipe.stages.baselines", "score the reference predictors a model must beat"),
     "fuse": ("segpipe.stages.fuse", "fuse the best semantic and instance models into one panoptic model, scored"),
@@ -43,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("pipelines.ingest", "validate a drop of site imagery and version it under data/raw (Prefect flow)"),
     "retrain": ("pipelines.retrain", "run the pipeline's stages as a Prefect flow, then promote"),
     "schedule": ("pipelines.deploy", "serve the Prefect retrain flow on its cron schedule"),
-    "params": ("segpipe.commands.params", "validate params.yaml (and --set overrides)"),
+    "params": ("segpipe.commands.params", "validate params.yaml (and --set overrides); --merge a best.yaml into it"),
     "with-ray": ("segpipe.commands.with_ray", "run a command (e.g. dvc repro) against a local Ray started for it"),
 }
 

@@ -116,8 +116,33 @@ def confusion_heatmap(model: str, names: Sequence[str], counts: np.ndarray) -> b
     return _png(fig)
 
 
+def search_curves(trials: Mapping[str, Sequence[tuple[float, float]]], stopped: Sequence[str], best: str | None,
+                  metric: str) -> bytes:
+    """A search's trials: ``metric`` against seconds since the search started, one line per trial
+    (``trials``: trial id -> (seconds, value) per report). Trials ASHA stopped early are dashed and
+    end in a cross; the best trial is drawn thick."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (trial, points) in enumerate(sorted(trials.items())):
+        points = [(t, v) for t, v in points if _finite(t) and _finite(v)]
+        if not points:
+            continue
+        colour = plt.get_cmap("tab10")(i % 10)
+        early = trial in stopped
+        ax.plot(*zip(*points), marker="o", markersize=3, color=colour, linestyle="--" if early else "-",
+                linewidth=2.5 if trial == best else 1.2,
+                label=f"{trial}{' (best)' if trial == best else ''}{' (stopped early)' if early else ''}")
+        if early:
+            ax.plot(*points[-1], marker="x", markersize=9, color=colour)
+    ax.set(title=f"search: {metric} of each trial", xlabel="seconds since the search started", ylabel=metric)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-__all__ = ["confusion_heatmap", "iou_bars", "learning_curves", "row_normalised"]
+__all__ = ["confusion_heatmap", "iou_bars", "learning_curves", "row_normalised", "search_curves"]

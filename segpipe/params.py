@@ -273,6 +273,107 @@ class TrainParams:
         ])
 
 
+# Search-space distributions (``tune.space.<arch>.<key>: {NAME: [ARGS]}``) and what their
+# arguments must be; segpipe/tune.py turns each into its ray.tune sampler.
+DISTRIBUTIONS = {
+    "uniform": "[low, high] with low < high",
+    "loguniform": "[low, high] with 0 < low < high",
+    "quniform": "[low, high, q] with low < high and q > 0",
+    "randint": "[low, high] integers with low < high (high excluded)",
+    "choice": "[value, ...]: a non-empty list",
+}
+# Keys of TrainParams a search may not vary: the run-level mappings, and what decides where and
+# how a trial runs rather than what it learns.
+UNTUNABLE = ("architectures", "overrides", "model", "workers", "cpus_per_worker", "placement_strategy", "use_gpu",
+             "storage_path", "registry", "num_to_keep", "max_failures", "init_from", "backbone_weights", "val_every")
+# What a search ranks trials by: the train stage's per-epoch validation score (mIoU of a semantic
+# model, thing mIoU of an instance model; ``miou`` and ``thing_miou`` name it for one task), or
+# the training loss (lower is better).
+TUNE_METRICS = {"val_score": "max", "miou": "max", "thing_miou": "max", "train_loss": "min"}
+
+_PIXEL_SPACE = {"weight_decay": {"loguniform": [1.0e-5, 1.0e-3]}, "model.dice_weight": {"uniform": [0.0, 1.0]}}
+# The default search per architecture: the learning rate a third to three times the default
+# run's, the weight decay, and the Dice share of the per-pixel loss (docs/training.md).
+SPACES: dict[str, dict[str, dict[str, Any]]] = {
+    "fcn32s": {"lr": {"loguniform": [3.0e-4, 3.0e-3]}, **_PIXEL_SPACE},
+    "fcn16s": {"lr": {"loguniform": [3.0e-4, 3.0e-3]}, **_PIXEL_SPACE},
+    "fcn8s": {"lr": {"loguniform": [3.0e-4, 3.0e-3]}, **_PIXEL_SPACE},
+    "unet": {"lr": {"loguniform": [1.0e-3, 1.0e-2]}, **_PIXEL_SPACE},
+    "deeplabv3": {"lr": {"loguniform": [3.0e-4, 3.0e-3]}, **_PIXEL_SPACE},
+    "maskformer": {"lr": {"loguniform": [3.0e-4, 3.0e-3]}, "weight_decay": {"loguniform": [1.0e-5, 1.0e-3]}},
+    "mask_rcnn": {"lr": {"loguniform": [1.5e-4, 1.5e-3]}, "grad_clip": {"choice": [5.0, 10.0, 20.0]}},
+}
+
+
+def distribution_error(spec: Any) -> str | None:
+    """Why ``spec`` (one ``tune.space`` entry) is not a valid distribution; None when it is."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        return f"must be one distribution {{NAME: [ARGS]}}; NAME one of {', '.join(DISTRIBUTIONS)}"
+    (name, args), = spec.items()
+    if name not in DISTRIBUTIONS:
+        return f"unknown distribution {name!r}; valid: {', '.join(DISTRIBUTIONS)}"
+    rule = f"{name} takes {DISTRIBUTIONS[name]}"
+    if not isinstance(args, (list, tuple)) or not args:
+        return rule
+    if name == "choice":
+        return None
+    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if not numbers or len(args) != (3 if name == "quniform" else 2) or not args[0] < args[1]:
+        return rule
+    if name == "loguniform" and args[0] <= 0:
+        return rule
+    if name == "quniform" and args[2] <= 0:
+        return rule
+    if name == "randint" and not all(isinstance(a, int) for a in args):
+        return rule
+    return None
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    """``segpipe tune``: a Ray Tune search over the train stage, trials stopped early by ASHA."""
+
+    # the tune@<arch> DVC stages (dvc.yaml): empty = no search in `dvc repro` (the default pipeline)
+    architectures: list[str] = field(default_factory=list)
+    trials: int = 8  # configurations sampled (--trials)
+    concurrency: int = 0  # trials at once; 0 = as many as the cluster's CPUs (GPUs with use_gpu) fit
+    metric: str = "val_score"  # val_score (miou | thing_miou) or train_loss
+    budget_s: float = 0.0  # wall-clock seconds of the whole search; 0 = every trial runs (--budget-s)
+    grace_epochs: int = 1  # ASHA stops no trial before this many epochs
+    reduction_factor: int = 3  # ASHA keeps the best 1 / this at each rung
+    seed: int = 0  # sampling of the configurations
+    space: dict[str, dict[str, dict[str, Any]]] = field(
+        default_factory=lambda: {a: {k: dict(d) for k, d in s.items()} for a, s in SPACES.items()})
+
+    def __post_init__(self) -> None:
+        tunable = sorted(f.name for f in dataclasses.fields(TrainParams) if f.name not in UNTUNABLE)
+        require(self, [
+            ("architectures", set(self.architectures) <= set(ARCHITECTURES),
+             f"must name architectures of {', '.join(ARCHITECTURES)}"),
+            ("trials", self.trials >= 1, "must be >= 1"),
+            ("concurrency", self.concurrency >= 0, "must be >= 0 (0 = as many as the cluster fits)"),
+            ("metric", self.metric in TUNE_METRICS, f"must be one of {', '.join(TUNE_METRICS)}"),
+            ("budget_s", self.budget_s >= 0, "must be >= 0 seconds (0 = no limit)"),
+            ("grace_epochs", self.grace_epochs >= 1, "must be >= 1"),
+            ("reduction_factor", self.reduction_factor >= 2, "must be >= 2"),
+            ("seed", self.seed >= 0, "must be >= 0"),
+        ])
+        for arch, space in self.space.items():
+            if arch not in ARCHITECTURES:
+                raise RangeError(f"space.{arch}", space, f"unknown architecture; valid: {', '.join(ARCHITECTURES)}")
+            for key, spec in space.items():
+                if key.startswith("model."):
+                    if not key[len("model."):]:
+                        raise RangeError(f"space.{arch}.{key}", spec, "names no key of train.model.<arch>")
+                elif key not in tunable:
+                    why = "cannot be searched" if key in UNTUNABLE else "is no train key"
+                    raise RangeError(f"space.{arch}.{key}", spec,
+                                     f"{why}; a search varies one of {', '.join(tunable)} or model.<key>")
+                error = distribution_error(spec)
+                if error:
+                    raise RangeError(f"space.{arch}.{key}", spec, error)
+
+
 @dataclass(frozen=True)
 class MaskFormerPanopticParams:
     """Mask2Former's panoptic inference (``segpipe.panoptic.maskformer_panoptic``)."""
@@ -612,6 +713,7 @@ SECTIONS: dict[str, type] = {
     "synth": SynthParams,
     "convert": ConvertParams,
     "train": TrainParams,
+    "tune": TuneParams,
     "evaluate": EvaluateParams,
     "fuse": FuseParams,
     "baselines": BaselinesParams,

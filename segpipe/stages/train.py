@@ -969,11 +969,14 @@ def augment_config(p: TrainParams, meta: dict[str, Any]) -> Any:
 
 def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, meta: dict[str, Any],
         cpus_per_worker: float, init: InitFrom | None = None, train_tables: list[Any] | None = None,
-        marks: dict[str, float] | None = None, progress: Any = None) -> Any:
+        marks: dict[str, float] | None = None, progress: Any = None, tune_trial: bool = False) -> Any:
     """Build the Ray Data datasets and run ``TorchTrainer``; returns the Ray ``Result``.
     ``train_tables``: the train split, already read and verified (``read_train_split``); ``marks``
     gets the time the dataset was ready; ``progress``: a ``segpipe.progress.ProgressRelay`` that
-    rank 0 feeds the driver's progress line with."""
+    rank 0 feeds the driver's progress line with. ``tune_trial``: this run is a trial of a Ray Tune
+    search (``segpipe tune``): Ray's Train-to-Tune callback passes each report on to Tune. It needs
+    worker actors (``p.workers >= 1``): Ray refuses ``ray.train`` calls in a Tune trial's own process,
+    where local mode would run them."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -989,6 +992,13 @@ def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, me
               "keep_in": resolve(storage, "train.storage_path").child(name).uri if p.workers == 0 else None,
               "attempt": f"{os.getpid()}-{time.time_ns()}",
               "fail_marker": resolve(storage, "train.storage_path").child(name, "failed-once").uri}
+    callbacks = []
+    if tune_trial:
+        if not p.workers:
+            raise TrainError(f"[{arch}] a Tune trial trains in worker actors (train.workers >= 1), not local mode")
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     train = build_train_dataset(shards, augment_config(p, meta), p.batch_size, cache=p.cache_shards,
                                 tables=train_tables)
     if marks is not None:
@@ -1007,6 +1017,7 @@ def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, me
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=p.num_to_keep, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": train},
         # One worker reads the whole dataset; several split it (streaming_split) between them.
@@ -1016,7 +1027,7 @@ def fit(p: TrainParams, arch: str, shards: ShardSet, storage: str, name: str, me
 
 
 def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path | str, ray_address: str | None = None,
-        started_at: float | None = None) -> dict[str, Any]:
+        started_at: float | None = None, tune_trial: bool = False) -> dict[str, Any]:
     """Train ``arch`` on ``shards``; write ``out/checkpoint``, ``out/history.tsv``, ``out/metrics.json``.
 
     ``shards``, ``out`` and ``train.storage_path`` may be local paths or object-store URIs
@@ -1024,6 +1035,9 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
 
     ``started_at`` (``time.time()`` of the process start, by default now) is where ``startup_s``
     is counted from: everything of the run that is not its epoch loop.
+
+    ``tune_trial``: the run is a trial of ``segpipe tune`` (in a Tune trial's process, Ray already
+    connected): its reports go to Tune (``fit``), and it shows no progress line of its own.
     """
     from segpipe.cluster import connect
     from segpipe.shards import ShardSet, open_shards, verify_split
@@ -1048,15 +1062,18 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
     from segpipe.progress import Progress
 
     try:
-        with Progress(f"train {arch}", phase="starting Ray and the data") as line, connect(ray_address) as started:
+        with Progress(f"train {arch}", phase="starting Ray and the data", enabled=not tune_trial) as line, \
+                connect(ray_address) as started:
             import ray  # after connect: it sets the auth mode that Ray reads when it initialises
             import ray.train
 
             from segpipe.data import warm_up_decoders
 
             # A Ray worker process starts and imports the decoders while this one imports torch and
-            # the models: Ray Data's first tasks then find it ready (2 cores: the two overlap).
-            warm_up_decoders()
+            # the models: Ray Data's first tasks then find it ready (2 cores: the two overlap). Not in
+            # a Tune trial: Tune would hold the task to the trial's placement group, sized for the trial.
+            if not tune_trial:
+                warm_up_decoders()
             marks["connected"] = time.time()
             meta, run_name = plan(p, arch, shards, init)
             marks["planned"] = time.time()
@@ -1068,8 +1085,9 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
                     if cpw != p.cpus_per_worker:
                         print(f"[{arch}] {p.workers} worker(s) x {p.cpus_per_worker} CPU would starve Ray Data on "
                               f"{total:g} CPUs; using {cpw} CPU per worker", file=sys.stderr)
-                with line.relayed() as relay:
-                    result = fit(p, arch, shards, runs.uri, run_name, meta, cpw, init, train_tables, marks, relay)
+                with line.relayed() if line.enabled else contextlib.nullcontext() as relay:
+                    result = fit(p, arch, shards, runs.uri, run_name, meta, cpw, init, train_tables, marks, relay,
+                                 tune_trial)
             except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
                 raise TrainError(f"[{arch}] training failed: {root_cause(e)}") from e
             except Exception as e:  # local mode: the training function's own error, raised here
