@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from segpipe.files import atomic_dir, atomic_path, atomic_write_text
 from segpipe.params import SynthParams, add_params_arguments, from_args, parse_override
+from segpipe.progress import Progress
 from segpipe.synth.classes import classes_table, coco_categories
 from segpipe.synth.coco import annotate
 from segpipe.synth.render import render
@@ -105,7 +105,7 @@ def _write_one(task: tuple[int, SynthParams, str]) -> tuple[int, dict[str, Any],
 def _imap(p: SynthParams) -> Iterator[Callable[[Iterable[Any]], Iterator[Any]]]:
     """An ordered, lazy map over ``_write_one``: in-process for one worker, else a pool.
 
-    The pool is forked before any other thread (tqdm's monitor) starts."""
+    The pool is forked before any other thread (the progress line's) starts."""
     workers = min(p.workers or os.cpu_count() or 1, p.images)
     if workers == 1:
         yield lambda tasks: map(_write_one, tasks)
@@ -154,7 +154,7 @@ def run(params: SynthParams, out: Path) -> dict[str, int]:
             tasks = ((i, params, str(root)) for i in range(params.images))
             with (
                 _imap(params) as imap,
-                tqdm(total=params.images, desc="synth", unit="img", file=sys.stderr) as bar,
+                Progress("synth", total=params.images) as bar,
             ):
                 for index, entry, anns in imap(tasks):
                     fi.write(_dump(entry) + "\n")
@@ -162,7 +162,7 @@ def run(params: SynthParams, out: Path) -> dict[str, int]:
                         n_anns += 1
                         n_crowd += ann["iscrowd"]
                         fa.write(_dump({"id": n_anns, "image_id": index + 1, **ann}) + "\n")
-                    bar.update(1)
+                    bar.advance()
         write_instances(root / "annotations" / "instances.json", images_jsonl, anns_jsonl)
         images_jsonl.unlink()
         anns_jsonl.unlink()
