@@ -309,17 +309,6 @@ def auto_concurrency(cpus: float, gpus: float, train: TrainParams) -> int:
     return max(1, n)
 
 
-def worker_cpus(cpus: float, concurrency: int, train: TrainParams) -> float:
-    """The CPUs each trial's worker actor asks for: ``train.cpus_per_worker``, less where the cluster
-    cannot hold ``concurrency`` trials (their bundles and workers) and ``DATA_CPUS`` besides. On a
-    2-CPU Ray one trial's bundle (0.1) and a 1-CPU worker would leave 0.9 CPU, too little for Ray
-    Data's 1-CPU decoding task: the trial would wait for its first batch forever. Its worker asks
-    for 0.9 there (Ray's CPUs are a scheduling count; the worker's torch threads are ``train.threads``)."""
-    bundle = sum(b.get("CPU", 0.0) for b in trial_bundles(train))
-    room = ((cpus - DATA_CPUS) / max(concurrency, 1) - bundle) / max(train.workers, 1)
-    return max(0.1, round(min(train.cpus_per_worker, room), 2))
-
-
 def search_fingerprint(tune: TuneParams, space: Mapping[str, Any], train: TrainParams, arch: str,
                        manifest_sha256: str) -> str:
     """Identifies a search's inputs: a rerun with the same ones resumes the search, other ones start anew."""

@@ -30,7 +30,6 @@ from segpipe.tune import (
     read_trials_csv,
     trial_params,
     trial_rows,
-    worker_cpus,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,13 +155,6 @@ def test_concurrency_leaves_ray_data_a_cpu():
     assert auto_concurrency(2, 0, TrainParams()) == 1
     assert auto_concurrency(16, 0, TrainParams()) == 13
     assert auto_concurrency(16, 2, TrainParams(workers=1, use_gpu=True)) == 2
-
-
-def test_a_trials_worker_fits_beside_its_bundle_and_ray_data():
-    # 2 CPUs: the trial's 0.1 and its worker's 0.9 leave Ray Data its CPU (a 1-CPU worker would not)
-    assert worker_cpus(2, 1, TrainParams()) == 0.9
-    assert worker_cpus(16, 13, TrainParams()) == 1.0  # room enough: train.cpus_per_worker as set
-    assert worker_cpus(9, 2, TrainParams(workers=2, cpus_per_worker=2.0)) == 1.95
 
 
 # ----------------------------------------------------------------------------- real searches (Ray)

@@ -26,7 +26,6 @@ Output directory ``OUT`` (a local folder)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import shutil
@@ -63,7 +62,6 @@ from segpipe.tune import (
     trial_bundles,
     trial_params,
     trial_rows,
-    worker_cpus,
 )
 
 SEARCHES = ".searches"  # OUT/.searches/<fingerprint>: Tune's experiment and the trials' train runs
@@ -161,18 +159,16 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        resources = ray.cluster_resources()
-        concurrency = tune.concurrency or auto_concurrency(resources.get("CPU", 1.0), resources.get("GPU", 0.0), p)
-        # the trials' workers fit the cluster beside Ray Data (a small local Ray: less than a CPU each)
-        fitted = dataclasses.replace(train, cpus_per_worker=worker_cpus(resources.get("CPU", 1.0), concurrency, p))
         trainable = ray_tune.with_resources(
-            ray_tune.with_parameters(trial, train=fitted, arch=arch, shards=shards_uri, runs=str(runs)),
+            ray_tune.with_parameters(trial, train=train, arch=arch, shards=shards_uri, runs=str(runs)),
             ray_tune.PlacementGroupFactory(trial_bundles(p)))
         resumed = ray_tune.Tuner.can_restore(str(experiment))
         if resumed:
             print(f"[{arch}] resuming the search in {experiment}", flush=True)
             tuner = ray_tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
         else:
+            resources = ray.cluster_resources()
+            concurrency = tune.concurrency or auto_concurrency(resources.get("CPU", 1.0), resources.get("GPU", 0.0), p)
             print(f"[{arch}] searching {len(space)} params ({', '.join(space)}) over {tune.trials} trials, "
                   f"{concurrency} at once; ASHA on {metric} ({mode}) per epoch", flush=True)
             tuner = ray_tune.Tuner(
