@@ -815,6 +815,26 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
         raise ParamsError(f"{where}.{e}") from None
 
 
+# Keys of TrainParams that only make sense for the whole run, not per architecture.
+RUN_LEVEL_KEYS = ("architectures", "overrides", "model")
+
+
+def arch_train_params(params: TrainParams, arch: str) -> TrainParams:
+    """Apply ``train.overrides.<arch>`` on top of the section, validated like the file."""
+    over = dict(params.overrides.get(arch) or {})
+    bad = [k for k in over if k in RUN_LEVEL_KEYS]
+    if bad:
+        raise ParamsError(f"train.overrides.{arch}: {bad} cannot be overridden per architecture")
+    return build(TrainParams, {**as_dict(params), **over}, f"train.overrides.{arch}")
+
+
+def check_model_keys(arch: str, kwargs: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """``train.model.<arch>`` names only build kwargs of the architecture (``defaults``: its builder's)."""
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ParamsError(f"train.model.{arch}: unknown key(s) {unknown}; valid: {sorted(defaults)}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.overrides.unet.epochs=3"`` -> (["train", "overrides", "unet", "epochs"], 3)."""
     if "=" not in text:

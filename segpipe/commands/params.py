@@ -10,20 +10,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segpipe.params import ParamsError, TrainParams, add_params_arguments, as_dict, build, check_all
+from segpipe.params import (
+    ParamsError,
+    TrainParams,
+    add_params_arguments,
+    arch_train_params,
+    as_dict,
+    check_all,
+    check_model_keys,
+)
 
 
-def check_per_architecture(train: TrainParams, where: Path) -> None:
+def check_per_architecture(train: TrainParams) -> None:
     """What ``segpipe train`` checks per architecture before it runs: ``train.overrides.<arch>`` on top
     of the section (types and ranges), and the keys of ``train.model.<arch>`` (build kwargs)."""
     from segpipe.models import MODELS, default_kwargs
 
-    for arch, over in train.overrides.items():
-        build(TrainParams, {**as_dict(train), **(over or {})}, f"{where}: train.overrides.{arch}")
+    for arch in train.overrides:
+        arch_train_params(train, arch)
     for arch, kwargs in train.model.items():
-        unknown = sorted(set(kwargs or {}) - set(default_kwargs(arch))) if arch in MODELS else []
-        if unknown:
-            raise ParamsError(f"{where}: train.model.{arch}: unknown key(s) {unknown}; valid: {sorted(default_kwargs(arch))}")
+        if arch in MODELS:
+            check_model_keys(arch, kwargs or {}, default_kwargs(arch))
 
 
 def merge(params: Path | str, fragment: Path | str) -> Path:
@@ -43,7 +50,7 @@ def merge(params: Path | str, fragment: Path | str) -> Path:
         probe = Path(tmp) / params.name
         probe.write_text(merged)
         try:
-            check_per_architecture(check_all(probe)["train"], probe)
+            check_per_architecture(check_all(probe)["train"])
         except ParamsError as e:
             raise ParamsError(f"--merge {fragment}: the merged {params} would not be valid: "
                               f"{str(e).replace(str(probe), str(params))}") from None

@@ -55,7 +55,11 @@ from segpipe.params import (
     add_params_arguments,
     as_dict,
     build,
+    check_model_keys,
     from_args,
+)
+from segpipe.params import (
+    arch_train_params as params_for,  # the stage's name for it (tune, benchmarks, tests)
 )
 
 if TYPE_CHECKING:  # at run time imported where used: Ray's controller imports this module and needs none of it
@@ -70,8 +74,6 @@ class InitFromError(UserError, ValueError):
     """``train.init_from`` names a model that cannot start this run; the message names the key and the version."""
 
 
-# Keys of TrainParams that only make sense for the whole run, not per architecture.
-RUN_LEVEL_KEYS = ("architectures", "overrides", "model")
 # Test aid: raise once in rank 0 at the start of this epoch, to exercise resuming (never a param).
 FAIL_AT_EPOCH_ENV = "SEGPIPE_FAIL_AT_EPOCH"
 # An epoch that would have less than this share of the last epoch's time left is not started.
@@ -79,16 +81,6 @@ SLIVER = 0.2
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-
-def params_for(params: TrainParams, arch: str) -> TrainParams:
-    """Apply ``train.overrides.<arch>`` on top of the section, validated like the file."""
-    over = dict(params.overrides.get(arch) or {})
-    bad = [k for k in over if k in RUN_LEVEL_KEYS]
-    if bad:
-        raise ParamsError(f"train.overrides.{arch}: {bad} cannot be overridden per architecture")
-    merged = {**as_dict(params), **over}
-    return build(TrainParams, merged, f"train.overrides.{arch}")
 
 
 def class_weights(pixels: Sequence[int], power: float = 0.5) -> list[float]:
@@ -111,10 +103,8 @@ def model_kwargs_for(params: TrainParams, arch: str, shards: ShardSet) -> dict[s
     from segpipe.models import default_kwargs
 
     defaults = default_kwargs(arch)
+    check_model_keys(arch, params.model.get(arch) or {}, defaults)
     kwargs = {**defaults, **(params.model.get(arch) or {})}
-    unknown = sorted(set(kwargs) - set(defaults))
-    if unknown:
-        raise ParamsError(f"train.model.{arch}: unknown key(s) {unknown}; valid: {sorted(defaults)}")
     if "ignore_index" in defaults:
         kwargs["ignore_index"] = shards.ignore_index
     if "thing_ids" in defaults:
