@@ -113,6 +113,12 @@ def bundle_sha256(members: Mapping[str, str], fusion: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def fused_pair(parts: Mapping[str, Any]) -> str:
+    """``SEMANTIC + INSTANCE``: the architectures of a fused pair's members (a fused result's
+    ``checkpoints``, a registry entry's ``bundle``; ``?`` for a member not named)."""
+    return " + ".join(str((parts.get(k) or {}).get("arch", "?")) for k in FUSED_MEMBERS)
+
+
 # --------------------------------------------------------------------------------------
 # One metrics.json
 # --------------------------------------------------------------------------------------
@@ -289,5 +295,5 @@ def champion_line(champion: dict[str, Any] | None, metric: str) -> str:
 
 
 __all__ = ["CheckpointRef", "EvalResult", "FUSED_ARCH", "FUSED_MEMBERS", "KINDS", "METRICS", "ResultError",
-           "Results", "TASKS", "bundle_sha256", "champion_line", "metric_value",
+           "Results", "TASKS", "bundle_sha256", "champion_line", "fused_pair", "metric_value",
            "read_results"]

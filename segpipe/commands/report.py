@@ -43,7 +43,7 @@ import numpy as np
 from segpipe.errors import UserError
 from segpipe.files import atomic_write_text
 from segpipe.report_html import Section, Table, figure, json_html, page, paragraph, png_img
-from segpipe.results import EvalResult, champion_line, metric_value, read_results
+from segpipe.results import EvalResult, champion_line, fused_pair, metric_value, read_results
 
 ENDING_ENV = "SEGPIPE_ENDING"  # "later": write the outcome to ending.txt, do not print it
 ENDING_FILE = "ending.txt"
@@ -120,7 +120,7 @@ def pq_grid(evals: dict[str, dict[str, Any]], fused: dict[str, dict[str, Any]]) 
     for name, m in sorted(fused.items()):
         if not isinstance(m.get("panoptic"), dict):
             continue  # no pair was fused (see its metrics.json "skipped")
-        rows.append((f"{name}: {fused_pair(m)}", m))
+        rows.append((f"{name}: {fused_pair(m.get('checkpoints') or {})}", m))
     if not rows:
         return None
     head = ("model", *[c for c, _ in PQ_COLUMNS], "images")
@@ -133,12 +133,6 @@ def pq_table(evals: dict[str, dict[str, Any]], fused: dict[str, dict[str, Any]])
     """Markdown of :func:`pq_grid` ("" when there is no panoptic result)."""
     grid = pq_grid(evals, fused)
     return grid.markdown() if grid else ""
-
-
-def fused_pair(m: dict[str, Any]) -> str:
-    """``SEMANTIC + INSTANCE``: the architectures of a fused result's two checkpoints."""
-    ck = m.get("checkpoints") or {}
-    return " + ".join(str((ck.get(k) or {}).get("arch", "?")) for k in ("semantic", "instance"))
 
 
 def collection_grid(evals: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]] | None = None,

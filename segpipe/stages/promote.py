@@ -69,7 +69,7 @@ from segpipe.registry import (
     transaction,
     write_gto_tags,
 )
-from segpipe.results import EvalResult, ResultError, champion_line, metric_value, read_results
+from segpipe.results import EvalResult, ResultError, champion_line, fused_pair, metric_value, read_results
 
 GATES = ("readable", "current_data", "metric", "min_value", "beats_baseline", "margin", "protected_classes",
          "protected_collections")
@@ -508,9 +508,8 @@ def _summary(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     if entry is None:
         return None
     out = {"version": entry["version"], "arch": entry["arch"]}
-    bundle = entry.get("bundle") or {}
-    if bundle:
-        out["pair"] = " + ".join(str((bundle.get(k) or {}).get("arch", "?")) for k in ("semantic", "instance"))
+    if entry.get("bundle"):
+        out["pair"] = fused_pair(entry["bundle"])
     return out
 
 
