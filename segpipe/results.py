@@ -119,6 +119,30 @@ def fused_pair(parts: Mapping[str, Any]) -> str:
     return " + ".join(str((parts.get(k) or {}).get("arch", "?")) for k in FUSED_MEMBERS)
 
 
+def read_history(path: Path | str) -> list[dict[str, Any]]:
+    """The rows of a train run's ``history.tsv`` (``segpipe.stages.train.history_tsv``): ``epoch`` and
+    ``steps`` as ints, the other columns as floats, an empty or non-finite cell as None."""
+    import csv
+    import io
+
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text()), delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ResultError(f"{path}: not a readable history: {e}") from None
+
+    def number(key: str, text: str | None) -> float | int | None:
+        try:
+            v = float(text)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(v):
+            return None
+        return int(v) if key in ("epoch", "steps") else v
+
+    return [{k: number(k, v) for k, v in r.items() if k} for r in rows]
+
+
 # --------------------------------------------------------------------------------------
 # One metrics.json
 # --------------------------------------------------------------------------------------
@@ -295,5 +319,5 @@ def champion_line(champion: dict[str, Any] | None, metric: str) -> str:
 
 
 __all__ = ["CheckpointRef", "EvalResult", "FUSED_ARCH", "FUSED_MEMBERS", "KINDS", "METRICS", "ResultError",
-           "Results", "TASKS", "bundle_sha256", "champion_line", "fused_pair", "metric_value",
+           "Results", "TASKS", "bundle_sha256", "champion_line", "fused_pair", "metric_value", "read_history",
            "read_results"]

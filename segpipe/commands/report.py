@@ -43,7 +43,7 @@ import numpy as np
 from segpipe.errors import UserError
 from segpipe.files import atomic_write_text
 from segpipe.report_html import Section, Table, figure, json_html, page, paragraph, png_img
-from segpipe.results import EvalResult, champion_line, fused_pair, metric_value, read_results
+from segpipe.results import EvalResult, champion_line, fused_pair, metric_value, read_history, read_results
 
 ENDING_ENV = "SEGPIPE_ENDING"  # "later": write the outcome to ending.txt, do not print it
 ENDING_FILE = "ending.txt"
@@ -317,15 +317,6 @@ def _number(text: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
-
-
-def read_history(path: Path) -> list[dict[str, float | None]]:
-    """The rows of a train stage's history.tsv, numbers as floats (empty cells None)."""
-    try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text()), delimiter="\t"))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ReportError(f"{path}: not a readable history: {e}") from None
-    return [{k: _number(v) for k, v in r.items() if k} for r in rows]
 
 
 def read_iou(folder: Path, classes: list[str]) -> dict[str, float | None]:

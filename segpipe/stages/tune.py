@@ -45,6 +45,7 @@ from segpipe.params import (
     build,
     from_args,
 )
+from segpipe.results import read_history
 from segpipe.stages import train as train_stage
 from segpipe.tune import (
     TrialRecord,
@@ -82,16 +83,6 @@ def trial(config: dict[str, Any], train: TrainParams, arch: str, shards: str, ru
         return
     p = trial_params(train, arch, config)
     train_stage.run(p, arch, shards, str(out), tune_trial=True)
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """The rows of a train run's ``history.tsv`` (``segpipe.stages.train.history_tsv``), numbers as
-    numbers and empty cells as None."""
-    import csv
-
-    with open(path, newline="") as f:
-        return [{k: (None if v == "" else int(v) if k in ("epoch", "steps") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f, delimiter="\t")]
 
 
 def records_of(grid: Any, runs: Path, metric: str, started: float) -> list[TrialRecord]:
