@@ -197,6 +197,15 @@ def test_a_four_trial_search_stops_one_early_and_keeps_the_best(search):
     assert summary["best_trial"] == best["trial_id"] and summary["best_value"] == float(best["best_val_score"])
     assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "history.tsv").read_text().count("\n") == 4  # header + 3 epochs
+    # never more trials at once than concurrency (each trial's span from Tune's own result rows)
+    spans = []
+    for result in (out / ".searches" / summary["search"]).glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows:
+            spans.append((min(r["timestamp"] - r["time_total_s"] for r in rows), max(r["timestamp"] for r in rows)))
+    assert len(spans) == 4
+    most = max(sum(a < t + 1 < b for a, b in spans) for t, _ in spans)  # running a second after a start
+    assert most <= TINY_TUNE.concurrency, spans
 
 
 @pytest.mark.slow

@@ -166,12 +166,14 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
                 trainable,
                 param_space=param_space(space),
                 tune_config=ray_tune.TuneConfig(
-                    metric=metric, mode=mode, num_samples=tune.trials, max_concurrent_trials=concurrency,
+                    metric=metric, mode=mode, num_samples=tune.trials,
                     # max_t above the last epoch: ASHA stops a trial that reaches max_t, and one stopped
                     # at its last report would not write its output
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=max(p.epochs, tune.grace_epochs) + 1,
                                             grace_period=tune.grace_epochs, reduction_factor=tune.reduction_factor),
-                    search_alg=BasicVariantGenerator(random_state=tune.seed),
+                    # the limit goes to the generator: Tune ignores max_concurrent_trials beside a
+                    # search_alg of this kind (it logs a warning), and every trial would start at once
+                    search_alg=BasicVariantGenerator(random_state=tune.seed, max_concurrent=concurrency),
                     time_budget_s=tune.budget_s or None),
                 run_config=ray_tune.RunConfig(
                     name=fingerprint, storage_path=str(searches),
