@@ -143,12 +143,17 @@ def _quiet() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
+def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Iterator[bool]:
     """A Ray for this driver: ``address`` or ``RAY_ADDRESS`` if set, else a local Ray of
     ``num_cpus`` (default: this machine's cores) in this process. Yields whether it started a
     local Ray. Token authentication: on for a local Ray (a token is generated if none exists), and
     for a cluster whenever this machine has a token (Ray reads the mode when it initialises, so it
-    is set before ``ray.init``). A Ray the caller initialised is used as it is and left running."""
+    is set before ``ray.init``). A Ray the caller initialised is used as it is and left running.
+
+    ``dashboard``: a local Ray starts its dashboard, which serves Ray's state API. Without it a
+    Train run that is killed (a Tune trial stopped early) keeps its workers' placement group for
+    good: Ray Train's cleaner asks the state API whether the run's controller is still alive, and
+    without an answer it never frees the group. Off otherwise: a process and a second of start-up."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address or has_ray_token():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -169,7 +174,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
         if address:
             ray.init(address=address, **_quiet())
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **_quiet())
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard, **_quiet())
         try:
             yield not address
         finally:

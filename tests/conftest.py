@@ -291,12 +291,13 @@ def tiny_maskformer() -> dict:
 def ray_session():
     """One local Ray for the whole test run, shared by every test that needs a Ray but not one of its
     own (token authentication on; 4 logical CPUs, so two training workers and Ray Data fit on a
-    2-core machine). Code under test connects through ``segpipe.cluster.connect``, which uses an
-    initialised Ray as it is and leaves it running."""
+    2-core machine; its dashboard on, as ``segpipe tune`` starts it, for the state API that frees a
+    stopped trial's workers). Code under test connects through ``segpipe.cluster.connect``, which
+    uses an initialised Ray as it is and leaves it running."""
     from segpipe.cluster import connect
 
     os.environ.pop("RAY_ADDRESS", None)
-    with connect(num_cpus=max(4, os.cpu_count() or 1)):
+    with connect(num_cpus=max(4, os.cpu_count() or 1), dashboard=True):
         import ray
 
         yield ray

@@ -178,8 +178,10 @@ def search(ray_session, tiny_shards, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tune") / "out"
     t0 = time.monotonic()
+    free_before = ray_session.available_resources().get("CPU", 0)
     summary = run(TINY_TUNE, tiny_train(), "unet", tiny_shards, out)
     summary["test_s"] = time.monotonic() - t0
+    summary["free_cpus"] = (free_before, ray_session.available_resources)
     return out, summary
 
 
@@ -206,6 +208,13 @@ def test_a_four_trial_search_stops_one_early_and_keeps_the_best(search):
     assert len(spans) == 4
     most = max(sum(a < t + 1 < b for a, b in spans) for t, _ in spans)  # running a second after a start
     assert most <= TINY_TUNE.concurrency, spans
+    # the trials stopped early gave their workers' CPUs back (Ray Train frees a killed run's placement
+    # group through the state API; its cleaner looks once a second)
+    before, available = summary["free_cpus"]
+    deadline = time.monotonic() + 30
+    while available().get("CPU", 0) < before - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert available().get("CPU", 0) >= before - 1e-6, "a stopped trial kept its workers' CPUs"
 
 
 @pytest.mark.slow

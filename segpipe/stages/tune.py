@@ -144,7 +144,7 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
     experiment, runs = searches / fingerprint, searches / fingerprint / "runs"
     shards_uri = str(Path(shards).resolve()) if "://" not in str(shards) else str(shards)
 
-    with connect(ray_address):
+    with connect(ray_address, dashboard=True):  # the state API frees the workers of a trial stopped early
         import ray
         from ray import tune as ray_tune
         from ray.tune.schedulers import ASHAScheduler
