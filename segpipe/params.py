@@ -342,6 +342,7 @@ class TuneParams:
     grace_epochs: int = 1  # ASHA stops no trial before this many epochs
     reduction_factor: int = 3  # ASHA keeps the best 1 / this at each rung
     seed: int = 0  # sampling of the configurations
+    include_current: bool = True  # the first trial runs the params as they are (the others are sampled)
     space: dict[str, dict[str, dict[str, Any]]] = field(
         default_factory=lambda: {a: {k: dict(d) for k, d in s.items()} for a, s in SPACES.items()})
 

@@ -118,6 +118,18 @@ def param_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return {key: sampler(spec) for key, spec in space.items()}
 
 
+def current_values(space: Mapping[str, Any], arch: str, train: TrainParams,
+                   model_defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The values ``segpipe train --arch arch`` runs now for each key of ``space``: the train section
+    with the architecture's overrides, and the build kwargs (``model_defaults``, the config's
+    defaults) with ``train.model.<arch>``. With ``tune.include_current`` they are the search's first
+    trial, so its best is never a configuration it did not compare with the params as they are."""
+    section = {**as_dict(train), **(train.overrides.get(arch) or {})}
+    model = {**model_defaults, **(train.model.get(arch) or {})}
+    return {key: plain(model[key[len(MODEL_PREFIX):]] if key.startswith(MODEL_PREFIX) else section[key])
+            for key in space}
+
+
 # ----------------------------------------------------------------------------- a trial's params
 
 
@@ -314,5 +326,6 @@ def search_fingerprint(tune: TuneParams, space: Mapping[str, Any], train: TrainP
     """Identifies a search's inputs: a rerun with the same ones resumes the search, other ones start anew."""
     blob = json.dumps({"arch": arch, "space": space, "train": as_dict(train), "data": manifest_sha256,
                        "trials": tune.trials, "metric": tune.metric, "seed": tune.seed,
-                       "grace": tune.grace_epochs, "rf": tune.reduction_factor}, sort_keys=True)
+                       "grace": tune.grace_epochs, "rf": tune.reduction_factor,
+                       "current": tune.include_current}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -22,6 +22,7 @@ from segpipe.stages.train import params_for
 from segpipe.tune import (
     TrialRecord,
     auto_concurrency,
+    current_values,
     best_fragment,
     check_space,
     merged_params_text,
@@ -102,6 +103,21 @@ def test_a_trials_values_land_in_the_architectures_overrides_and_model():
     assert params_for(other, "fcn8s") == replace(params_for(train, "fcn8s"), overrides=other.overrides)
     assert best_fragment("unet", {"lr": 0.004, "model.dice_weight": 0.25}) == {
         "train": {"overrides": {"unet": {"lr": 0.004}}, "model": {"unet": {"dice_weight": 0.25}}}}
+
+
+def test_the_current_values_are_what_segpipe_train_runs_now():
+    from segpipe.models import default_kwargs
+
+    train = load_section("train", REPO / "params.yaml")
+    space = {"lr": {}, "weight_decay": {}, "model.dice_weight": {}, "model.base_channels": {}}
+    values = current_values(space, "unet", train, default_kwargs("unet"))
+    p = params_for(train, "unet")
+    # lr from the architecture's overrides where it has one, dice_weight from train.model.unet, base_channels
+    # from the model's own defaults
+    assert values == {"lr": p.lr, "weight_decay": p.weight_decay, "model.dice_weight": p.model["unet"]["dice_weight"],
+                      "model.base_channels": default_kwargs("unet")["base_channels"]}
+    assert params_for(trial_params(train, "unet", values), "unet") == replace(p, workers=1, overrides=trial_params(
+        train, "unet", values).overrides, model=trial_params(train, "unet", values).model)
 
 
 def test_merging_best_yaml_keeps_comments_and_every_other_key(tmp_path):
@@ -197,6 +213,9 @@ def test_a_four_trial_search_stops_one_early_and_keeps_the_best(search):
     assert done and all(r["val_score@3"] != "" for r in done)
     best = max(done, key=lambda r: float(r["best_val_score"]))
     assert summary["best_trial"] == best["trial_id"] and summary["best_value"] == float(best["best_val_score"])
+    # the first trial ran the current params (tune.include_current), the others sampled ones
+    first = min(rows, key=lambda r: r["trial_id"])
+    assert float(first["lr"]) == pytest.approx(tiny_train().lr, rel=1e-5)
     assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "history.tsv").read_text().count("\n") == 4  # header + 3 epochs
     # never more trials at once than concurrency (each trial's span from Tune's own result rows)

@@ -54,6 +54,7 @@ from segpipe.tune import (
     best_fragment,
     check_space,
     csv_text,
+    current_values,
     metric_of,
     param_space,
     pick_best,
@@ -134,6 +135,7 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
     space = space_for(tune, arch)
     metric, mode = metric_of(tune.metric, spec_of(arch).task, arch)
     check_space(space, arch, train, default_kwargs(arch))  # before any trial starts
+    current = current_values(space, arch, train, default_kwargs(arch))
     p = train_stage.params_for(trial_params(train, arch, {}), arch)
     if tune.metric != "train_loss" and not p.val_every:
         raise ParamsError(f"train.overrides.{arch}.val_every = 0: trials would report no validation score for "
@@ -161,7 +163,8 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
             resources = ray.cluster_resources()
             concurrency = tune.concurrency or auto_concurrency(resources.get("CPU", 1.0), resources.get("GPU", 0.0), p)
             print(f"[{arch}] searching {len(space)} params ({', '.join(space)}) over {tune.trials} trials, "
-                  f"{concurrency} at once; ASHA on {metric} ({mode}) per epoch", flush=True)
+                  f"{concurrency} at once; ASHA on {metric} ({mode}) per epoch"
+                  + (f"; the first runs the current params {current}" if tune.include_current else ""), flush=True)
             tuner = ray_tune.Tuner(
                 trainable,
                 param_space=param_space(space),
@@ -173,7 +176,9 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
                                             grace_period=tune.grace_epochs, reduction_factor=tune.reduction_factor),
                     # the limit goes to the generator: Tune ignores max_concurrent_trials beside a
                     # search_alg of this kind (it logs a warning), and every trial would start at once
-                    search_alg=BasicVariantGenerator(random_state=tune.seed, max_concurrent=concurrency),
+                    search_alg=BasicVariantGenerator(
+                        random_state=tune.seed, max_concurrent=concurrency,
+                        points_to_evaluate=[current] if tune.include_current else None),
                     time_budget_s=tune.budget_s or None),
                 run_config=ray_tune.RunConfig(
                     name=fingerprint, storage_path=str(searches),
