@@ -78,10 +78,9 @@ def main() -> None:
         search_budget = round(4 * wall, 1)
         tune = dataclasses.replace(base_tune, trials=args.trials, concurrency=args.concurrency,
                                    budget_s=search_budget)
-        with connect():
-            t0 = time.time()
-            found = tune_stage.run(tune, train, "unet", shards, root / "search")
-            search_wall = time.time() - t0
+        t0 = time.time()
+        found = tune_stage.run(tune, train, "unet", shards, root / "search")  # its own Ray, as the command's
+        search_wall = time.time() - t0
         base_miou = val_miou(root / "baseline" / "checkpoint", shards, root / "eval-baseline")
         best_miou = val_miou(root / "search" / "checkpoint", shards, root / "eval-search")
         print(f"\nhost: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; "

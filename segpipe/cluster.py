@@ -119,7 +119,9 @@ def local_ray(num_cpus: int | None = None) -> Iterator[dict[str, str]]:
         # One node on this machine is never preempted: Ray Train's watcher actor would be a process for nothing.
         yield {**env, "RAY_ADDRESS": address, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     finally:
-        stop_processes(str(temp), address)
+        # ":port" too: the head's Ray Client server names the GCS by the machine's address, not
+        # 127.0.0.1, and nothing else of it; left running it would hold port 10001 for the next head
+        stop_processes(str(temp), address, f":{port}")
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -179,3 +181,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
             yield not address
         finally:
             ray.shutdown()
+
+
+def serves_state_api(timeout_s: float = 10.0) -> bool:
+    """Whether the connected Ray answers its state API (served by its dashboard), which Ray Train
+    needs to free the workers of a run that was killed (see ``connect``'s ``dashboard``)."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=int(max(1, timeout_s)), raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - any failure means no answer; the caller only warns
+        return False
+    return True

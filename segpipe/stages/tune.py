@@ -123,7 +123,7 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
     """Search ``tune.space.<arch>`` on ``shards``; write ``out`` (see the module's docstring).
     The space is checked against the train params before Ray starts. TuneError when no trial
     completed (``trials.csv`` is still written, naming each trial's end)."""
-    from segpipe.cluster import connect
+    from segpipe.cluster import connect, serves_state_api
     from segpipe.models import MODELS, default_kwargs, spec_of
     from segpipe.shards import open_shards
     from segpipe.storage import resolve
@@ -151,6 +151,12 @@ def run(tune: TuneParams, train: TrainParams, arch: str, shards: Path | str, out
         from ray import tune as ray_tune
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        if not serves_state_api():
+            print(f"[{arch}] warning: this Ray serves no state API (it runs without its dashboard): Ray Train "
+                  "cannot free the workers of a trial stopped early, and later trials may wait for their CPUs; "
+                  "start the cluster with its dashboard (ray start --head --include-dashboard=true)",
+                  file=sys.stderr, flush=True)
 
         trainable = ray_tune.with_resources(
             ray_tune.with_parameters(trial, train=train, arch=arch, shards=shards_uri, runs=str(runs)),
