@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import tempfile
 import time
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=None, help="where runs go (default: a temporary folder)")
     args = ap.parse_args()
+    # Ray's worker processes (each trial's, and its train worker) import from cached bytecode, as under
+    # `make`: with PYTHONDONTWRITEBYTECODE set each would compile torch from source (seconds per process)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
     from segpipe.cluster import connect
     from segpipe.stages import train as train_stage
@@ -83,7 +87,7 @@ def main() -> None:
         search_wall = time.time() - t0
         base_miou = val_miou(root / "baseline" / "checkpoint", shards, root / "eval-baseline")
         best_miou = val_miou(root / "search" / "checkpoint", shards, root / "eval-search")
-        print(f"\nhost: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; "
+        print(f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"scale {args.scale}: UNet budget {budget} s")
         print(f"defaults (one run):   val mIoU {base_miou:.4f}  wall {wall:.0f} s  (train {base['train_s']} s)")
         print(f"search (4 x {wall:.0f} s): val mIoU {best_miou:.4f}  wall {search_wall:.0f} s  "

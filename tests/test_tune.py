@@ -22,9 +22,9 @@ from segpipe.stages.train import params_for
 from segpipe.tune import (
     TrialRecord,
     auto_concurrency,
-    current_values,
     best_fragment,
     check_space,
+    current_values,
     merged_params_text,
     metric_of,
     pick_best,
