@@ -72,9 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out) if args.out else Path(tmp)
         shards = Path(args.shards) if args.shards else make_shards(root / "data", args.scale)
-        # Each on a Ray of its own, as two commands would run: a search on the Ray that has just
-        # run a local-mode train stage in this process could not start its first trial's worker
-        # (2 cores; what held the CPU is not found yet, see docs/benchmarks.md).
+        # Each on a Ray of its own, as two commands would run: the baseline's here, the search's its
+        # own (segpipe tune starts its Ray with the dashboard, whose state API frees stopped trials' CPUs).
         with connect():
             t0 = time.time()
             base = train_stage.run(train, "unet", shards, root / "baseline")

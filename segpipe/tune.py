@@ -27,6 +27,7 @@ from segpipe.params import (
     ParamsError,
     TrainParams,
     TuneParams,
+    arch_train_params,
     as_dict,
     build,
 )
@@ -89,9 +90,7 @@ def check_space(space: Mapping[str, Mapping[str, Any]], arch: str, train: TrainP
                               f"valid: {', '.join('model.' + k for k in keys)}")
         for value in edge_values(spec):
             try:
-                p = trial_params(train, arch, {key: value})
-                # what segpipe train's params_for does: the section with the architecture's overrides
-                build(TrainParams, {**as_dict(p), **p.overrides[arch]}, f"train.overrides.{arch}")
+                arch_train_params(trial_params(train, arch, {key: value}), arch)  # as segpipe train checks it
             except ParamsError as e:
                 raise ParamsError(f"{where} = {dict(spec)}: the value {value!r} is not valid: {e}") from None
 
@@ -124,9 +123,9 @@ def current_values(space: Mapping[str, Any], arch: str, train: TrainParams,
     with the architecture's overrides, and the build kwargs (``model_defaults``, the config's
     defaults) with ``train.model.<arch>``. With ``tune.include_current`` they are the search's first
     trial, so its best is never a configuration it did not compare with the params as they are."""
-    section = {**as_dict(train), **(train.overrides.get(arch) or {})}
+    section = arch_train_params(train, arch)
     model = {**model_defaults, **(train.model.get(arch) or {})}
-    return {key: plain(model[key[len(MODEL_PREFIX):]] if key.startswith(MODEL_PREFIX) else section[key])
+    return {key: plain(model[key[len(MODEL_PREFIX):]] if key.startswith(MODEL_PREFIX) else getattr(section, key))
             for key in space}
 
 
