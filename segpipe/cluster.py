@@ -176,20 +176,55 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
         if address:
             ray.init(address=address, **_quiet())
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard, **_quiet())
+            with _own_address_for_workers() if dashboard else contextlib.nullcontext():
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
+                         **_quiet())
         try:
             yield not address
         finally:
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def _own_address_for_workers() -> Iterator[None]:
+    """For a local Ray started in this process: its GCS on a port chosen here, and ``RAY_ADDRESS``
+    naming it in the environment its processes inherit, during ``ray.init(address="local")``
+    (which ignores ``RAY_ADDRESS``); this process's environment is restored afterwards, so that
+    the commands it starts later do not join this Ray by accident.
+
+    Why: Ray's state API client finds its cluster by ``RAY_ADDRESS``, or else by looking for GCS
+    processes on the machine, and refuses when it finds more than one. Ray Train's placement-group
+    cleaner (an actor) asks it whether a run's controller is alive; with a second Ray on the
+    machine (another user's, another command's, a parallel test run's) it never got an answer,
+    and a Tune trial stopped early kept its workers' CPUs.
+
+    Only for a Ray with its dashboard: the client of a Ray without one asks the default dashboard
+    port (8265), which may be another Ray's, whose answer "no such actor" makes the cleaner remove
+    a live run's workers. Without ``RAY_ADDRESS`` it gets no answer, and the run goes on."""
+    port = free_port()
+    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def serves_state_api(timeout_s: float = 10.0) -> bool:
     """Whether the connected Ray answers its state API (served by its dashboard), which Ray Train
     needs to free the workers of a run that was killed (see ``connect``'s ``dashboard``)."""
+    import ray
     from ray.util.state import list_nodes
 
     try:
-        list_nodes(limit=1, timeout=int(max(1, timeout_s)), raise_on_missing_output=False)
+        # its own GCS by address: with no address, Ray looks for one on the machine (see above)
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=int(max(1, timeout_s)),
+                   raise_on_missing_output=False)
     except Exception:  # noqa: BLE001 - any failure means no answer; the caller only warns
         return False
     return True

@@ -34,6 +34,21 @@ def pytest_configure(config) -> None:
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="segpipe-test-cache-")
 
 
+# The modules that take a minute or more (end-to-end: the pipeline, Ray Train, Tune, the cluster, the
+# Prefect server), longest first, as measured in a `make test` run. `make test` runs the suite in
+# parallel processes, a whole module to one process (pytest-xdist's loadfile), handing out modules in
+# the order collected: these go first, so that no process starts a long module last while the
+# others have finished.
+LONG_MODULES = ["tests/pipelines/test_loop.py", "tests/stages/test_train.py", "tests/test_tune.py",
+                "tests/test_cluster.py", "tests/commands/test_serve.py", "tests/pipelines/test_deploy.py",
+                "tests/pipelines/test_ingest.py", "tests/pipelines/test_retrain.py", "tests/test_lifetime.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: order within a module kept
+
+
 @pytest.fixture(scope="session")
 def tiny_raw(tmp_path_factory) -> Path:
     from segpipe.stages import synth

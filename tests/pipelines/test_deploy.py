@@ -170,17 +170,19 @@ def test_schedule_serves_retrain_on_cron_on_demand_and_on_each_ingest_then_a_wor
                                     stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
     try:
-        def registered() -> bool:
+        def triggers() -> list[dict]:
+            return [a for a in api(prefect_server, "/automations/filter", {}) if a["name"].startswith("retrain-on-ingest")]
+
+        def registered() -> bool:  # the deployment, then its trigger (an automation Prefect creates after it)
             try:
-                return api(prefect_server, f"/deployments/name/{name}")["name"] == retrain.deployment
+                return api(prefect_server, f"/deployments/name/{name}")["name"] == retrain.deployment and bool(triggers())
             except OSError:
                 return False
 
-        wait_until(registered, "`segpipe schedule` registers the deployment", 120, log)
+        wait_until(registered, "`segpipe schedule` registers the deployment and its trigger", 120, log)
         deployment = api(prefect_server, f"/deployments/name/{name}")
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [retrain.cron]
-        automations = api(prefect_server, "/automations/filter", {})
-        (trigger,) = [a for a in automations if a["name"].startswith("retrain-on-ingest")]
+        (trigger,) = triggers()
         assert trigger["trigger"]["expect"] == ["prefect.flow-run.Completed"]
         assert trigger["actions"][0]["deployment_id"] == deployment["id"]
 

@@ -347,7 +347,10 @@ def test_ray_budget_stops_training_and_metrics_split_startup_from_training(ray_s
     assert summary["wall_s"] == pytest.approx(summary["train_s"] + summary["startup_s"], abs=0.2)
     meta = load_meta(tmp_path / "out" / "checkpoint")
     assert meta.run["stopped_by"] == "budget" and meta.run["steps"] == summary["steps"] > 0
-    assert meta.history[-1]["lr"] < 0.1 * p.lr  # decayed to (nearly) zero at the end of the budget
+    # decayed to (nearly) zero at the end of the budget: the last step started at most about a step
+    # before the budget ran out (a step is slow on a loaded host: two mean steps of margin)
+    step_s = summary["train_s"] / summary["steps"]
+    assert meta.history[-1]["lr"] < max(0.1, 2 * step_s / p.budget_s) * p.lr, (step_s, meta.history[-1])
     assert not (tmp_path / ".ray_results").exists() or not any((tmp_path / ".ray_results").iterdir())
 
 
