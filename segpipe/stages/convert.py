@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from segpipe.files import sha256_bytes, sha256_file
 from segpipe.formats import FORMATS, get_reader
 from segpipe.formats.base import Record, Source
 from segpipe.images import ImageError, open_image
-from segpipe.lifetime import die_with_parent
+from segpipe.lifetime import die_with_parent, pool_context
 from segpipe.params import ConvertParams, add_params_arguments, as_dict, from_args
 
 # Records per pool task. Fewer, larger tasks cost less IPC; the first results and the last
@@ -433,7 +432,7 @@ def process_chunks(source: Source, ctx: Context, workers: int, progress: bool = 
             return
         window: collections.deque[Future | Chunk] = collections.deque()
         _preload()
-        with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
+        with ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=_init_worker,
                                  initargs=(ctx.max_image_pixels, os.getpid())) as pool:
             for task in tasks:
                 window.append(task if isinstance(task, Chunk) else
@@ -479,13 +478,6 @@ def _preload() -> None:
     from pycocotools import mask  # noqa: F401
 
     Image.preinit()
-
-
-def _mp_context() -> Any:
-    # fork where the OS has it: spawned workers re-import numpy, pyarrow, PIL and segpipe, which
-    # cost 3-4 s of a 300-image conversion on the 2-core machine (benchmarks/convert.py). The
-    # parent holds no locks at this point (no Parquet writer is open yet, no pyarrow threads busy).
-    return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
 
 
 def _result(item: Future | Chunk) -> Chunk:

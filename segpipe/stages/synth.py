@@ -31,9 +31,7 @@ import contextlib
 import dataclasses
 import io
 import json
-import multiprocessing
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from segpipe.files import atomic_dir, atomic_path, atomic_write_text
+from segpipe.lifetime import pool_context
 from segpipe.params import SynthParams, add_params_arguments, from_args, parse_override
 from segpipe.progress import Progress
 from segpipe.synth.classes import classes_table, coco_categories
@@ -105,13 +104,14 @@ def _write_one(task: tuple[int, SynthParams, str]) -> tuple[int, dict[str, Any],
 def _imap(p: SynthParams) -> Iterator[Callable[[Iterable[Any]], Iterator[Any]]]:
     """An ordered, lazy map over ``_write_one``: in-process for one worker, else a pool.
 
-    The pool is forked before any other thread (the progress line's) starts."""
+    The pool starts before any other thread of the command (the progress line's), so that it can
+    fork (``lifetime.pool_context``)."""
     workers = min(p.workers or os.cpu_count() or 1, p.images)
     if workers == 1:
         yield lambda tasks: map(_write_one, tasks)
         return
     chunk = max(1, min(8, p.images // (workers * 8)))
-    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+    with pool_context().Pool(workers) as pool:
         yield lambda tasks: pool.imap(_write_one, tasks, chunksize=chunk)
 
 

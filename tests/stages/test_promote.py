@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from segpipe.checkpoint import WEIGHTS
 from segpipe.files import sha256_file
+from segpipe.lifetime import pool_context
 from segpipe.params import EvaluateParams, PromoteParams
 from segpipe.registry import load, read_index
 from segpipe.results import EvalResult, metric_value
@@ -324,9 +324,9 @@ def _promote_in_process(args: tuple[str, list[str], str, str]) -> str:
 def test_concurrent_promotions_leave_a_valid_index(world):
     groups = [[str(world.candidate(f"g{g}c{i}", 0.3 + 0.05 * g + 0.01 * i, seed=10 * g + i)) for i in range(3)]
               for g in range(4)]
-    # fork: the children only read JSON, hash and copy files (no torch ops), and start in milliseconds.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(4) as pool:
+    # fork where it is safe (the children only read JSON, hash and copy files, and start in
+    # milliseconds); spawn where this test process runs threads (a Ray of an earlier test)
+    with pool_context().Pool(4) as pool:
         pool.map(_promote_in_process, [(str(world.registry), grp, str(world.root / f"rep{g}"), str(world.shards))
                                        for g, grp in enumerate(groups)])
     index = read_index(world.registry)  # validates the index
