@@ -17,19 +17,16 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def pool_context() -> BaseContext:
-    """The start method for a worker pool: ``fork`` while this process has one thread, else ``spawn``.
+    """The start method for a worker pool: ``fork`` unless this process runs a Ray, then ``spawn``.
 
     Fork is cheap (a spawned worker re-imports numpy, pyarrow, PIL and segpipe: 3-4 s of a 300-image
-    conversion on 2 cores), and safe in a command that forks before starting any thread. In a process
-    that runs threads (an in-process Ray, a Prefect flow, a test run), a lock one of them held at the
-    fork stays held in the child for ever: a forked pool worker of a synth run inside a test process
-    with a Ray hung that way. The threads are counted by the OS, so those started by C libraries
-    count too (Linux; where it cannot count, spawn)."""
-    try:
-        threads = len(os.listdir("/proc/self/task"))
-    except OSError:
-        threads = 0
-    return get_context("fork" if threads == 1 and "fork" in get_all_start_methods() else "spawn")
+    conversion on 2 cores). A Ray driver runs threads that take locks; one held at the fork stays
+    held in the child for ever: a forked pool worker of a synth run inside a test process with a Ray
+    hung that way. The commands fork beside their own progress-line thread and the idle pools of C
+    libraries, as they always have. Not covered: other threads of a caller's that hold locks."""
+    ray = sys.modules.get("ray")
+    in_ray = ray is not None and hasattr(ray, "is_initialized") and ray.is_initialized()
+    return get_context("spawn" if in_ray or "fork" not in get_all_start_methods() else "fork")
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:

@@ -325,7 +325,7 @@ def test_concurrent_promotions_leave_a_valid_index(world):
     groups = [[str(world.candidate(f"g{g}c{i}", 0.3 + 0.05 * g + 0.01 * i, seed=10 * g + i)) for i in range(3)]
               for g in range(4)]
     # fork where it is safe (the children only read JSON, hash and copy files, and start in
-    # milliseconds); spawn where this test process runs threads (a Ray of an earlier test)
+    # milliseconds); spawn where this test process runs a Ray of an earlier test
     with pool_context().Pool(4) as pool:
         pool.map(_promote_in_process, [(str(world.registry), grp, str(world.root / f"rep{g}"), str(world.shards))
                                        for g, grp in enumerate(groups)])
