@@ -84,10 +84,9 @@ def class_names(classes: Any, num_classes: int, source: str) -> list[str]:
 def read_json(path: Path) -> Any:
     """A JSON document, parsed by orjson (1.26x the standard library's speed on the 14 MB COCO files
     of benchmarks/metrics.py, where building the Python objects is most of the time). What orjson
-    refuses and the standard library
-    reads (NaN, Infinity, integers beyond 64 bits) is read by the standard library, so that the
-    validation names the field at fault; a document neither reads gets the standard library's
-    message, with its line and column."""
+    refuses and the standard library reads (NaN, Infinity, integers beyond 64 bits) is read by the
+    standard library, so that the validation names the field at fault; a document neither reads gets
+    the standard library's message, with its line and column."""
     import orjson
 
     try:
