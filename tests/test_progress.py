@@ -311,14 +311,18 @@ TRAIN_PARAMS = """train:
 
 
 @pytest.mark.slow
-def test_a_real_train_stage_prints_no_line_twice_and_a_progress_line_every_n_seconds(tiny_shards, tmp_path):
+def test_a_real_train_stage_prints_no_line_twice_and_a_progress_line_every_n_seconds(tiny_shards, tmp_path,
+                                                                                      ray_session):
     """``segpipe train`` as a subprocess whose output is a pipe (not a terminal), with
     ``SEGPIPE_PROGRESS_EVERY=2``: the running stage shows a line at least every 2 s (plus slack
-    for a loaded machine), no line comes twice, Ray's messages are in the log, not on the console."""
+    for a loaded machine), no line comes twice, Ray's messages are in the log, not on the console.
+    The stage joins the session's Ray, as a stage of ``make pipeline`` joins the one ``segpipe
+    with-ray`` started (its worker actor's messages reach it through Ray's log streaming)."""
     every = 2.0
     params = tmp_path / "params.yaml"
     params.write_text(TRAIN_PARAMS)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", progress.LOG_ENV)}
+    env = {k: v for k, v in os.environ.items() if k != progress.LOG_ENV}
+    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
     env.update({progress.EVERY_ENV: str(every), progress.LOG_DIR_ENV: str(tmp_path / "logs")})
     cmd = [sys.executable, "-m", "segpipe", "train", "--arch", "unet", "--shards", str(tiny_shards),
            "--out", str(tmp_path / "unet"), "--params", str(params)]

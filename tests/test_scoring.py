@@ -3,30 +3,18 @@ as predict; the same numbers from both engines; metrics per source collection.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from segpipe import scoring
 from segpipe.params import DetectionParams, EvaluateParams, FusionParams, build
 
 # pycocotools' decode under numpy 2 (its own deprecation, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@contextlib.contextmanager
-def one_thread_models():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_confusion_rows_are_proportional_and_sum_to_the_budget():
@@ -78,8 +66,10 @@ def test_scoring_uses_the_label_map_predict_writes(eval_shards, tmp_path, tiny_c
 def test_ray_engine_gives_the_local_engines_numbers(eval_shards, tmp_path, tiny_checkpoint, ray_session,
                                                     tiny_maskformer):
     """One Ray, four cases: a semantic, an instance and a panoptic model, and a fused pair. Each is
-    scored in this process and on a Ray Data actor pool (one-thread models, 1 image per batch: several
-    chunks), with the same metrics and files."""
+    scored in this process and on a Ray Data actor pool (1 image per batch: several chunks), with the
+    same metrics and files. The models run with this process's torch threads, so the pool has one
+    actor per that many of the session Ray's CPUs (two on two cores; one-thread models made it four
+    processes a case, each importing torch and loading its model, for no more coverage)."""
     from segpipe.shards import open_shards
 
     shards = open_shards(eval_shards)
@@ -89,22 +79,21 @@ def test_ray_engine_gives_the_local_engines_numbers(eval_shards, tmp_path, tiny_
               "mask_rcnn": tiny_checkpoint("mask_rcnn", shards=eval_shards, box_head_dim=32, mask_head_channels=16,
                                            detects_things=True),
               "maskformer": tiny_checkpoint("maskformer", shards=eval_shards, thing_ids=[1, 2], **tiny_maskformer)}
-    with one_thread_models():
-        for arch, ckpt in models.items():
-            outs = {e: tmp_path / arch / e for e in ("local", "ray")}
-            got = {e: scoring.score_checkpoint(ckpt, shards, build(EvaluateParams, {**_as(params), "engine": e}, "t"),
-                                               out=outs[e]) for e in outs}
-            assert got["ray"] == got["local"], arch
-            for name in ("detections.json", "confusion_counts.csv", "per_class_iou.csv", "per_class_pq.csv",
-                         "per_collection.csv"):
-                assert (outs["ray"] / name).read_bytes() == (outs["local"] / name).read_bytes(), (arch, name)
-            overlays = sorted(p.name for p in (outs["local"] / "overlays").iterdir())
-            assert len(overlays) == 2 and overlays == sorted(p.name for p in (outs["ray"] / "overlays").iterdir())
-            if arch == "maskformer":
-                assert got["local"]["panoptic"]["pq"] is not None
-        fused = {e: scoring.score_fused(models["unet"], models["mask_rcnn"], FusionParams(score_threshold=0.0),
-                                        shards, build(EvaluateParams, {**_as(params), "engine": e}, "t"))
-                 for e in ("local", "ray")}
+    for arch, ckpt in models.items():
+        outs = {e: tmp_path / arch / e for e in ("local", "ray")}
+        got = {e: scoring.score_checkpoint(ckpt, shards, build(EvaluateParams, {**_as(params), "engine": e}, "t"),
+                                           out=outs[e]) for e in outs}
+        assert got["ray"] == got["local"], arch
+        for name in ("detections.json", "confusion_counts.csv", "per_class_iou.csv", "per_class_pq.csv",
+                     "per_collection.csv"):
+            assert (outs["ray"] / name).read_bytes() == (outs["local"] / name).read_bytes(), (arch, name)
+        overlays = sorted(p.name for p in (outs["local"] / "overlays").iterdir())
+        assert len(overlays) == 2 and overlays == sorted(p.name for p in (outs["ray"] / "overlays").iterdir())
+        if arch == "maskformer":
+            assert got["local"]["panoptic"]["pq"] is not None
+    fused = {e: scoring.score_fused(models["unet"], models["mask_rcnn"], FusionParams(score_threshold=0.0),
+                                    shards, build(EvaluateParams, {**_as(params), "engine": e}, "t"))
+             for e in ("local", "ray")}
     assert fused["ray"] == fused["local"] and fused["local"]["panoptic"]["per_class"]
 
 

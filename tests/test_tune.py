@@ -274,14 +274,16 @@ def test_a_bad_space_is_refused_before_any_trial_starts(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_when_run_again(tiny_shards, tmp_path):
-    # both runs are `segpipe tune` commands, each with the Ray it starts (as a user reruns it)
+def test_a_killed_search_resumes_when_run_again(tiny_shards, tmp_path, ray_session):
+    # both runs are `segpipe tune` commands on the session's Ray (RAY_ADDRESS, as on a cluster): the
+    # killed one's trials end with it, and the rerun finds its search on disk
     params = tmp_path / "params.yaml"
     train = {k: v for k, v in vars(tiny_train()).items() if k not in ("scale_range", "val_detection")}
     params.write_text(yaml.safe_dump({"train": train, "tune": {
         "trials": 2, "concurrency": 1, "reduction_factor": 2, "space": {"unet": {"lr": {"loguniform": [1e-3, 1e-2]}}}}}))
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    free_before = ray_session.available_resources().get("CPU", 0)
     proc = subprocess.Popen([sys.executable, "-m", "segpipe", "tune", "--arch", "unet", "--shards", str(tiny_shards),
                              "--out", str(out), "--params", str(params)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -311,3 +313,7 @@ def test_a_killed_search_resumes_when_run_again(tiny_shards, tmp_path):
     assert len(runs) == 2 and len(list(out.glob(".searches/*"))) == 1  # the same search, not a new one
     assert all(p.stat().st_mtime == t for p, t in done_at.items())  # the completed trial did not run again
     assert {r["trial_id"] for r in read_trials_csv((out / "trials.csv").read_text())} == set(runs)
+    deadline = time.monotonic() + 30  # neither search kept the shared Ray's CPUs
+    while ray_session.available_resources().get("CPU", 0) < free_before - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_session.available_resources().get("CPU", 0) >= free_before - 1e-6

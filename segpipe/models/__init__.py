@@ -14,6 +14,7 @@ local file.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -22,9 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-# Modules, not their contents: an attribute named like its module would shadow the module as an
-# attribute of the package and break ``import segpipe.models.unet as m`` and mock.patch paths.
-from segpipe.models import deeplabv3, fcn, mask_rcnn, maskformer, unet
 from segpipe.models.transfer import (
     ClassRows,
     KeptClass,
@@ -43,53 +41,68 @@ OUTPUTS = ("semantic", "instances", "panoptic")
 @dataclass(frozen=True)
 class ModelSpec:
     """An architecture: ``builder(num_classes, config) -> nn.Module`` and ``config``, the frozen
-    dataclass of its build arguments with their defaults; the task of what it returns in eval
-    mode, the outputs it can produce (``semantic`` label maps, ``instances`` through
+    dataclass of its build arguments with their defaults, both found in ``module`` (a module of
+    this package) by their names, ``builder_name`` and ``config_name``; the task of what it returns
+    in eval mode, the outputs it can produce (``semantic`` label maps, ``instances`` through
     ``predict_instances(images, score_threshold, mask_threshold, max_detections)``, ``panoptic``
     segments through ``mask_classification(images)``: B x Q x K+1 class logits and B x Q x H x W
     mask logits for ``segpipe.panoptic.maskformer_panoptic``), whether it trains faster in
     ``channels_last`` memory format under mixed precision (measured on CPU with bf16 autocast: see
     docs/benchmarks.md), and ``class_rows``: every state-dict tensor indexed by class id, with its
-    layout (``segpipe.models.transfer``; a test checks that no class-sized tensor is left out)."""
+    layout (``segpipe.models.transfer``; a test checks that no class-sized tensor is left out).
 
-    builder: Callable[[int, Any], nn.Module]
-    config: type
+    An architecture's module is imported when its builder or config is first asked for, not with
+    the registry: the torchvision ones (``import torchvision`` imports ``torch._dynamo``, about 2 s
+    of a process's start-up here) cost nothing to a process that scores, predicts or serves only a
+    U-Net. (A training process imports ``torch._dynamo`` anyway: ``torch.optim`` does.)"""
+
+    module: str
+    builder_name: str
+    config_name: str
     task: str
     outputs: frozenset[str]
     channels_last: bool = False
     class_rows: tuple[ClassRows, ...] = ()
 
+    @property
+    def builder(self) -> Callable[[int, Any], nn.Module]:
+        return getattr(importlib.import_module(f"segpipe.models.{self.module}"), self.builder_name)
+
+    @property
+    def config(self) -> type:
+        return getattr(importlib.import_module(f"segpipe.models.{self.module}"), self.config_name)
+
 
 MODELS: dict[str, ModelSpec] = {
     "fcn32s": ModelSpec(
-        fcn.fcn32s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        "fcn", "fcn32s", "FCNConfig", "semantic", frozenset({"semantic"}), channels_last=True,
         class_rows=(ClassRows(r"score32\.(weight|bias)"), ClassRows(r"up_final\.weight", dims=(0, 1))),
     ),
     "fcn16s": ModelSpec(
-        fcn.fcn16s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        "fcn", "fcn16s", "FCNConfig", "semantic", frozenset({"semantic"}), channels_last=True,
         class_rows=(ClassRows(r"score(32|16)\.(weight|bias)"),
                     ClassRows(r"up(32to16|_final)\.weight", dims=(0, 1))),
     ),
     "fcn8s": ModelSpec(
-        fcn.fcn8s, fcn.FCNConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        "fcn", "fcn8s", "FCNConfig", "semantic", frozenset({"semantic"}), channels_last=True,
         class_rows=(ClassRows(r"score(32|16|8)\.(weight|bias)"),
                     ClassRows(r"up(32to16|16to8|_final)\.weight", dims=(0, 1))),
     ),
     "unet": ModelSpec(
-        unet.UNet, unet.UNetConfig, "semantic", frozenset({"semantic"}), channels_last=True,
+        "unet", "UNet", "UNetConfig", "semantic", frozenset({"semantic"}), channels_last=True,
         class_rows=(ClassRows(r"classifier\.(weight|bias)"),),
     ),
     "deeplabv3": ModelSpec(
-        deeplabv3.DeepLabV3, deeplabv3.DeepLabV3Config, "semantic", frozenset({"semantic"}),
+        "deeplabv3", "DeepLabV3", "DeepLabV3Config", "semantic", frozenset({"semantic"}),
         class_rows=(ClassRows(r"head\.1\.(weight|bias)"), ClassRows(r"aux_head\.2\.(weight|bias)")),
     ),
     "maskformer": ModelSpec(
-        maskformer.MaskFormer, maskformer.MaskFormerConfig, "semantic",
+        "maskformer", "MaskFormer", "MaskFormerConfig", "semantic",
         frozenset({"semantic", "instances", "panoptic"}), channels_last=True,
         class_rows=(ClassRows(r"class_embed\.(weight|bias)", trail=1),),  # K + 1: the last is "no object"
     ),
     "mask_rcnn": ModelSpec(
-        mask_rcnn.MaskRCNN, mask_rcnn.MaskRCNNConfig, "instance", frozenset({"instances"}), channels_last=True,
+        "mask_rcnn", "MaskRCNN", "MaskRCNNConfig", "instance", frozenset({"instances"}), channels_last=True,
         # torchvision's row 0 is the background; segpipe's class id k is its label k + 1
         class_rows=(
             ClassRows(r"detector\.roi_heads\.box_predictor\.cls_score\.(weight|bias)", lead=1),

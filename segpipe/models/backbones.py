@@ -12,8 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
+
+# torchvision is imported where a backbone is built: its import pulls in torch._dynamo (about 2 s
+# of start-up here), which a process scoring or serving a U-Net without a backbone never needs.
 
 LEVELS = ("c2", "c3", "c4", "c5")  # nominal strides 4, 8, 16, 32
 
@@ -36,6 +38,8 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"unknown ResNet backbone {name!r}; valid: {', '.join(RESNETS)}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        import torchvision
+
         net = getattr(torchvision.models, name)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -81,6 +85,8 @@ class VGGBackbone(nn.Module):
     _taps = {9: "c2", 16: "c3", 23: "c4", 30: "c5"}  # indices of the max-pool layers
 
     def __init__(self) -> None:
+        import torchvision
+
         super().__init__()
         self.features = torchvision.models.vgg16(weights=None).features
         self.channels = {"c2": 128, "c3": 256, "c4": 512, "c5": 512}

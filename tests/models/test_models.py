@@ -161,6 +161,23 @@ def test_config_is_the_one_source_of_defaults(name):
     assert built.keys() == direct.keys() and all(torch.equal(built[k], direct[k]) for k in built)
 
 
+def test_a_u_net_process_imports_neither_torchvision_nor_torch_dynamo():
+    """The registry imports an architecture's module when it is built, and the backbones import
+    torchvision when one is built: a process scoring, predicting or serving a U-Net is spared
+    torchvision's import (and the torch._dynamo it pulls in, about 2 s of start-up here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from segpipe.models import build_model, default_kwargs, spec_of; "
+            "import segpipe.stages.train, segpipe.stages.evaluate, segpipe.inference, segpipe.serving; "
+            "build_model('unet', 3); default_kwargs('unet'); spec_of('mask_rcnn').task; "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert "torchvision" in subprocess.run([sys.executable, "-c", code.replace("'unet', 3", "'fcn8s', 3")],
+                                           capture_output=True, text=True, check=True).stdout
+
+
 def test_model_config_takes_json_values():
     """Checkpoints store tuples as lists; the config holds them as tuples again."""
     config = model_config("deeplabv3", atrous_rates=[12, 24, 36], class_weights=[1, 2, 3])

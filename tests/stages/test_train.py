@@ -435,10 +435,12 @@ def kept_count(runs: Path) -> int:
 
 
 @pytest.mark.slow
-def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shards, tmp_path):
+def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shards, tmp_path, ray_session):
     """`dvc repro` killed mid-train: the rerun with the same params, data and code resumes from the
     killed run's newest complete checkpoint and records it; other params start afresh. The default
-    local mode (train.workers: 0) keeps these checkpoints itself, in the same run folder."""
+    local mode (train.workers: 0) keeps these checkpoints itself, in the same run folder. The stages
+    join the session's Ray, as `make pipeline`'s do (`segpipe with-ray dvc repro`): Ray outlives
+    the killed stage and ends what it ran for it."""
     import subprocess
     import sys
     import time
@@ -451,7 +453,7 @@ def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shar
     out = tmp_path / "models" / "unet"
     cmd = [sys.executable, "-m", "segpipe", "train", "--arch", "unet", "--shards", str(tiny_shards), "--out", str(out),
            "--params", str(params)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     runs = tmp_path / "models" / ".ray_results"
     deadline = time.monotonic() + 240
