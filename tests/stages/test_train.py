@@ -351,10 +351,14 @@ def test_ray_budget_stops_training_and_metrics_split_startup_from_training(ray_s
     assert 6.0 - max(0.3 * 6.0, SLIVER * longest) - 0.2 <= summary["train_s"] < 60 and summary["startup_s"] > 0
     assert summary["wall_s"] == pytest.approx(summary["train_s"] + summary["startup_s"], abs=0.2)
     assert meta.run["stopped_by"] == "budget" and meta.run["steps"] == summary["steps"] > 0
-    # decayed to (nearly) zero at the end of the budget: the last step started at most about a step
-    # before the budget ran out (a step is slow on a loaded host: two mean steps of margin)
-    step_s = summary["train_s"] / summary["steps"]
-    assert meta.history[-1]["lr"] < max(0.1, 2 * step_s / p.budget_s) * p.lr, (step_s, meta.history[-1])
+    # decayed with the budget: the last epoch's steps started after the epoch before it ended, so
+    # the last rate is at most the schedule's at that time (the history's times are rounded to 10 ms),
+    # and the sliver rule above makes that time late in the budget. A bound by the clock, not by a
+    # share of the peak: on a loaded host one step and a validation took 0.8 s of a 6-s budget, and
+    # a fixed 10% of the peak failed (0.1005)
+    schedule = Schedule(p.budget_s, 0, p.warmup)
+    at_most = p.lr * schedule.lr_factor(max(p.warmup, schedule.progress(ends[-2] - 0.005, 0)))  # the peak: warm-up's end
+    assert meta.history[-1]["lr"] <= at_most + 1e-12, (ends, meta.history[-1])
     assert not (tmp_path / ".ray_results").exists() or not any((tmp_path / ".ray_results").iterdir())
 
 
