@@ -68,8 +68,8 @@ def main() -> None:
         modes = {"lazy (as shipped)": "", "torchvision imported first": ", torchvision"}
         times: dict[str, list[float]] = {m: [] for m in modes}
         for i in range(args.repeats + 1):
-            for mode, pre in modes.items():
-                out = root / "out" / f"{i}-{len(times[mode])}-{pre != ''}"
+            for j, (mode, pre) in enumerate(modes.items()):
+                out = root / "out" / f"{i}-{j}"  # round, mode: a new folder each run
                 cmd = [sys.executable, "-c", RUNNER.format(pre=pre), "predict", "--model", str(checkpoint),
                        "--input", str(images), "--out", str(out)]
                 took = timed(cmd, env)
