@@ -356,8 +356,8 @@ def final_meta(best_meta: dict[str, Any], last_meta: dict[str, Any], budget_s: f
 def stop_cause(progress: dict[str, Any], budget_s: float, epochs: int) -> str:
     """Why a run ended: ``progress["stopped_by"]`` of its last checkpoint, or, when that is empty
     and a budget was set, the budget. The workers decide after each epoch's training; when that epoch's validation and
-    checkpoint then use up the budget, the loop ends before another epoch and the last checkpoint,
-    already written, recorded no cause. Only the budget ends a run that way."""
+    checkpoint then use up the budget, the next epoch ends before its first step, unreported, and the
+    last checkpoint, already written, recorded no cause. Only the budget ends a run that way."""
     if progress.get("stopped_by"):
         return str(progress["stopped_by"])
     return "budget" if budget_s > 0 and int(progress.get("epochs", 0)) < epochs else "epochs"
@@ -749,6 +749,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     on_step if relay is not None else None)
         if relay is not None:
             relay.update(epochs=epoch, step=run.clock.steps, used_s=run.clock.elapsed(), **limits)
+        if stats["stopped"] and stats["steps"] == 0 and run.history:
+            # the previous epoch's validation and checkpoint used up the budget before this epoch's
+            # first step: no row for an epoch that did not train; the last checkpoint stands and
+            # ``stop_cause`` names the budget (the steps are agreed, so every worker breaks here).
+            # A run with no checkpoint yet reports this one, untrained, as its budget's result.
+            break
         stopped_by = run.stop_reason(stats["stopped"], epoch, started)
         last = stopped_by is not None
         if not last and (not run.p.val_every or epoch % run.p.val_every):
