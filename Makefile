@@ -19,13 +19,15 @@ pipeline: install
 # The full suite (what CI runs), with the 25 slowest tests listed at the end. It runs in
 # PYTEST_WORKERS processes (pytest-xdist), a whole test module to one process (loadfile: a module's
 # fixtures, a Ray or a trained checkpoint, are built once); the longest modules are handed out first
-# (tests/conftest.py). Two processes on two cores: on one host of this kind three finished sooner
-# (10:40 against 11:47), on another later (21:59 against 18:15): three Rays training at once on two
-# cores collapse (three copies of one Ray Train test took 1.08x their serial time, two copies 0.78x).
+# (tests/conftest.py; --no-loadscope-reorder keeps that order, where xdist would sort by test
+# count). Two processes on two cores: on one host of this kind three finished sooner (10:40
+# against 11:47), on another later (21:59 against 18:15): three Rays training at once on two cores
+# collapse (three copies of one Ray Train test took 1.08x their serial time, two copies 0.78x).
+# With two, the cores are busy: 97% of 5-s samples over a whole run (2026-12-03).
 # PYTEST_WORKERS=0 runs it in this one process.
 PYTEST_WORKERS ?= 2
 test: install
-	$(RUN) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
+	$(RUN) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # For local work: the unit tests only (no test marked slow: no pipeline, no cluster, no server).
 test-fast: install

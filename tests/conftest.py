@@ -34,19 +34,27 @@ def pytest_configure(config) -> None:
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="segpipe-test-cache-")
 
 
-# The modules that take a minute or more (end-to-end: the pipeline, Ray Train, Tune, the cluster, the
-# Prefect server), longest first, as measured in a `make test` run. `make test` runs the suite in
-# parallel processes, a whole module to one process (pytest-xdist's loadfile), handing out modules in
-# the order collected: these go first, so that no process starts a long module last while the
-# others have finished.
-LONG_MODULES = ["tests/pipelines/test_loop.py", "tests/stages/test_train.py", "tests/test_tune.py",
-                "tests/test_cluster.py", "tests/commands/test_serve.py", "tests/pipelines/test_deploy.py",
-                "tests/pipelines/test_ingest.py", "tests/pipelines/test_retrain.py", "tests/test_lifetime.py"]
+# Seconds each of the longer modules took in a `make test` run (in-project, two processes, 2026-12-03),
+# for the order in which `make test` hands modules out: it runs the suite in parallel processes, a
+# whole module to one process (pytest-xdist's loadfile), in the order collected (the Makefile turns
+# off xdist's own reordering, by number of tests, which ignored this order: one process finished
+# 170 s before the other in that run). Longest first: no process starts a long module while the
+# others have finished. Replayed on that run's test times, this order ends the two processes at
+# 904 s each, xdist's by-count order at 991 and 817 s. Modules not listed (under 15 s) follow, as
+# collected.
+MODULE_SECONDS = {
+    "tests/pipelines/test_loop.py": 330, "tests/test_tune.py": 190, "tests/test_cluster.py": 149,
+    "tests/stages/test_train.py": 142, "tests/pipelines/test_ingest.py": 137, "tests/pipelines/test_deploy.py": 111,
+    "tests/commands/test_serve.py": 108, "tests/commands/test_predict.py": 91, "tests/test_lifetime.py": 83,
+    "tests/commands/test_export.py": 66, "tests/test_progress.py": 62, "tests/models/test_models.py": 57,
+    "tests/test_object_storage.py": 56, "tests/commands/test_audit.py": 51, "tests/test_scoring.py": 40,
+    "tests/pipelines/test_retrain.py": 21, "tests/pipelines/test_remote.py": 16,
+}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(LONG_MODULES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: order within a module kept
+    # stable: the order within a module, and of the modules not listed, is kept
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.nodeid.split("::")[0], 0))
 
 
 @pytest.fixture(scope="session")
