@@ -231,10 +231,16 @@ def test_a_four_trial_search_stops_one_early_and_keeps_the_best(search):
     # group through the state API; its cleaner looks once a second, and asks the dashboard, which is
     # slow to answer on a loaded host: one parallel run found a group still held after 30 s)
     before, available = summary["free_cpus"]
-    deadline = time.monotonic() + 120
+    assert cpus_come_back(available, before), "a stopped trial kept its workers' CPUs"
+
+
+def cpus_come_back(available, before: float, timeout_s: float = 120) -> bool:
+    """Whether the Ray's free CPUs (``available()``, Ray's available resources) are back to
+    ``before`` within ``timeout_s``, waiting only while they are not."""
+    deadline = time.monotonic() + timeout_s
     while available().get("CPU", 0) < before - 1e-6 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert available().get("CPU", 0) >= before - 1e-6, "a stopped trial kept its workers' CPUs"
+    return available().get("CPU", 0) >= before - 1e-6
 
 
 @pytest.mark.slow
@@ -314,7 +320,5 @@ def test_a_killed_search_resumes_when_run_again(tiny_shards, tmp_path, ray_sessi
     assert len(runs) == 2 and len(list(out.glob(".searches/*"))) == 1  # the same search, not a new one
     assert all(p.stat().st_mtime == t for p, t in done_at.items())  # the completed trial did not run again
     assert {r["trial_id"] for r in read_trials_csv((out / "trials.csv").read_text())} == set(runs)
-    deadline = time.monotonic() + 120  # neither search kept the shared Ray's CPUs (see the test above)
-    while ray_session.available_resources().get("CPU", 0) < free_before - 1e-6 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray_session.available_resources().get("CPU", 0) >= free_before - 1e-6
+    # neither search kept the shared Ray's CPUs (see the test above)
+    assert cpus_come_back(ray_session.available_resources, free_before)

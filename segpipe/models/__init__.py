@@ -66,11 +66,14 @@ class ModelSpec:
 
     @property
     def builder(self) -> Callable[[int, Any], nn.Module]:
-        return getattr(importlib.import_module(f"segpipe.models.{self.module}"), self.builder_name)
+        return self._attribute(self.builder_name)
 
     @property
     def config(self) -> type:
-        return getattr(importlib.import_module(f"segpipe.models.{self.module}"), self.config_name)
+        return self._attribute(self.config_name)
+
+    def _attribute(self, name: str) -> Any:
+        return getattr(importlib.import_module(f"segpipe.models.{self.module}"), name)
 
 
 MODELS: dict[str, ModelSpec] = {
