@@ -15,10 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load, load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from segpipe.errors import UserError
 from segpipe.files import atomic_dir, atomic_write_json, sha256_bytes, sha256_file
@@ -30,6 +27,13 @@ STATE = "train_state.safetensors"
 STATE_META = "train_state.json"
 CHECKPOINT_FILES = (WEIGHTS, META)  # what serving a model needs (the registry copies these)
 TRAINING_FILES = (WEIGHTS, META, STATE, STATE_META)  # what resuming a run needs
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors' torch half are imported where tensors are read or written, not here:
+# reading a checkpoint's meta (the registry, promote, report) does not need torch, whose import
+# costs seconds.
 
 
 class CheckpointError(UserError, ValueError):
@@ -53,6 +57,8 @@ def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace tensors inside a nested state dict by ``{"__tensor__": key}``, collecting them."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         key = prefix.strip(".")
         tensors[key] = obj.detach().cpu().contiguous().clone()
@@ -193,6 +199,8 @@ def save_checkpoint(
     ``meta`` is a CheckpointMeta, or the plain dict a training worker builds (written as given,
     with ``format``; :func:`load_meta` checks it when it is read).
     """
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     meta = meta.to_json() if isinstance(meta, CheckpointMeta) else {"format": FORMAT, **meta}
     with atomic_dir(directory) as tmp:
@@ -290,6 +298,8 @@ def load_weights(directory: Path | str, map_location: str | torch.device = "cpu"
     With ``expected_sha256`` the file is read once, hashed, and parsed only when the hash matches
     (CheckpointError otherwise): what is verified is what is loaded.
     """
+    from safetensors.torch import load, load_file
+
     path = Path(directory) / WEIGHTS
     if expected_sha256 is None:
         return load_file(str(path), device=str(map_location))
@@ -318,6 +328,8 @@ def load_train_state(
     scaler: Any | None = None,
 ) -> int:
     """Restore optimizer/scheduler/scaler state saved with the checkpoint; returns its epoch."""
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     if not (directory / STATE_META).is_file():
         raise CheckpointError(f"{directory}: no {STATE_META}; this checkpoint cannot resume training")

@@ -326,6 +326,21 @@ def ray_session():
         yield ray
 
 
+@pytest.fixture
+def two_torch_threads():
+    """For the tests comparing the Ray engine with the local one: a model runs with this process's
+    torch threads in both engines, and the Ray pool has one actor per that many of the session Ray's
+    4 CPUs. Two threads make it two actors (results from more than one process, out of order), not
+    four (after a test that set one thread), each importing torch and loading its model for no more
+    coverage. The thread count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def make_tiny_checkpoint():
     """``make_tiny_checkpoint(out, arch, **kwargs)``: what :func:`tiny_checkpoint` makes, into a folder

@@ -289,3 +289,24 @@ def test_lineage_follows_parents_back_to_the_from_scratch_model(tmp_path):
     write_meta(grandchild, type(meta)(**{**meta.__dict__, "parent": {"ref": "v2", "version": "v2",
                                                                      "sha256": v2["checkpoint_sha256"], "arch": "unet"}}))
     assert [m["model"] for m in lineage(grandchild, reg)] == [str(grandchild), "v2", "v1"]
+
+
+def test_the_registry_commands_and_promote_do_not_import_torch(tmp_path):
+    """Reading a checkpoint's meta and hashing its weights needs no torch (seconds of import):
+    `segpipe registry list / rollback / lineage` run in a process that never imports it, nor does
+    a process importing the promote stage and the report."""
+    import subprocess
+    import sys
+
+    reg = tmp_path / "registry"
+    register(reg, make_checkpoint(tmp_path / "a"))
+    register(reg, make_checkpoint(tmp_path / "b", seed=1))
+    set_alias(reg, "champion", "v2", "better")
+    code = ("import sys; from segpipe.cli import main; import segpipe.stages.promote, segpipe.commands.report\n"
+            "for args in (['list'], ['rollback', '--to', 'v1'], ['lineage', 'v2']):\n"
+            "    main(['registry', *args, '--registry', sys.argv[1]])\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(reg)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "champion: v2 -> v1" in out.stdout and out.stdout.rstrip().endswith("torch imported: False"), out.stdout
+    assert read_index(reg)["aliases"]["champion"] == "v1"

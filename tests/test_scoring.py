@@ -64,12 +64,10 @@ def test_scoring_uses_the_label_map_predict_writes(eval_shards, tmp_path, tiny_c
 
 @pytest.mark.slow
 def test_ray_engine_gives_the_local_engines_numbers(eval_shards, tmp_path, tiny_checkpoint, ray_session,
-                                                    tiny_maskformer):
+                                                    tiny_maskformer, two_torch_threads):
     """One Ray, four cases: a semantic, an instance and a panoptic model, and a fused pair. Each is
     scored in this process and on a Ray Data actor pool (1 image per batch: several chunks), with the
-    same metrics and files. The models run with this process's torch threads, so the pool has one
-    actor per that many of the session Ray's CPUs (two on two cores; one-thread models made it four
-    processes a case, each importing torch and loading its model, for no more coverage)."""
+    same metrics and files, on a pool of two actors (``two_torch_threads``)."""
     from segpipe.shards import open_shards
 
     shards = open_shards(eval_shards)

@@ -129,7 +129,7 @@ def test_cli(colour_model, corrupted, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ray_engine_gives_the_same_suspects(colour_model, corrupted, tmp_path, ray_session):
+def test_ray_engine_gives_the_same_suspects(colour_model, corrupted, tmp_path, ray_session, two_torch_threads):
     audit.run(AuditParams(top=2), colour_model, corrupted["shards"], tmp_path / "local", progress=False)
     audit.run(AuditParams(top=2), colour_model, corrupted["shards"], tmp_path / "ray", engine="ray", progress=False)
     assert (tmp_path / "ray" / "suspects.csv").read_text() == (tmp_path / "local" / "suspects.csv").read_text()

@@ -164,7 +164,7 @@ def test_predict_a_fused_bundle_runs_both_models(tmp_path, tiny_checkpoint, fuse
 
 
 @pytest.mark.slow
-def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoint, ray_session):
+def test_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_checkpoint, ray_session, two_torch_threads):
     """Mask R-CNN's labels, overlays and COCO results, and MaskFormer's panoptic PNGs and JSON."""
     from segpipe.checkpoint import load_meta
     from segpipe.params import MaskFormerPanopticParams
