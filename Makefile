@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/predict_startup.py
+	$(BIN)/python benchmarks/registry_startup.py
 
 # The seven architectures at an equal budget through the real train stage, on one local Ray it
 # starts itself (about an hour here at the default 4 minutes x 2 seeds).
