@@ -29,9 +29,10 @@ PYTEST_WORKERS ?= 2
 test: install
 	$(RUN) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
-# For local work: the unit tests only (no test marked slow: no pipeline, no cluster, no server).
+# For local work: the unit tests only (no test marked slow: no pipeline, no cluster, no server),
+# in the same PYTEST_WORKERS processes as make test.
 test-fast: install
-	$(RUN) $(BIN)/python -m pytest -m "not slow" --durations=10
+	$(RUN) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" --durations=10
 
 install: $(STAMP)
 
