@@ -26,13 +26,14 @@ pipeline: install
 # With two, the cores are busy: 97% of 5-s samples over a whole run (2026-12-03).
 # PYTEST_WORKERS=0 runs it in this one process.
 PYTEST_WORKERS ?= 2
+PYTEST := $(RUN) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
-	$(RUN) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+	$(PYTEST) --durations=25
 
 # For local work: the unit tests only (no test marked slow: no pipeline, no cluster, no server),
 # in the same PYTEST_WORKERS processes as make test.
 test-fast: install
-	$(RUN) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" --durations=10
+	$(PYTEST) -m "not slow" --durations=10
 
 install: $(STAMP)
 

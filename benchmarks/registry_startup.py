@@ -2,7 +2,7 @@
 
 Reading a checkpoint's meta and hashing its weights needs no torch: ``segpipe.checkpoint`` imports
 torch (and safetensors' torch half) only where tensors are read or written, so the registry
-commands, the promote stage (unless it re-scores a champion) and the report never import it. The
+commands and the promote stage (unless it re-scores a champion) never import it. The
 baseline is the same command with ``import torch`` first, in the same interpreter (what every
 such process paid before): the two alternate run by run, whole process timed from outside, after
 one untimed round.

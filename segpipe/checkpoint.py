@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch and safetensors' torch half are imported where tensors are read or written, not here:
-# reading a checkpoint's meta (the registry, promote, report) does not need torch, whose import
+# reading a checkpoint's meta (the registry, promote) does not need torch, whose import
 # costs seconds.
 
 
