@@ -214,3 +214,36 @@ def test_two_nodes_without_a_shared_disk_spread_and_resume_from_s3_after_losing_
     assert "model.safetensors" in " ".join(s3.files("models/fcn32s/checkpoint"))
     for folder in (driver, *(cluster.root / name for name in cluster.temps)):
         assert list(folder.iterdir()) == [], folder
+
+
+
+def test_settle_dataset_threads_stops_batch_threads_of_iterators_nothing_refers_to():
+    """What `connect` does before Ray shuts down: a batch thread of Ray Data's name whose
+    iterator is only in a reference cycle (stopped when collected, as Ray Data's are) has ended
+    when it returns; a thread of another name is not waited for."""
+    import threading
+
+    from segpipe.cluster import DATASET_THREAD_NAME, settle_dataset_threads
+
+    class Iterator:  # stops its thread when collected, like Ray Data's generator's `finally`
+        def __init__(self, stop: threading.Event) -> None:
+            self.stop, self.me = stop, self  # a cycle: only the garbage collector frees it
+
+        def __del__(self) -> None:
+            self.stop.set()
+
+    stop, other_stop = threading.Event(), threading.Event()
+    batches = threading.Thread(target=stop.wait, name=DATASET_THREAD_NAME, daemon=True)
+    other = threading.Thread(target=other_stop.wait, name="unrelated", daemon=True)
+    batches.start()
+    other.start()
+    Iterator(stop)
+    try:
+        assert batches.is_alive()
+        assert settle_dataset_threads(timeout_s=5.0) == []
+        assert not batches.is_alive() and other.is_alive()
+        assert settle_dataset_threads(timeout_s=5.0) == []  # nothing to wait for: returns at once
+    finally:
+        stop.set()
+        other_stop.set()
+

@@ -676,7 +676,8 @@ def setup_worker(config: dict[str, Any]) -> WorkerRun:
         # A worker failure restarts within this run; a new process picking up a killed run's checkpoints
         # (same inputs, hence the same run folder) resumes it.
         after = "worker failure" if previous.attempt == config["attempt"] else "interrupted run"
-        restarts = [*previous.restarts, {"resumed_from_epoch": last, "steps": clock.steps, "after": after}]
+        restarts = [*previous.restarts, {"resumed_from_epoch": last, "steps": clock.steps, "after": after,
+                                         "elapsed_s": round(clock.elapsed_before, 3)}]
         start_epoch = last + 1
         if rank == 0:
             print(f"[{arch}] resumed from the checkpoint of epoch {last} after a {after} (step {clock.steps}, "
@@ -1116,6 +1117,8 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
             marks["end"] = time.time()
             wall = marks["end"] - started_at
             train_s = float(progress["elapsed_s"])
+            # this process's own start-up: the epoch loop of an earlier, killed process is not in its wall time
+            own_train_s = train_s - earlier_processes_s(last_meta.restarts)
             summary = {
                 "arch": arch, "best_epoch": best_meta.epoch, "best_val_score": best_meta.metrics["val_score"],
                 "final_train_loss": history[-1]["train_loss"], "epochs": progress["epochs"],
@@ -1124,7 +1127,7 @@ def run(params: TrainParams, arch: str, shards: Path | str | ShardSet, out: Path
                 "precision_trial": best_meta.extra.get("precision_trial"), "restarts": len(last_meta.restarts),
                 "parent": best_meta.parent,
                 "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 3),
-                "train_s": round(train_s, 1), "startup_s": round(wall - train_s, 1), "wall_s": round(wall, 1),
+                "train_s": round(train_s, 1), "startup_s": round(wall - own_train_s, 1), "wall_s": round(wall, 1),
                 "startup_phases": startup_phases(started_at, marks, last_meta.run),
             }
             atomic_write_json(tmp / "metrics.json", summary)
@@ -1163,6 +1166,14 @@ def read_train_split(shards: ShardSet) -> list[Any]:
     from segpipe.shards import read_shard
 
     return [read_shard(shards, f) for f in shards.files_of("train")] if shards.rows("train") else []
+
+
+def earlier_processes_s(restarts: Iterable[dict[str, Any]]) -> float:
+    """Seconds of epoch loop a run had behind it when this process resumed it (the last restart
+    ``after`` an ``"interrupted run"``: a new process picking up a killed one's checkpoint); 0 for a
+    run this process started. Worker failures restart within the process and count as its own."""
+    resumed = [r for r in restarts if r.get("after") == "interrupted run"]
+    return float(resumed[-1].get("elapsed_s", 0.0)) if resumed else 0.0
 
 
 def startup_phases(started_at: float, marks: dict[str, float], progress: dict[str, Any]) -> dict[str, float]:

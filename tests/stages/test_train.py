@@ -308,6 +308,21 @@ def test_startup_phases_account_for_the_time_outside_the_epoch_loop():
     assert sum(v for k, v in phases.items() if k != "first_batch_s") == wall - progress["elapsed_s"]
 
 
+def test_a_resumed_run_counts_only_its_own_epoch_loop_against_its_start_up():
+    from segpipe.stages.train import earlier_processes_s
+
+    assert earlier_processes_s(()) == 0.0  # a run this process started
+    # a worker failure restarts in the same process: its epoch loop is this process's own
+    assert earlier_processes_s([{"resumed_from_epoch": 2, "after": "worker failure", "elapsed_s": 9.0}]) == 0.0
+    # a killed run picked up here, then a worker failure: the killed process had trained 30.2 s
+    restarts = [{"resumed_from_epoch": 1, "after": "interrupted run", "elapsed_s": 30.2},
+                {"resumed_from_epoch": 3, "after": "worker failure", "elapsed_s": 41.0}]
+    assert earlier_processes_s(restarts) == 30.2
+    # killed twice: only the last pick-up is this process's
+    assert earlier_processes_s([*restarts, {"resumed_from_epoch": 4, "after": "interrupted run",
+                                            "elapsed_s": 50.5}]) == 50.5
+
+
 def test_history_tsv_columns():
     text = history_tsv([{"epoch": 1, "steps": 4, "elapsed_s": 2.5, "train_loss": 0.5, "val_score": None,
                          "images_per_s": 3.0, "lr": 0.1}])
@@ -474,6 +489,13 @@ def test_rerun_after_a_killed_train_resumes_only_with_identical_inputs(tiny_shar
     assert done.returncode == 0, done.stderr[-3000:]
     meta = load_meta(out / "checkpoint")
     assert [r.get("after") for r in meta.restarts] == ["interrupted run"], meta.restarts
+    # start-up is this process's wall time less its own epoch loop, not less the killed one's too
+    # (which once gave a negative start-up)
+    metrics = json.loads((out / "metrics.json").read_text())
+    earlier = meta.restarts[0]["elapsed_s"]
+    assert 0 < earlier < metrics["train_s"]
+    assert metrics["startup_s"] == pytest.approx(metrics["wall_s"] - (metrics["train_s"] - earlier), abs=0.15)
+    assert metrics["startup_s"] > 0
     assert meta.restarts[0]["resumed_from_epoch"] >= 1 and "after a interrupted run" in done.stdout
     assert [h["epoch"] for h in meta.history] == list(range(1, 41))  # no epoch trained twice
     assert not list(runs.glob("unet-*"))  # a finished run leaves nothing to resume
