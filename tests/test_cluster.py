@@ -216,7 +216,6 @@ def test_two_nodes_without_a_shared_disk_spread_and_resume_from_s3_after_losing_
         assert list(folder.iterdir()) == [], folder
 
 
-
 def test_settle_dataset_threads_stops_batch_threads_of_iterators_nothing_refers_to():
     """What `connect` does before Ray shuts down: a batch thread of Ray Data's name whose
     iterator is only in a reference cycle (stopped when collected, as Ray Data's are) has ended
